@@ -1,0 +1,98 @@
+//! # arbor-tree: trajectory trees for Tree Training
+//!
+//! Agentic trajectories share long prefixes (the samples of one task share the prompt; turns of one
+//! episode share earlier context). This crate merges token sequences into a prefix tree so that every
+//! shared token is stored, and computed by a trainer, once, while the loss and its gradient stay exactly
+//! those of training on every root-to-leaf path separately. It has no ML framework dependency.
+//!
+//! - [`Sequence`]: one linear trajectory (also the JSONL interchange format; [`load_sequences`]).
+//! - [`TrajectoryTree`]: the compressed trie (a forest), [`TrajectoryTree::from_sequences`],
+//!   [`TrajectoryTree::paths`] (gives the inputs back), [`TreeStats`] (POR, ideal speedup).
+//! - [`FlatTree`]: depth-first flattening with position ids, token-level parent pointers and subtree ends
+//!   (the ancestor relation as an interval test), per-path gather ranges, sparse ancestor ranges for
+//!   attention kernels and a dense mask on request.
+//! - [`LossNormalization`] and [`FlatTree::loss_weights`]: the weights that make the flattened loss equal
+//!   the per-path loss.
+//!
+//! ## Merging rule
+//!
+//! Sequences are merged on **token ids only**. A token's hidden states depend only on the tokens before
+//! it on its path and on its position, which are the same for every path through a tree node; so sharing
+//! the node is exact for the forward and backward pass whatever the loss masks say. Loss mask, behaviour
+//! logprob and turn are *per-path* data:
+//!
+//! - the node arrays hold a **canonical** value per token: `loss_mask` is the OR over the paths through
+//!   the token ("some path trains it"), `logprobs` and `turns` come from the first path (in input order)
+//!   that trains the token, or else from the first path through it;
+//! - each [`Leaf`] lists [`overrides`](Leaf::overrides): the positions where its own value differs from
+//!   the canonical one (for example a token that one sequence generated and another one saw as prompt).
+//!
+//! Loss weights, per-path gathers and [`TrajectoryTree::paths`] use each path's own values, so nothing is
+//! approximated and every input sequence is reproduced exactly. Keying nodes on `(token, loss_mask)`
+//! instead would also be exact but would stop sharing at such tokens (e.g. call 2 of an episode, whose
+//! prompt contains call 1's generated answer), losing reuse for no gain.
+//!
+//! A sequence that is a strict prefix of another ends at an inner node; duplicate sequences end at the
+//! same node. Both are ordinary paths (leaves) here: "leaf" means "path end", not "node without
+//! children".
+//!
+//! ## Tree JSON (stable, version 1)
+//!
+//! `serde_json::to_string(&tree)` gives (and the model gateway returns from `GET /sessions/{id}/tree`):
+//!
+//! ```json
+//! {"version": 1,
+//!  "nodes": [
+//!    {"id": 0, "parent": null, "depth": 0, "tokens": [1, 2], "loss_mask": [false, true],
+//!     "logprobs": [0.0, -0.1], "turns": [0, 0], "leaves": [0, 1]},
+//!    {"id": 1, "parent": 0, "depth": 2, "tokens": [3], "loss_mask": [true],
+//!     "logprobs": [-0.5], "turns": [0], "leaves": [0]},
+//!    {"id": 2, "parent": 0, "depth": 2, "tokens": [4], "loss_mask": [true],
+//!     "logprobs": [-0.7], "turns": [0], "leaves": [1]}],
+//!  "leaves": [
+//!    {"id": "a", "node": 1, "len": 3, "reward": 1.0, "advantage": 0.5,
+//!     "overrides": [{"pos": 1, "loss_mask": false, "logprob": 0.0, "turn": 0}]},
+//!    {"id": "b", "node": 2, "len": 3, "reward": 0.0, "advantage": -0.5}]}
+//! ```
+//!
+//! Here sequence `a` = `[1, 2, 3]` trains only token 3, and `b` = `[1, 2, 4]` trains tokens 2 and 4, so
+//! the shared token 2 is canonically trained (with `b`'s logprob) and `a` records an override.
+//!
+//! - `nodes` are in depth-first pre-order, `id` is the index, `parent` is `null` for a root, `depth` is the
+//!   position of the node's first token, `leaves` lists (ascending) the indices into `leaves` of the paths
+//!   passing through the node: its length is `g_t` for every token of the node.
+//! - `leaves[k]` is input sequence `k`: `node` holds its last token, `len` is its length; `reward`,
+//!   `advantage`, `group` and `overrides` are omitted when absent/empty.
+//!
+//! Deserializing validates everything (pre-order, depths, leaf lists, lengths).
+//!
+//! ## Flat layout
+//!
+//! [`TrajectoryTree::flatten`] lays nodes out in pre-order. Token `j` is visible to token `i` iff
+//! `j <= i < subtree_end[j]`; `position_ids` are depths on the path (RoPE must use them); `parent` is the
+//! previous token on the path (`-1` at a root). [`FlatTree::ancestor_ranges`] lists the contiguous key
+//! ranges a query sees; [`FlatTree::dense_mask`] builds the `T x T` mask for tests.
+
+pub mod error;
+pub mod flat;
+pub mod metrics;
+pub mod sequence;
+pub mod tree;
+pub mod weights;
+
+pub use error::{Result, TreeError};
+pub use flat::{AncestorRanges, FlatOverride, FlatPath, FlatSegment, FlatTree, PathGather};
+pub use metrics::TreeStats;
+pub use sequence::{Sequence, load_sequences, read_jsonl, write_jsonl};
+pub use tree::{Leaf, Node, TREE_FORMAT_VERSION, TokenOverride, TrajectoryTree};
+pub use weights::{LossNormalization, Normalizer};
+
+use std::path::Path;
+
+/// Statistics (POR, ideal speedup, sizes) of the tree built from a JSONL file of [`Sequence`]s or a
+/// directory of such files (see [`load_sequences`]). All sequences go into one forest, so sequences from
+/// different files that share a prefix share nodes.
+pub fn stats(source: &Path) -> Result<TreeStats> {
+    let seqs = load_sequences(source)?;
+    Ok(TrajectoryTree::from_sequences(&seqs)?.stats())
+}
