@@ -1,0 +1,1 @@
+//! Linear-vs-tree training benchmark (filled in below).

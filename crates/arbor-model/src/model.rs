@@ -1,0 +1,763 @@
+//! The Qwen3-style decoder: weights (Hugging Face names), forward over a packed tree, per-token
+//! log-probabilities, mixture-of-experts routing with load-balancing statistics, save and load.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use crate::config::Qwen3Config;
+use crate::ops::{self, RopeTables, TreeMask};
+use crate::{ModelError, Result};
+
+/// A packed tree (or forest) ready for the model: DFS-ordered tokens, their depth on their own
+/// path (RoPE positions) and the ancestor relation.
+#[derive(Debug, Clone)]
+pub struct TreeBatch {
+    /// Token ids in DFS pre-order.
+    pub input_ids: Vec<u32>,
+    /// Depth of each token on its root-to-leaf path (siblings share positions).
+    pub position_ids: Vec<u32>,
+    /// Ancestor relation used by attention.
+    pub mask: Arc<TreeMask>,
+}
+
+impl TreeBatch {
+    /// Builds a batch from the flattened arrays (as produced by `arbor-tree`), validating them.
+    pub fn new(
+        input_ids: Vec<u32>,
+        position_ids: Vec<u32>,
+        parent: Vec<i32>,
+        subtree_end: Vec<u32>,
+    ) -> Result<Self> {
+        let mask = TreeMask::new(parent, subtree_end)?;
+        Self::with_mask(input_ids, position_ids, Arc::new(mask))
+    }
+
+    /// Builds a batch from ids, positions and an existing mask.
+    pub fn with_mask(
+        input_ids: Vec<u32>,
+        position_ids: Vec<u32>,
+        mask: Arc<TreeMask>,
+    ) -> Result<Self> {
+        if input_ids.len() != mask.len() || position_ids.len() != mask.len() {
+            return Err(ModelError::Input(format!(
+                "{} ids, {} positions, {} mask entries",
+                input_ids.len(),
+                position_ids.len(),
+                mask.len()
+            )));
+        }
+        Ok(Self {
+            input_ids,
+            position_ids,
+            mask,
+        })
+    }
+
+    /// Independent sequences packed back to back, each with positions 0.. (the per-path layout).
+    pub fn forest(seqs: &[&[u32]]) -> Self {
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let input_ids = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let position_ids = seqs.iter().flat_map(|s| 0..s.len() as u32).collect();
+        Self {
+            input_ids,
+            position_ids,
+            mask: Arc::new(TreeMask::forest(&lens)),
+        }
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+}
+
+/// Options of one forward pass.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    /// Training mode (enables router noise when `router_noise > 0`).
+    pub train: bool,
+    /// Standard deviation of Gaussian noise added to router logits in training mode: stochastic
+    /// routing, used by MCLA to average log-probabilities over routing draws.
+    pub router_noise: f32,
+    /// Seed of the router noise (a fixed seed makes a noisy forward reproducible).
+    pub noise_seed: u64,
+    /// Per-token weights of the MoE load-balancing statistics. On a tree, pass `g_t` (the number
+    /// of leaves whose path contains token `t`) so the statistics equal those of the flat batch
+    /// of all paths. `None` means weight 1 per token.
+    pub aux_token_weights: Option<Vec<f32>>,
+}
+
+/// Load-balancing statistics of the MoE layers of one or more forward passes.
+///
+/// Kept as sums so passes can be merged (e.g. every path trained separately) before forming the
+/// loss, which is a product of two means and therefore not additive over passes.
+#[derive(Debug, Clone, Default)]
+pub struct AuxStats {
+    layers: Vec<LayerAux>,
+}
+
+#[derive(Debug, Clone)]
+struct LayerAux {
+    /// Weighted number of tokens dispatched to each expert (top-k membership).
+    counts: Vec<f64>,
+    /// Weighted sum of router probabilities per expert (differentiable), `[E]`.
+    prob_sum: Tensor,
+    /// Sum of token weights.
+    weight_sum: f64,
+}
+
+impl AuxStats {
+    /// Whether no MoE layer contributed.
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// Adds another pass's statistics (same model).
+    pub fn merge(&mut self, other: AuxStats) -> Result<()> {
+        if self.layers.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        if other.layers.is_empty() {
+            return Ok(());
+        }
+        if other.layers.len() != self.layers.len() {
+            return Err(ModelError::Input(
+                "merging statistics of different models".into(),
+            ));
+        }
+        for (a, b) in self.layers.iter_mut().zip(other.layers) {
+            for (x, y) in a.counts.iter_mut().zip(&b.counts) {
+                *x += y;
+            }
+            a.prob_sum = a.prob_sum.add(&b.prob_sum)?;
+            a.weight_sum += b.weight_sum;
+        }
+        Ok(())
+    }
+
+    /// The load-balancing loss, averaged over MoE layers: per layer
+    /// `E * sum_e (count_e / W) * (prob_e / W)` (the Switch / Qwen3-MoE form, where `count_e`
+    /// counts tokens whose top-k contains `e`). `None` for a dense model.
+    pub fn loss(&self) -> Result<Option<Tensor>> {
+        let mut total: Option<Tensor> = None;
+        for l in &self.layers {
+            if l.weight_sum <= 0.0 {
+                continue;
+            }
+            let e = l.counts.len();
+            let f: Vec<f32> = l
+                .counts
+                .iter()
+                .map(|c| (c * e as f64 / (l.weight_sum * l.weight_sum)) as f32)
+                .collect();
+            let f = Tensor::from_vec(f, e, l.prob_sum.device())?;
+            let term = (l.prob_sum.mul(&f)?).sum_all()?;
+            total = Some(match total {
+                None => term,
+                Some(t) => t.add(&term)?,
+            });
+        }
+        match total {
+            Some(t) => Ok(Some((t / self.layers.len() as f64)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+struct Attention {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    q_norm: Tensor,
+    k_norm: Tensor,
+}
+
+struct Mlp {
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+struct Moe {
+    router: Tensor,
+    experts: Vec<Mlp>,
+}
+
+enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+struct Layer {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    ffn: Ffn,
+}
+
+/// Per-layer key/value cache for incremental decoding: head-major `[Hkv, L, D]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A Qwen3-style decoder whose parameters are candle [`Var`]s (trainable).
+pub struct Qwen3Model {
+    cfg: Qwen3Config,
+    device: Device,
+    vars: Vec<(String, Var)>,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+}
+
+/// `x @ w^T` for a weight stored `[out, in]` as in Hugging Face checkpoints.
+fn linear(x: &Tensor, w: &Tensor) -> candle::Result<Tensor> {
+    x.matmul(&w.t()?)
+}
+
+struct Init {
+    rng: StdRng,
+    vars: Vec<(String, Var)>,
+    device: Device,
+}
+
+impl Init {
+    fn normal(&mut self, name: String, shape: &[usize], std: f32) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            // Box-Muller: two normals per pair of uniforms.
+            let u1: f32 = self.rng.r#gen::<f32>().max(1e-12);
+            let u2: f32 = self.rng.r#gen::<f32>();
+            let r = (-2.0 * u1.ln()).sqrt();
+            v.push(r * (2.0 * std::f32::consts::PI * u2).cos() * std);
+            v.push(r * (2.0 * std::f32::consts::PI * u2).sin() * std);
+        }
+        v.truncate(n);
+        self.add(name, Tensor::from_vec(v, shape, &self.device)?)
+    }
+
+    fn ones(&mut self, name: String, n: usize) -> Result<Tensor> {
+        self.add(name, Tensor::ones(n, DType::F32, &self.device)?)
+    }
+
+    fn add(&mut self, name: String, t: Tensor) -> Result<Tensor> {
+        let var = Var::from_tensor(&t)?;
+        let t = var.as_tensor().clone();
+        self.vars.push((name, var));
+        Ok(t)
+    }
+}
+
+impl Qwen3Model {
+    /// A freshly initialised model (normal(0, 0.02) matrices, unit norms), reproducible from
+    /// `seed`.
+    pub fn new(cfg: Qwen3Config, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let device = Device::Cpu;
+        let mut init = Init {
+            rng: StdRng::seed_from_u64(seed),
+            vars: Vec::new(),
+            device: device.clone(),
+        };
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let std = 0.02;
+        let embed = init.normal(
+            "model.embed_tokens.weight".into(),
+            &[cfg.vocab_size, d],
+            std,
+        )?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let input_norm = init.ones(format!("{p}.input_layernorm.weight"), d)?;
+            let attn = Attention {
+                q: init.normal(format!("{p}.self_attn.q_proj.weight"), &[hq * hd, d], std)?,
+                k: init.normal(format!("{p}.self_attn.k_proj.weight"), &[hkv * hd, d], std)?,
+                v: init.normal(format!("{p}.self_attn.v_proj.weight"), &[hkv * hd, d], std)?,
+                o: init.normal(format!("{p}.self_attn.o_proj.weight"), &[d, hq * hd], std)?,
+                q_norm: init.ones(format!("{p}.self_attn.q_norm.weight"), hd)?,
+                k_norm: init.ones(format!("{p}.self_attn.k_norm.weight"), hd)?,
+            };
+            let post_norm = init.ones(format!("{p}.post_attention_layernorm.weight"), d)?;
+            let mlp = |init: &mut Init, prefix: String, ff: usize| -> Result<Mlp> {
+                Ok(Mlp {
+                    gate: init.normal(format!("{prefix}.gate_proj.weight"), &[ff, d], std)?,
+                    up: init.normal(format!("{prefix}.up_proj.weight"), &[ff, d], std)?,
+                    down: init.normal(format!("{prefix}.down_proj.weight"), &[d, ff], std)?,
+                })
+            };
+            let ffn = if cfg.is_moe_layer(i) {
+                let router =
+                    init.normal(format!("{p}.mlp.gate.weight"), &[cfg.num_experts, d], std)?;
+                let mut experts = Vec::with_capacity(cfg.num_experts);
+                for e in 0..cfg.num_experts {
+                    experts.push(mlp(
+                        &mut init,
+                        format!("{p}.mlp.experts.{e}"),
+                        cfg.moe_intermediate_size,
+                    )?);
+                }
+                Ffn::Moe(Moe { router, experts })
+            } else {
+                Ffn::Dense(mlp(&mut init, format!("{p}.mlp"), cfg.intermediate_size)?)
+            };
+            layers.push(Layer {
+                input_norm,
+                attn,
+                post_norm,
+                ffn,
+            });
+        }
+        let norm = init.ones("model.norm.weight".into(), d)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            init.normal("lm_head.weight".into(), &[cfg.vocab_size, d], std)?
+        };
+        Ok(Self {
+            cfg,
+            device,
+            vars: init.vars,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Loads `config.json` and `model.safetensors` (or the shards listed in
+    /// `model.safetensors.index.json`) from a Hugging Face model directory. Weights of any float
+    /// dtype are converted to f32.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let cfg = Qwen3Config::from_file(dir.join("config.json"))?;
+        let model = Self::new(cfg, 0)?;
+        let mut files = Vec::new();
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+                path: index.display().to_string(),
+                source,
+            })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::Weights(format!("{}: {e}", index.display())))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Weights("index without weight_map".into()))?;
+            let mut shard: Vec<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect();
+            shard.sort();
+            shard.dedup();
+            files.extend(shard.into_iter().map(|s| dir.join(s)));
+        } else {
+            files.push(dir.join("model.safetensors"));
+        }
+        let mut tensors = HashMap::new();
+        for f in &files {
+            let t = candle::safetensors::load(f, &Device::Cpu)
+                .map_err(|e| ModelError::Weights(format!("{}: {e}", f.display())))?;
+            tensors.extend(t);
+        }
+        model.set_weights(&tensors)?;
+        Ok(model)
+    }
+
+    /// Overwrites every parameter from `tensors` (Hugging Face names); errors on a missing tensor
+    /// or a shape mismatch.
+    pub fn set_weights(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in &self.vars {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| ModelError::Weights(format!("missing tensor {name}")))?;
+            if t.dims() != var.dims() {
+                return Err(ModelError::Weights(format!(
+                    "{name}: expected shape {:?}, found {:?}",
+                    var.dims(),
+                    t.dims()
+                )));
+            }
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    /// Saves `config.json` and `model.safetensors` into `dir` (created if needed).
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        self.cfg.save(dir.join("config.json"))?;
+        let map: HashMap<String, Tensor> = self
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let path = dir.join("model.safetensors");
+        candle::safetensors::save(&map, &path)
+            .map_err(|e| ModelError::Weights(format!("{}: {e}", path.display())))?;
+        Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Qwen3Config {
+        &self.cfg
+    }
+
+    /// The device (always the CPU here).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Named trainable parameters, in a stable order.
+    pub fn named_vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Trainable parameters (for the optimiser).
+    pub fn vars(&self) -> Vec<Var> {
+        self.vars.iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Final hidden states `[T, hidden]` of a packed tree, plus MoE load-balancing statistics.
+    pub fn forward_hidden(
+        &self,
+        batch: &TreeBatch,
+        opts: &ForwardOptions,
+    ) -> Result<(Tensor, AuxStats)> {
+        self.check_ids(&batch.input_ids)?;
+        let t = batch.len();
+        if let Some(w) = &opts.aux_token_weights
+            && w.len() != t
+        {
+            return Err(ModelError::Input(format!(
+                "{} aux weights for {t} tokens",
+                w.len()
+            )));
+        }
+        let ids = Tensor::from_slice(&batch.input_ids, t, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let tables = RopeTables::new(
+            &batch.position_ids,
+            self.cfg.head_dim(),
+            self.cfg.rope_theta,
+        );
+        let mut aux = AuxStats::default();
+        let eps = self.cfg.rms_norm_eps as f32;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let a = self.attention(&layer.attn, &h, &tables, &batch.mask)?;
+            x = (x + a)?;
+            let h = ops::rms_norm(&x, &layer.post_norm, eps)?;
+            let f = match &layer.ffn {
+                Ffn::Dense(m) => mlp_forward(m, &h)?,
+                Ffn::Moe(m) => {
+                    let (y, stats) = self.moe_forward(m, &h, opts, li)?;
+                    aux.layers.push(stats);
+                    y
+                }
+            };
+            x = (x + f)?;
+        }
+        let x = ops::rms_norm(&x, &self.norm, eps)?;
+        Ok((x, aux))
+    }
+
+    fn attention(
+        &self,
+        a: &Attention,
+        h: &Tensor,
+        tables: &RopeTables,
+        mask: &Arc<TreeMask>,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(a, h, tables)?;
+        let hd = self.cfg.head_dim();
+        let t = h.dim(0)?;
+        let qh = q.transpose(0, 1)?.contiguous()?;
+        let kh = k.transpose(0, 1)?.contiguous()?;
+        let vh = v.transpose(0, 1)?.contiguous()?;
+        let o = ops::tree_attention(&qh, &kh, &vh, mask, 1.0 / (hd as f32).sqrt())?;
+        let o = o
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, self.cfg.num_attention_heads * hd))?;
+        Ok(linear(&o, &a.o)?)
+    }
+
+    /// Projected, normalised and rotated q `[T, Hq, D]`, k and v `[T, Hkv, D]`.
+    fn qkv(
+        &self,
+        a: &Attention,
+        h: &Tensor,
+        tables: &RopeTables,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let hd = self.cfg.head_dim();
+        let (hq, hkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
+        let t = h.dim(0)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let q = linear(h, &a.q)?.reshape((t, hq, hd))?;
+        let k = linear(h, &a.k)?.reshape((t, hkv, hd))?;
+        let v = linear(h, &a.v)?.reshape((t, hkv, hd))?;
+        let q = ops::rope(&ops::rms_norm(&q, &a.q_norm, eps)?, tables)?;
+        let k = ops::rope(&ops::rms_norm(&k, &a.k_norm, eps)?, tables)?;
+        Ok((q, k, v))
+    }
+
+    fn moe_forward(
+        &self,
+        m: &Moe,
+        h: &Tensor,
+        opts: &ForwardOptions,
+        layer: usize,
+    ) -> Result<(Tensor, LayerAux)> {
+        let (t, d) = h.dims2()?;
+        let e = m.experts.len();
+        let k = self.cfg.num_experts_per_tok;
+        let mut logits = linear(h, &m.router)?;
+        if opts.train && opts.router_noise > 0.0 {
+            let mut rng = StdRng::seed_from_u64(opts.noise_seed ^ ((layer as u64 + 1) << 32));
+            let noise: Vec<f32> = (0..t * e)
+                .map(|_| {
+                    let u1: f32 = rng.r#gen::<f32>().max(1e-12);
+                    let u2: f32 = rng.r#gen::<f32>();
+                    (-2.0 * u1.ln()).sqrt()
+                        * (2.0 * std::f32::consts::PI * u2).cos()
+                        * opts.router_noise
+                })
+                .collect();
+            logits = (logits + Tensor::from_vec(noise, (t, e), &self.device)?)?;
+        }
+        let probs = candle_nn::ops::softmax(&logits, candle::D::Minus1)?;
+        let pv = probs.to_vec2::<f32>()?;
+        let mut topk = Vec::with_capacity(t * k);
+        let weights_tok: Vec<f32> = match &opts.aux_token_weights {
+            Some(w) => w.clone(),
+            None => vec![1.0; t],
+        };
+        let mut counts = vec![0f64; e];
+        let mut order: Vec<usize> = (0..e).collect();
+        for (ti, row) in pv.iter().enumerate() {
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            for &ex in &order[..k] {
+                topk.push(ex as u32);
+                counts[ex] += weights_tok[ti] as f64;
+            }
+        }
+        let idx = Tensor::from_vec(topk.clone(), (t, k), &self.device)?;
+        let mut w = probs.gather(&idx, 1)?;
+        if self.cfg.norm_topk_prob {
+            w = w.broadcast_div(&w.sum_keepdim(1)?)?;
+        }
+        let wflat = w.flatten_all()?;
+        let mut tok_of: Vec<Vec<u32>> = vec![Vec::new(); e];
+        let mut slot_of: Vec<Vec<u32>> = vec![Vec::new(); e];
+        for (s, &ex) in topk.iter().enumerate() {
+            tok_of[ex as usize].push((s / k) as u32);
+            slot_of[ex as usize].push(s as u32);
+        }
+        let mut out = Tensor::zeros((t, d), DType::F32, &self.device)?;
+        for (ex, mlp) in m.experts.iter().enumerate() {
+            if tok_of[ex].is_empty() {
+                continue;
+            }
+            let n = tok_of[ex].len();
+            let toks = Tensor::from_slice(&tok_of[ex], n, &self.device)?;
+            let slots = Tensor::from_slice(&slot_of[ex], n, &self.device)?;
+            let xe = h.index_select(&toks, 0)?;
+            let ye = mlp_forward(mlp, &xe)?;
+            let we = wflat.index_select(&slots, 0)?.unsqueeze(1)?;
+            out = out.index_add(&toks, &ye.broadcast_mul(&we)?, 0)?;
+        }
+        let wt = Tensor::from_vec(weights_tok.clone(), (t, 1), &self.device)?;
+        let prob_sum = probs.broadcast_mul(&wt)?.sum(0)?;
+        let weight_sum = weights_tok.iter().map(|&x| x as f64).sum();
+        Ok((
+            out,
+            LayerAux {
+                counts,
+                prob_sum,
+                weight_sum,
+            },
+        ))
+    }
+
+    /// Log-probability of every token given its ancestors, `[T]`: token `t` is scored from the
+    /// hidden state of its parent (so siblings after a branch point are each scored from the
+    /// shared prefix). Roots have no context and get 0.
+    pub fn token_logprobs(
+        &self,
+        batch: &TreeBatch,
+        opts: &ForwardOptions,
+    ) -> Result<(Tensor, AuxStats)> {
+        let (hidden, aux) = self.forward_hidden(batch, opts)?;
+        let t = batch.len();
+        let parent = batch.mask.parent();
+        let src: Vec<u32> = parent
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| if p >= 0 { p as u32 } else { i as u32 })
+            .collect();
+        let valid: Vec<f32> = parent
+            .iter()
+            .map(|&p| if p >= 0 { 1.0 } else { 0.0 })
+            .collect();
+        let src = Tensor::from_vec(src, t, &self.device)?;
+        let h = hidden.index_select(&src, 0)?;
+        let logits = linear(&h, &self.lm_head)?;
+        let lp = ops::token_logprobs(&logits, &batch.input_ids)?;
+        let lp = lp.mul(&Tensor::from_vec(valid, t, &self.device)?)?;
+        Ok((lp, aux))
+    }
+
+    /// Next-token logits `[T, vocab]` at every token of a packed tree (no gradient needed).
+    pub fn logits(&self, batch: &TreeBatch) -> Result<Tensor> {
+        let (hidden, _) = self.forward_hidden(batch, &ForwardOptions::default())?;
+        Ok(linear(&hidden, &self.lm_head)?)
+    }
+
+    /// Runs `tokens` (positions `cache.len()..`) through the model against the cache, appends their
+    /// keys and values, and returns the logits of the last token `[vocab]`. Inference only.
+    pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(ModelError::Input("no tokens to decode".into()));
+        }
+        self.check_ids(tokens)?;
+        let n = tokens.len();
+        let start = cache.len;
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let positions: Vec<u32> = (start as u32..(start + n) as u32).collect();
+        let tables = RopeTables::new(&positions, self.cfg.head_dim(), self.cfg.rope_theta);
+        let ids = Tensor::from_slice(tokens, n, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.detach();
+        let eps = self.cfg.rms_norm_eps as f32;
+        let hd = self.cfg.head_dim();
+        let (hq, hkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
+        let opts = ForwardOptions::default();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let (q, k, v) = self.qkv(&layer.attn, &h, &tables)?;
+            let kh = k.transpose(0, 1)?.contiguous()?.detach();
+            let vh = v.transpose(0, 1)?.contiguous()?.detach();
+            let (kc, vc) = match cache.layers[li].take() {
+                Some((kc, vc)) => (Tensor::cat(&[&kc, &kh], 1)?, Tensor::cat(&[&vc, &vh], 1)?),
+                None => (kh, vh),
+            };
+            let qh = q.transpose(0, 1)?.contiguous()?;
+            let o = cached_attention(&qh, &kc, &vc, start, 1.0 / (hd as f32).sqrt())?;
+            cache.layers[li] = Some((kc, vc));
+            let o = o.transpose(0, 1)?.contiguous()?.reshape((n, hq * hd))?;
+            let _ = hkv;
+            x = (x + linear(&o, &layer.attn.o)?)?;
+            let h = ops::rms_norm(&x, &layer.post_norm, eps)?;
+            let f = match &layer.ffn {
+                Ffn::Dense(m) => mlp_forward(m, &h)?,
+                Ffn::Moe(m) => self.moe_forward(m, &h, &opts, li)?.0,
+            };
+            x = (x + f)?.detach();
+        }
+        cache.len += n;
+        let last = x.narrow(0, n - 1, 1)?;
+        let last = ops::rms_norm(&last, &self.norm, eps)?;
+        Ok(linear(&last, &self.lm_head)?.squeeze(0)?.detach())
+    }
+}
+
+fn mlp_forward(m: &Mlp, x: &Tensor) -> Result<Tensor> {
+    let g = linear(x, &m.gate)?;
+    let u = linear(x, &m.up)?;
+    Ok(linear(&(candle_nn::ops::silu(&g)? * u)?, &m.down)?)
+}
+
+/// Causal attention of `n` new queries (positions `start..start+n`) over `L = start + n` cached
+/// keys; head-major layouts. Plain loops: decoding needs no gradient.
+fn cached_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (hq, n, d) = q.dims3()?;
+    let (hkv, l, _) = k.dims3()?;
+    let group = hq / hkv;
+    let qv = q.flatten_all()?.to_vec1::<f32>()?;
+    let kv = k.flatten_all()?.to_vec1::<f32>()?;
+    let vv = v.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; hq * n * d];
+    let mut s = vec![0f32; l];
+    for h in 0..hq {
+        let kh = h / group;
+        for r in 0..n {
+            let qi = &qv[(h * n + r) * d..(h * n + r + 1) * d];
+            let upto = start + r + 1;
+            let mut m = f32::NEG_INFINITY;
+            for (j, sj) in s[..upto].iter_mut().enumerate() {
+                let kj = &kv[(kh * l + j) * d..(kh * l + j + 1) * d];
+                *sj = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                m = m.max(*sj);
+            }
+            let mut z = 0f32;
+            for sj in s[..upto].iter_mut() {
+                *sj = (*sj - m).exp();
+                z += *sj;
+            }
+            let o = &mut out[(h * n + r) * d..(h * n + r + 1) * d];
+            for (j, sj) in s[..upto].iter().enumerate() {
+                let vj = &vv[(kh * l + j) * d..(kh * l + j + 1) * d];
+                for (oo, vx) in o.iter_mut().zip(vj) {
+                    *oo += sj / z * vx;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (hq, n, d), q.device())?)
+}
