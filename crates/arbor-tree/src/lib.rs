@@ -76,6 +76,7 @@
 pub mod error;
 pub mod flat;
 pub mod metrics;
+pub mod pack;
 pub mod sequence;
 pub mod tree;
 pub mod weights;
@@ -83,6 +84,10 @@ pub mod weights;
 pub use error::{Result, TreeError};
 pub use flat::{AncestorRanges, FlatOverride, FlatPath, FlatSegment, FlatTree, PathGather};
 pub use metrics::TreeStats;
+pub use pack::{
+    OversizePolicy, Pack, PackOptions, PackPlan, PackStats, PackStrategy, Packing, SinglePathDp,
+    build_packs, first_fit_decreasing, pack_tree, plan_packing, single_path_dp,
+};
 pub use sequence::{Sequence, load_sequences, read_jsonl, write_jsonl};
 pub use tree::{Leaf, Node, TREE_FORMAT_VERSION, TokenOverride, TrajectoryTree};
 pub use weights::{LossNormalization, Normalizer};

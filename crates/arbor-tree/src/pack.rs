@@ -1,0 +1,677 @@
+//! Packing a tree into micro-batches ("packs") of at most `budget` tokens that keep as much prefix reuse
+//! as possible.
+//!
+//! A pack is defined by the set of paths (leaves) it trains: it is the flattening of those paths and all
+//! their ancestors ([`TrajectoryTree::flatten_leaves`]), so shared prefixes inside a pack are laid out
+//! once, and an ancestor needed by several packs is re-materialised in each. Every path is in exactly one
+//! pack, so with the batch's global normalizer the per-pack weights `w_t` (which count only the pack's
+//! own paths, `g_t^(p)`) add up over packs to the unpacked weights.
+//!
+//! Strategies:
+//! - [`PackStrategy::Greedy`] (general case): trees that fit the budget are whole items; larger trees are
+//!   split by a greedy DFS that visits the deepest subtrees first and opens a new pack when the next
+//!   path's missing tokens would exceed the budget. All items are then bin-packed first-fit decreasing.
+//! - [`PackStrategy::SinglePathDp`]: the exact dynamic programme of the single-shared-path model
+//!   ([`single_path_dp`]); chosen groups and the remaining single paths are then bin-packed likewise.
+//!
+//! Paths longer than the budget cannot share a pack with anything: by default
+//! ([`OversizePolicy::Dedicated`]) each gets a pack of its own flagged `oversized` (so no data is silently
+//! dropped and the trainer decides); [`OversizePolicy::Error`] refuses them instead.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TreeError};
+use crate::flat::{FlatTree, Scratch};
+use crate::metrics::{reuse_ratio, speedup};
+use crate::tree::TrajectoryTree;
+use crate::weights::{LossNormalization, Normalizer};
+
+/// Which packer to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PackStrategy {
+    /// General greedy multi-path packer (default).
+    #[default]
+    Greedy,
+    /// Exact DP of the single-shared-path model, then bin packing.
+    SinglePathDp,
+}
+
+/// What to do with a path longer than the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OversizePolicy {
+    /// Put it alone in a pack flagged `oversized` (default).
+    #[default]
+    Dedicated,
+    /// Fail with [`TreeError::PathTooLong`].
+    Error,
+}
+
+/// Packing options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackOptions {
+    /// Token budget `C` per pack.
+    pub budget: usize,
+    /// Packer.
+    pub strategy: PackStrategy,
+    /// Handling of paths longer than the budget.
+    pub oversize: OversizePolicy,
+    /// The loss normalization of the `loss_weight` written into packs.
+    pub normalization: LossNormalization,
+}
+
+impl PackOptions {
+    /// Default options with the given budget.
+    pub fn new(budget: usize) -> Self {
+        PackOptions {
+            budget,
+            strategy: PackStrategy::default(),
+            oversize: OversizePolicy::default(),
+            normalization: LossNormalization::default(),
+        }
+    }
+}
+
+/// One planned pack: the paths it trains.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackPlan {
+    /// Leaf indices (ascending).
+    pub leaves: Vec<u32>,
+    /// Number of tokens of the pack's flattening (`N_packed` of this pack).
+    pub tokens: u64,
+    /// `true` for a dedicated pack holding a single path longer than the budget.
+    pub oversized: bool,
+}
+
+/// The result of packing a tree: every path in exactly one pack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Packing {
+    /// The budget `C`.
+    pub budget: usize,
+    /// The packs.
+    pub packs: Vec<PackPlan>,
+}
+
+/// Reuse achieved by a packing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackStats {
+    /// The budget `C`.
+    pub budget: u64,
+    /// Number of packs.
+    pub packs: u64,
+    /// Packs holding one path longer than the budget.
+    pub oversized_packs: u64,
+    /// Number of paths.
+    pub paths: u64,
+    /// `N_flat`.
+    pub flat_tokens: u64,
+    /// `N_unique` of the whole tree.
+    pub unique_tokens: u64,
+    /// `N_packed`: tokens summed over packs (re-materialised ancestors count again).
+    pub packed_tokens: u64,
+    /// Potential overlap ratio `1 - N_unique / N_flat`.
+    pub por: f64,
+    /// Effective reuse `ERR = 1 - N_packed / N_flat` (`<= POR`).
+    pub err: f64,
+    /// `N_flat / N_unique`.
+    pub ideal_speedup: f64,
+    /// `N_flat / N_packed`: the token-linear speedup the packing actually allows.
+    pub effective_speedup: f64,
+    /// Largest pack, in tokens.
+    pub max_pack_tokens: u64,
+    /// `N_packed / (packs * C)`: how full packs are on average.
+    pub fill: f64,
+}
+
+impl Packing {
+    /// `N_packed`.
+    pub fn packed_tokens(&self) -> u64 {
+        self.packs.iter().map(|p| p.tokens).sum()
+    }
+
+    /// Reuse statistics of this packing of `tree`.
+    pub fn stats(&self, tree: &TrajectoryTree) -> PackStats {
+        let flat = tree.flat_tokens();
+        let unique = tree.unique_tokens();
+        let packed = self.packed_tokens();
+        let n = self.packs.len() as u64;
+        PackStats {
+            budget: self.budget as u64,
+            packs: n,
+            oversized_packs: self.packs.iter().filter(|p| p.oversized).count() as u64,
+            paths: tree.num_paths() as u64,
+            flat_tokens: flat,
+            unique_tokens: unique,
+            packed_tokens: packed,
+            por: reuse_ratio(unique, flat),
+            err: reuse_ratio(packed, flat),
+            ideal_speedup: speedup(unique, flat),
+            effective_speedup: speedup(packed, flat),
+            max_pack_tokens: self.packs.iter().map(|p| p.tokens).max().unwrap_or(0),
+            fill: if n == 0 {
+                0.0
+            } else {
+                packed as f64 / (n as f64 * self.budget as f64)
+            },
+        }
+    }
+}
+
+/// Per-node facts the packers share.
+struct Info {
+    /// Tokens in the subtree of each node.
+    size: Vec<u64>,
+    /// Deepest path end in each subtree.
+    max_depth: Vec<u32>,
+    /// Leaves ending at each node (CSR).
+    end_off: Vec<u32>,
+    end_leaves: Vec<u32>,
+}
+
+impl Info {
+    fn new(tree: &TrajectoryTree) -> Self {
+        let nodes = tree.nodes();
+        let n = nodes.len();
+        let mut size: Vec<u64> = nodes.iter().map(|x| x.len() as u64).collect();
+        let mut max_depth = vec![0u32; n];
+        let mut cnt = vec![0u32; n + 1];
+        for l in tree.leaves() {
+            cnt[l.node as usize + 1] += 1;
+            max_depth[l.node as usize] = l.len;
+        }
+        for i in 0..n {
+            cnt[i + 1] += cnt[i];
+        }
+        let mut fill = cnt.clone();
+        let mut end_leaves = vec![0u32; tree.num_paths()];
+        for (k, l) in tree.leaves().iter().enumerate() {
+            end_leaves[fill[l.node as usize] as usize] = k as u32;
+            fill[l.node as usize] += 1;
+        }
+        for i in (0..n).rev() {
+            if let Some(p) = nodes[i].parent {
+                let (s, d) = (size[i], max_depth[i]);
+                size[p as usize] += s;
+                let pd = &mut max_depth[p as usize];
+                *pd = (*pd).max(d);
+            }
+        }
+        Info {
+            size,
+            max_depth,
+            end_off: cnt,
+            end_leaves,
+        }
+    }
+
+    fn ends(&self, u: u32) -> &[u32] {
+        &self.end_leaves[self.end_off[u as usize] as usize..self.end_off[u as usize + 1] as usize]
+    }
+}
+
+/// An item to bin-pack: a set of paths and an upper bound of its size.
+struct Item {
+    leaves: Vec<u32>,
+    tokens: u64,
+}
+
+/// Plans a packing of `tree` under `opts.budget` tokens per pack.
+pub fn plan_packing(tree: &TrajectoryTree, opts: &PackOptions) -> Result<Packing> {
+    let budget = opts.budget as u64;
+    if budget == 0 {
+        return Err(TreeError::ZeroBudget);
+    }
+    let info = Info::new(tree);
+    let mut items: Vec<Item> = Vec::new();
+    let mut oversized: Vec<u32> = Vec::new();
+    match opts.strategy {
+        PackStrategy::Greedy => {
+            let mut stamp = vec![u32::MAX; tree.nodes().len()];
+            let mut next_stamp = 0u32;
+            for r in tree.roots() {
+                if info.size[r as usize] <= budget {
+                    items.push(Item {
+                        leaves: tree.nodes()[r as usize].leaves.clone(),
+                        tokens: info.size[r as usize],
+                    });
+                } else {
+                    greedy_split(
+                        tree,
+                        &info,
+                        r,
+                        budget,
+                        &mut stamp,
+                        &mut next_stamp,
+                        &mut items,
+                        &mut oversized,
+                    );
+                }
+            }
+        }
+        PackStrategy::SinglePathDp => {
+            let dp = single_path_dp(tree, opts.budget);
+            for &u in &dp.chosen {
+                let node = &tree.nodes()[u as usize];
+                items.push(Item {
+                    leaves: node.leaves.clone(),
+                    tokens: node.depth as u64 + info.size[u as usize],
+                });
+            }
+            for &k in &dp.uncovered {
+                let len = tree.leaves()[k as usize].len as u64;
+                if len > budget {
+                    oversized.push(k);
+                } else {
+                    items.push(Item {
+                        leaves: vec![k],
+                        tokens: len,
+                    });
+                }
+            }
+        }
+    }
+    if opts.oversize == OversizePolicy::Error
+        && let Some(&k) = oversized.first()
+    {
+        let l = &tree.leaves()[k as usize];
+        return Err(TreeError::PathTooLong {
+            id: l.id.clone(),
+            len: l.len as usize,
+            budget: opts.budget,
+        });
+    }
+    let sizes: Vec<u64> = items.iter().map(|i| i.tokens).collect();
+    let bins = first_fit_decreasing(&sizes, budget);
+    let mut packs: Vec<PackPlan> = Vec::with_capacity(bins.len() + oversized.len());
+    let mut mark = vec![false; tree.nodes().len()];
+    let mut touched: Vec<u32> = Vec::new();
+    for bin in bins {
+        let mut leaves: Vec<u32> = bin
+            .iter()
+            .flat_map(|&i| items[i].leaves.iter().copied())
+            .collect();
+        leaves.sort_unstable();
+        let tokens = union_size(tree, &leaves, &mut mark, &mut touched);
+        packs.push(PackPlan {
+            leaves,
+            tokens,
+            oversized: false,
+        });
+    }
+    oversized.sort_unstable();
+    for k in oversized {
+        packs.push(PackPlan {
+            leaves: vec![k],
+            tokens: tree.leaves()[k as usize].len as u64,
+            oversized: true,
+        });
+    }
+    Ok(Packing {
+        budget: opts.budget,
+        packs,
+    })
+}
+
+/// Exact number of tokens of the flattening of `leaves` and their ancestors.
+fn union_size(
+    tree: &TrajectoryTree,
+    leaves: &[u32],
+    mark: &mut [bool],
+    touched: &mut Vec<u32>,
+) -> u64 {
+    let nodes = tree.nodes();
+    let mut total = 0u64;
+    for &k in leaves {
+        let mut u = Some(tree.leaves()[k as usize].node);
+        while let Some(x) = u {
+            if mark[x as usize] {
+                break;
+            }
+            mark[x as usize] = true;
+            touched.push(x);
+            total += nodes[x as usize].len() as u64;
+            u = nodes[x as usize].parent;
+        }
+    }
+    for &x in touched.iter() {
+        mark[x as usize] = false;
+    }
+    touched.clear();
+    total
+}
+
+/// Greedy split of the tree rooted at `root` (larger than the budget) into items of at most `budget`
+/// tokens; paths longer than the budget go to `oversized`.
+#[allow(clippy::too_many_arguments)]
+fn greedy_split(
+    tree: &TrajectoryTree,
+    info: &Info,
+    root: u32,
+    budget: u64,
+    stamp: &mut [u32],
+    next_stamp: &mut u32,
+    items: &mut Vec<Item>,
+    oversized: &mut Vec<u32>,
+) {
+    let nodes = tree.nodes();
+    // Leaf order: DFS, deepest child subtree first; paths ending at a node after its children.
+    enum Step {
+        Visit(u32),
+        Emit(u32),
+    }
+    let mut order: Vec<u32> = Vec::new();
+    let mut stack = vec![Step::Visit(root)];
+    let mut kids: Vec<u32> = Vec::new();
+    while let Some(step) = stack.pop() {
+        match step {
+            Step::Visit(u) => {
+                stack.push(Step::Emit(u));
+                kids.clear();
+                kids.extend_from_slice(&nodes[u as usize].children);
+                // Deepest subtree first (stable: input order on ties); pushed reversed so the first
+                // child is popped first.
+                kids.sort_by_key(|&c| std::cmp::Reverse(info.max_depth[c as usize]));
+                stack.extend(kids.iter().rev().map(|&c| Step::Visit(c)));
+            }
+            Step::Emit(u) => order.extend_from_slice(info.ends(u)),
+        }
+    }
+    let mut cur = *next_stamp;
+    *next_stamp += 1;
+    let mut cur_leaves: Vec<u32> = Vec::new();
+    let mut cur_size = 0u64;
+    let cost = |k: u32, cur: u32, stamp: &[u32]| -> u64 {
+        let mut c = 0u64;
+        let mut u = Some(tree.leaves()[k as usize].node);
+        while let Some(x) = u {
+            if stamp[x as usize] == cur {
+                break;
+            }
+            c += nodes[x as usize].len() as u64;
+            u = nodes[x as usize].parent;
+        }
+        c
+    };
+    for k in order {
+        let len = tree.leaves()[k as usize].len as u64;
+        if len > budget {
+            oversized.push(k);
+            continue;
+        }
+        let mut c = cost(k, cur, stamp);
+        if cur_size + c > budget {
+            items.push(Item {
+                leaves: std::mem::take(&mut cur_leaves),
+                tokens: cur_size,
+            });
+            cur = *next_stamp;
+            *next_stamp += 1;
+            cur_size = 0;
+            c = len;
+        }
+        let mut u = Some(tree.leaves()[k as usize].node);
+        while let Some(x) = u {
+            if stamp[x as usize] == cur {
+                break;
+            }
+            stamp[x as usize] = cur;
+            u = nodes[x as usize].parent;
+        }
+        cur_size += c;
+        cur_leaves.push(k);
+    }
+    if !cur_leaves.is_empty() {
+        items.push(Item {
+            leaves: cur_leaves,
+            tokens: cur_size,
+        });
+    }
+}
+
+/// First-fit decreasing bin packing: returns bins as lists of item indices. Items larger than the
+/// capacity get a bin of their own. `O(n log n)` (a max segment tree finds the first bin that fits).
+pub fn first_fit_decreasing(sizes: &[u64], capacity: u64) -> Vec<Vec<usize>> {
+    let n = sizes.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    let mut width = 1;
+    while width < n {
+        width *= 2;
+    }
+    // Remaining capacity of bin b at seg[width + b]; unopened bins have the full capacity.
+    let mut seg = vec![capacity; 2 * width];
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    for i in idx {
+        let s = sizes[i];
+        if s > capacity {
+            bins.push(vec![i]);
+            // Consume one bin slot so unopened-bin indices stay aligned with `bins`.
+            let b = bins.len() - 1;
+            set(&mut seg, width, b, 0);
+            continue;
+        }
+        // Leftmost bin with remaining >= s (exists: there are at least n bin slots).
+        let mut node = 1;
+        while node < width {
+            node = if seg[2 * node] >= s {
+                2 * node
+            } else {
+                2 * node + 1
+            };
+        }
+        let b = node - width;
+        if b == bins.len() {
+            bins.push(Vec::new());
+        }
+        bins[b].push(i);
+        let rem = seg[node] - s;
+        set(&mut seg, width, b, rem);
+    }
+    bins
+}
+
+fn set(seg: &mut [u64], width: usize, b: usize, v: u64) {
+    let mut node = width + b;
+    seg[node] = v;
+    while node > 1 {
+        node /= 2;
+        seg[node] = seg[2 * node].max(seg[2 * node + 1]);
+    }
+}
+
+/// Result of [`single_path_dp`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinglePathDp {
+    /// Chosen nodes (an antichain): each is the shared prefix of one pack holding every path through it.
+    pub chosen: Vec<u32>,
+    /// Paths through no chosen node (packed alone, no sharing in the model).
+    pub uncovered: Vec<u32>,
+    /// Optimal objective: tokens saved, `sum over chosen u of (n_u - 1) * L(u)`.
+    pub saved: u64,
+}
+
+/// The exact linear-time DP of the single-shared-path model (RECIPE §2).
+///
+/// A pack shares one prefix, the path to node `u`, among the `n_u` paths through `u`; it holds
+/// `L(u) + R(u)` tokens, `L(u)` the prefix length and `R(u) = sum over those paths of (len - L(u))` their
+/// suffix tokens. `u` is feasible iff `L(u) + R(u) <= C`; choosing it saves `(n_u - 1) * L(u)`, and
+/// `DP(u) = max(feasible(u) * (n_u - 1) * L(u), sum over children v of DP(v))`, with ties going to `u`
+/// (fewer packs). Splitting inside a node never helps (deeper is both cheaper and saves more), so nodes
+/// are the only candidates.
+pub fn single_path_dp(tree: &TrajectoryTree, budget: usize) -> SinglePathDp {
+    let nodes = tree.nodes();
+    let n = nodes.len();
+    let c = budget as u64;
+    // S(u): sum of path lengths through u.
+    let mut s = vec![0u64; n];
+    for l in tree.leaves() {
+        s[l.node as usize] += l.len as u64;
+    }
+    for i in (0..n).rev() {
+        if let Some(p) = nodes[i].parent {
+            let v = s[i];
+            s[p as usize] += v;
+        }
+    }
+    let mut dp = vec![0u64; n];
+    let mut take = vec![false; n];
+    for i in (0..n).rev() {
+        let node = &nodes[i];
+        let nu = node.leaves.len() as u64;
+        let l = node.end_depth() as u64;
+        let r = s[i] - nu * l;
+        let children: u64 = node.children.iter().map(|&v| dp[v as usize]).sum();
+        let gain = (nu - 1) * l;
+        if l + r <= c && gain >= children {
+            take[i] = true;
+            dp[i] = gain;
+        } else {
+            dp[i] = children;
+        }
+    }
+    let mut chosen = Vec::new();
+    let mut uncovered = Vec::new();
+    let mut saved = 0;
+    let mut ends: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for (k, l) in tree.leaves().iter().enumerate() {
+        ends[l.node as usize].push(k as u32);
+    }
+    let mut stack: Vec<u32> = tree.roots();
+    stack.reverse();
+    while let Some(u) = stack.pop() {
+        if take[u as usize] {
+            chosen.push(u);
+        } else {
+            uncovered.extend_from_slice(&ends[u as usize]);
+            stack.extend(nodes[u as usize].children.iter().rev());
+        }
+    }
+    for r in tree.roots() {
+        saved += dp[r as usize];
+    }
+    uncovered.sort_unstable();
+    SinglePathDp {
+        chosen,
+        uncovered,
+        saved,
+    }
+}
+
+/// A materialised pack: a flattened forest plus its weights and metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pack {
+    /// Position of this pack in its packing.
+    pub index: u32,
+    /// The budget it was packed under.
+    pub budget: u64,
+    /// `true` for a dedicated pack holding one path longer than the budget.
+    pub oversized: bool,
+    /// The pack's tokens: same arrays as a [`FlatTree`]; `leaf_count` counts this pack's paths only.
+    pub flat: FlatTree,
+    /// `w_t` for `normalization` under the batch's global `normalizer`.
+    pub loss_weight: Vec<f32>,
+    /// Per-token advantage when unambiguous, `NaN` otherwise ([`FlatTree::token_advantage`]).
+    pub advantage: Vec<f32>,
+    /// The loss normalization of `loss_weight`.
+    pub normalization: LossNormalization,
+    /// The global normalizer of the whole packing (all packs), used for `loss_weight`.
+    pub normalizer: Normalizer,
+}
+
+impl Pack {
+    /// Tree ids (root node ids in the source tree) present in this pack, ascending.
+    pub fn tree_ids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.flat.paths.iter().map(|p| p.tree).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Path ids (sequence ids) in this pack, in pack order.
+    pub fn path_ids(&self) -> Vec<String> {
+        self.flat.paths.iter().map(|p| p.id.clone()).collect()
+    }
+}
+
+/// Materialises every pack of `packing`, weighting losses with `norm` over the whole tree's normalizer
+/// (so the losses of all packs add up to the loss of all paths).
+pub fn build_packs(
+    tree: &TrajectoryTree,
+    packing: &Packing,
+    norm: LossNormalization,
+) -> Result<Vec<Pack>> {
+    let whole = global_normalizer(tree);
+    let mut scratch = Scratch::new(tree.nodes().len());
+    let mut seen = vec![false; tree.num_paths()];
+    let mut out = Vec::with_capacity(packing.packs.len());
+    for (i, plan) in packing.packs.iter().enumerate() {
+        for &k in &plan.leaves {
+            match seen.get_mut(k as usize) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    return Err(TreeError::invalid(
+                        "packing",
+                        format!("leaf {k} is unknown or in two packs"),
+                    ));
+                }
+            }
+        }
+        out.push(build_pack(
+            tree,
+            plan,
+            i as u32,
+            packing.budget as u64,
+            norm,
+            &whole,
+            &mut scratch,
+        ));
+    }
+    Ok(out)
+}
+
+fn build_pack(
+    tree: &TrajectoryTree,
+    plan: &PackPlan,
+    index: u32,
+    budget: u64,
+    norm: LossNormalization,
+    whole: &Normalizer,
+    scratch: &mut Scratch,
+) -> Pack {
+    let flat = tree.flatten_with(&plan.leaves, scratch);
+    let loss_weight = flat
+        .loss_weights_with(norm, whole)
+        .into_iter()
+        .map(|w| w as f32)
+        .collect();
+    let advantage = flat.token_advantage();
+    Pack {
+        index,
+        budget,
+        oversized: plan.oversized,
+        flat,
+        loss_weight,
+        advantage,
+        normalization: norm,
+        normalizer: *whole,
+    }
+}
+
+/// The normalizer of all paths of `tree`.
+pub fn global_normalizer(tree: &TrajectoryTree) -> Normalizer {
+    Normalizer {
+        num_paths: tree.num_paths() as u64,
+        loss_tokens: tree.stats().flat_loss_tokens,
+    }
+}
+
+/// Plans and materialises the packs of `tree` (see [`plan_packing`] and [`build_packs`]).
+pub fn pack_tree(tree: &TrajectoryTree, opts: &PackOptions) -> Result<(Packing, Vec<Pack>)> {
+    let packing = plan_packing(tree, opts)?;
+    let packs = build_packs(tree, &packing, opts.normalization)?;
+    Ok((packing, packs))
+}

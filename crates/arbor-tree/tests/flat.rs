@@ -1,0 +1,151 @@
+//! The depth-first layout, the ancestor relation and the loss weights on hand-computed examples.
+
+use arbor_tree::{LossNormalization, Sequence, TrajectoryTree};
+
+fn example() -> TrajectoryTree {
+    TrajectoryTree::from_sequences(&[
+        Sequence::new("a", vec![1, 2, 3, 4, 5]),
+        Sequence::new("b", vec![1, 2, 3, 6]),
+        Sequence::new("c", vec![1, 2, 7]),
+    ])
+    .unwrap()
+}
+
+fn close(a: &[f64], b: &[f64]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < 1e-12, "{a:?} != {b:?}");
+    }
+}
+
+#[test]
+fn layout_arrays() {
+    let f = example().flatten();
+    assert_eq!(f.input_ids, vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(f.position_ids, vec![0, 1, 2, 3, 4, 3, 2]);
+    assert_eq!(f.parent, vec![-1, 0, 1, 2, 3, 2, 1]);
+    assert_eq!(f.subtree_end, vec![7, 7, 6, 5, 5, 6, 7]);
+    assert_eq!(f.leaf_count, vec![3, 3, 2, 1, 1, 1, 1]);
+    assert_eq!(f.paths[0].ranges, vec![(0, 5)]);
+    assert_eq!(f.paths[1].ranges, vec![(0, 3), (5, 6)]);
+    assert_eq!(f.paths[2].ranges, vec![(0, 2), (6, 7)]);
+    assert_eq!(f.ancestor_ranges(5), vec![(0, 3), (5, 6)]);
+    assert_eq!(f.ancestor_ranges(6), vec![(0, 2), (6, 7)]);
+    assert_eq!(f.ancestor_ranges(4), vec![(0, 5)]);
+    assert_eq!(f.ancestor_ranges(0), vec![(0, 1)]);
+    let g = f.path_gather();
+    assert_eq!(g.offsets, vec![0, 5, 9, 12]);
+    assert_eq!(g.indices, vec![0, 1, 2, 3, 4, 0, 1, 2, 5, 0, 1, 6]);
+    assert_eq!(f.visible_pairs(), 1 + 2 + 3 + 4 + 5 + 4 + 3);
+}
+
+#[test]
+fn mask_is_exactly_the_parent_chain() {
+    let f = example().flatten();
+    let t = f.len();
+    let dense = f.dense_mask();
+    let ranges = f.all_ancestor_ranges();
+    for i in 0..t {
+        let mut anc = vec![false; t];
+        let mut j = i as i32;
+        while j >= 0 {
+            anc[j as usize] = true;
+            j = f.parent[j as usize];
+        }
+        let mut from_ranges = vec![false; t];
+        for &(a, b) in &ranges.ranges[ranges.offsets[i] as usize..ranges.offsets[i + 1] as usize] {
+            for x in a..b {
+                from_ranges[x as usize] = true;
+            }
+        }
+        for j in 0..t {
+            assert_eq!(dense[i * t + j], anc[j], "({i},{j})");
+            assert_eq!(f.visible(i, j), anc[j]);
+            assert_eq!(from_ranges[j], anc[j]);
+        }
+    }
+    // A plain causal mask would leak the left sibling [4, 5] into [6]:
+    assert!(!f.visible(5, 3));
+}
+
+#[test]
+fn weights_hand_computed() {
+    let f = example().flatten();
+    let g = [3.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0];
+    let w = f.loss_weights(LossNormalization::PathSum);
+    close(&w, &g.map(|x| x / 3.0));
+    let w = f.loss_weights(LossNormalization::TokenMean);
+    close(&w, &g.map(|x| x / 12.0));
+    let w = f.loss_weights(LossNormalization::SequenceMean);
+    let (a, b, c) = (1.0 / 5.0, 1.0 / 4.0, 1.0 / 3.0);
+    close(
+        &w,
+        &[
+            (a + b + c) / 3.0,
+            (a + b + c) / 3.0,
+            (a + b) / 3.0,
+            a / 3.0,
+            a / 3.0,
+            b / 3.0,
+            c / 3.0,
+        ],
+    );
+}
+
+#[test]
+fn per_path_masks_are_used() {
+    // Token 2 is prompt for "a" and generated for "b": b's weight must count, a's must not.
+    let mut a = Sequence::new("a", vec![1, 2, 3]);
+    a.loss_mask = vec![false, false, true];
+    let mut b = Sequence::new("b", vec![1, 2, 4]);
+    b.loss_mask = vec![false, true, true];
+    b.logprobs = vec![0.0, -0.3, -0.2];
+    let tree = TrajectoryTree::from_sequences(&[a.clone(), b.clone()]).unwrap();
+    let f = tree.flatten();
+    assert_eq!(f.loss_mask, vec![false, true, true, true]);
+    assert_eq!(f.path_loss_tokens(), vec![1, 2]);
+    assert_eq!(f.path_loss_mask(0), a.loss_mask);
+    assert_eq!(f.path_logprobs(0), vec![0.0, 0.0, 0.0]);
+    assert_eq!(f.path_logprobs(1), b.logprobs);
+    assert_eq!(f.path_sequence(0), a);
+    assert_eq!(f.path_sequence(1), b);
+    // Token mean: M = 3; token 1 is trained by b only.
+    close(
+        &f.loss_weights(LossNormalization::TokenMean),
+        &[0.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0],
+    );
+    // Sequence mean: a has 1 loss token, b has 2.
+    close(
+        &f.loss_weights(LossNormalization::SequenceMean),
+        &[0.0, 0.25, 0.5, 0.25],
+    );
+}
+
+#[test]
+fn token_advantage_is_nan_when_ambiguous() {
+    let mut a = Sequence::new("a", vec![1, 2, 3]);
+    a.advantage = Some(1.0);
+    let mut b = Sequence::new("b", vec![1, 2, 4]);
+    b.advantage = Some(-1.0);
+    let mut c = Sequence::new("c", vec![9, 9]);
+    c.advantage = Some(0.5);
+    let f = TrajectoryTree::from_sequences(&[a, b, c])
+        .unwrap()
+        .flatten();
+    let adv = f.token_advantage();
+    assert!(adv[0].is_nan() && adv[1].is_nan());
+    assert_eq!(&adv[2..], &[1.0, -1.0, 0.5, 0.5]);
+}
+
+#[test]
+fn flatten_subset_counts_only_selected_paths() {
+    let t = example();
+    let f = t.flatten_leaves(&[2, 0]).unwrap();
+    assert_eq!(f.input_ids, vec![1, 2, 3, 4, 5, 7]);
+    assert_eq!(f.leaf_count, vec![2, 2, 1, 1, 1, 1]);
+    assert_eq!(f.paths[0].leaf, 2);
+    assert_eq!(f.paths[0].ranges, vec![(0, 2), (5, 6)]);
+    assert_eq!(f.subtree_end, vec![6, 6, 5, 5, 5, 6]);
+    assert!(t.flatten_leaves(&[0, 0]).is_err());
+    assert!(t.flatten_leaves(&[3]).is_err());
+}
