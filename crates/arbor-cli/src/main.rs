@@ -1,11 +1,50 @@
 //! The `arbor` binary: thin commands over the library crates.
-use clap::Parser;
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "arbor", version, about = "Agentic RL infrastructure: sandboxes, gateway, tree training")]
-struct Cli {}
+#[command(
+    name = "arbor",
+    version,
+    about = "Agentic-coding RL infrastructure: isolated sandboxes, a recording model gateway, tree training",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the main job on the embedded defaults (currently: a guided sandbox demo).
+    Quickstart(cmd::quickstart::Args),
+    /// Isolated sandboxes: run a command, clean up after crashes, benchmark.
+    #[command(subcommand)]
+    Sandbox(cmd::sandbox::Command),
+}
 
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+    // Sandboxes start this same binary as their init when no dedicated
+    // arbor-sandbox-init is installed beside it; that must win over argument parsing.
+    if arbor_sandbox::init::is_init_invocation() {
+        arbor_sandbox::init::run();
+    }
+    arbor_sandbox::local::allow_self_as_init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    let code = rt.block_on(async {
+        match cli.command {
+            Command::Quickstart(a) => cmd::quickstart::run(a).await,
+            Command::Sandbox(c) => cmd::sandbox::run(c).await,
+        }
+    })?;
+    std::process::exit(code)
 }

@@ -1,0 +1,256 @@
+//! `arbor sandbox bench`: latency and density of the local backend, as one
+//! JSON object. Every phase is bounded and cleans up after itself.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::local::{LocalBackend, gc};
+use crate::pool::Pool;
+use crate::{Backend, ExecRequest, Result, Sandbox, SandboxError, SandboxSpec};
+
+/// Sizes of the benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Iterations of each latency measurement.
+    pub n: usize,
+    /// Sandboxes held alive at once for the density measurement.
+    pub live: usize,
+    /// Concurrency while creating the live sandboxes.
+    pub concurrency: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { n: 50, live: 200, concurrency: 8 }
+    }
+}
+
+/// Median and 99th percentile, milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    if v.is_empty() {
+        return Percentiles { p50: f64::NAN, p99: f64::NAN };
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    Percentiles { p50: at(0.5), p99: at(0.99) }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The benchmark's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub create_exec_destroy_ms: Percentiles,
+    pub pooled_create_exec_destroy_ms: Percentiles,
+    pub exec_roundtrip_ms: Percentiles,
+    pub fork_ms: Percentiles,
+    pub fork_state_mb: f64,
+    pub live_sandboxes: usize,
+    pub live_requested: usize,
+    pub live_create_s: f64,
+    pub rss_mb_per_live_sandbox: f64,
+    pub host_mb_per_live_sandbox: f64,
+    pub leaked: usize,
+    pub n: usize,
+    pub cgroup: String,
+}
+
+fn check(r: &crate::ExecResult, what: &str) -> Result<()> {
+    if r.exit_code != 0 {
+        return Err(SandboxError::Setup(format!("bench {what}: exit {} {}", r.exit_code, r.stderr_str())));
+    }
+    Ok(())
+}
+
+/// Run the benchmark. Progress goes to stderr.
+pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchReport> {
+    let spec = SandboxSpec::default();
+    let n = opts.n.max(1);
+
+    // Warm-up: the first sandbox builds the rootfs mask and faults in the init binary.
+    let sb = backend.create(&spec).await?;
+    sb.exec(ExecRequest::new(["true"])).await?;
+    sb.destroy().await?;
+
+    eprintln!("bench: create+exec+destroy x{n}");
+    let mut cold = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let sb = backend.create(&spec).await?;
+        check(&sb.exec(ExecRequest::new(["true"])).await?, "true")?;
+        sb.destroy().await?;
+        cold.push(ms(t.elapsed()));
+    }
+
+    eprintln!("bench: pooled create+exec+destroy x{n}");
+    let pool = Pool::new(Arc::new(backend.clone()), 4, 16);
+    pool.prefill(&spec).await?;
+    let mut pooled = Vec::with_capacity(n);
+    for _ in 0..n {
+        // Measure the steady state the pool is for: a warm sandbox is ready.
+        while pool.warm(&spec) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let t = Instant::now();
+        let sb = pool.get(&spec).await?;
+        check(&sb.exec(ExecRequest::new(["true"])).await?, "true")?;
+        sb.destroy().await?;
+        pooled.push(ms(t.elapsed()));
+    }
+    pool.close().await;
+
+    eprintln!("bench: exec roundtrip x{}", n * 4);
+    let sb = backend.create(&spec).await?;
+    let mut rt = Vec::with_capacity(n * 4);
+    for _ in 0..n * 4 {
+        let t = Instant::now();
+        check(&sb.exec(ExecRequest::new(["true"])).await?, "true")?;
+        rt.push(ms(t.elapsed()));
+    }
+
+    eprintln!("bench: fork of a sandbox holding 10 MB x{n}");
+    let r = sb
+        .exec(ExecRequest::shell(
+            "mkdir -p /workspace/data && for i in $(seq 1 40); do head -c 262144 /dev/urandom > /workspace/data/f$i; done && du -sk /workspace/data",
+        ))
+        .await?;
+    check(&r, "write files")?;
+    let state_kb: f64 = r.stdout_str().split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    let mut forks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let child = sb.fork().await?;
+        forks.push(ms(t.elapsed()));
+        child.destroy().await?;
+    }
+    sb.destroy().await?;
+
+    let live = opts.live;
+    eprintln!("bench: holding {live} live sandboxes");
+    let mem_before = mem_available_kb();
+    let t = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
+    let mut handles = Vec::with_capacity(live);
+    for _ in 0..live {
+        let backend = backend.clone();
+        let spec = spec.clone();
+        let sem = sem.clone();
+        handles.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.map_err(|e| SandboxError::Setup(e.to_string()))?;
+            let sb = backend.create_local(&spec).await?;
+            let r = sb.exec(ExecRequest::shell("sleep 3600 >/dev/null 2>&1 &")).await?;
+            check(&r, "start sleeper")?;
+            Ok::<_, SandboxError>(sb)
+        }));
+    }
+    let mut sandboxes = Vec::with_capacity(live);
+    let mut first_err = None;
+    for h in handles {
+        match h.await {
+            Ok(Ok(sb)) => sandboxes.push(sb),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(SandboxError::Setup(e.to_string()));
+            }
+        }
+    }
+    let live_create_s = t.elapsed().as_secs_f64();
+    // Every one must still have its process running.
+    let mut alive = 0;
+    let mut rss_kb = 0u64;
+    for sb in &sandboxes {
+        if let Ok(r) = sb.exec(ExecRequest::shell("pgrep -x sleep >/dev/null")).await
+            && r.exit_code == 0
+        {
+            alive += 1;
+        }
+        rss_kb += tree_rss_kb(sb.cgroup().dirs());
+    }
+    let mem_after = mem_available_kb();
+    eprintln!("bench: {alive}/{live} alive; destroying");
+    let count = sandboxes.len().max(1) as f64;
+    let dsem = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
+    let mut dh = Vec::new();
+    for sb in sandboxes {
+        let dsem = dsem.clone();
+        dh.push(tokio::spawn(async move {
+            let _p = dsem.acquire_owned().await;
+            sb.destroy().await
+        }));
+    }
+    for h in dh {
+        if let Ok(Err(e)) = h.await {
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_err {
+        eprintln!("bench: error during live phase: {e}");
+    }
+    let leaks = gc::leaks(backend.state_root(), backend.cgroups());
+    Ok(BenchReport {
+        create_exec_destroy_ms: percentiles(cold),
+        pooled_create_exec_destroy_ms: percentiles(pooled),
+        exec_roundtrip_ms: percentiles(rt),
+        fork_ms: percentiles(forks),
+        fork_state_mb: state_kb / 1024.0,
+        live_sandboxes: alive,
+        live_requested: live,
+        live_create_s,
+        rss_mb_per_live_sandbox: rss_kb as f64 / 1024.0 / count,
+        host_mb_per_live_sandbox: (mem_before.saturating_sub(mem_after)) as f64 / 1024.0 / count,
+        leaked: leaks.total(),
+        n,
+        cgroup: match backend.cgroups() {
+            crate::local::cgroup::Cgroups::V1 { .. } => "v1".into(),
+            crate::local::cgroup::Cgroups::V2 { .. } => "v2".into(),
+        },
+    })
+}
+
+fn mem_available_kb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resident memory of the processes in a sandbox's groups (deduplicated).
+fn tree_rss_kb(dirs: &[std::path::PathBuf]) -> u64 {
+    let mut pids = std::collections::HashSet::new();
+    for d in dirs {
+        collect(d, &mut pids);
+    }
+    pids.into_iter()
+        .filter_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+fn collect(d: &std::path::Path, out: &mut std::collections::HashSet<i32>) {
+    out.extend(crate::local::cgroup::procs(d));
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            collect(&e.path(), out);
+        }
+    }
+}
