@@ -77,6 +77,7 @@ pub mod error;
 pub mod flat;
 pub mod metrics;
 pub mod pack;
+pub mod packfile;
 pub mod sequence;
 pub mod tree;
 pub mod weights;
@@ -87,6 +88,9 @@ pub use metrics::TreeStats;
 pub use pack::{
     OversizePolicy, Pack, PackOptions, PackPlan, PackStats, PackStrategy, Packing, SinglePathDp,
     build_packs, first_fit_decreasing, pack_tree, plan_packing, single_path_dp,
+};
+pub use packfile::{
+    PACK_FORMAT, PackMeta, PackPathMeta, pack_from_bytes, pack_to_bytes, read_pack, write_pack,
 };
 pub use sequence::{Sequence, load_sequences, read_jsonl, write_jsonl};
 pub use tree::{Leaf, Node, TREE_FORMAT_VERSION, TokenOverride, TrajectoryTree};
@@ -100,4 +104,85 @@ use std::path::Path;
 pub fn stats(source: &Path) -> Result<TreeStats> {
     let seqs = load_sequences(source)?;
     Ok(TrajectoryTree::from_sequences(&seqs)?.stats())
+}
+
+/// What [`pack_to_dir`] wrote.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PackSummary {
+    /// Reuse achieved by the packing (budget, packs, N_flat, N_unique, N_packed, POR, ERR, ...).
+    #[serde(flatten)]
+    pub stats: PackStats,
+    /// Number of trees (roots) in the source forest.
+    pub trees: u64,
+    /// Packer used.
+    pub strategy: PackStrategy,
+    /// Loss normalization of the `loss_weight` tensors.
+    pub normalization: LossNormalization,
+    /// Pack file names (relative to the output directory), in pack order.
+    pub files: Vec<String>,
+}
+
+/// Name of the summary file [`pack_to_dir`] writes next to the packs.
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Packs the sequences of `source` (a JSONL file or a directory of them, see [`load_sequences`]) into
+/// packs of at most `budget` tokens with the default [`PackOptions`] and writes them to `out` as
+/// `pack-00000.safetensors`, ... plus `summary.json` (the returned [`PackSummary`]).
+pub fn pack_to_dir(source: &Path, budget: usize, out: &Path) -> Result<PackSummary> {
+    pack_to_dir_with(source, &PackOptions::new(budget), out)
+}
+
+/// [`pack_to_dir`] with explicit options. `out` is created if needed and must not already hold pack
+/// files (so packs of two runs never mix).
+pub fn pack_to_dir_with(source: &Path, opts: &PackOptions, out: &Path) -> Result<PackSummary> {
+    let seqs = load_sequences(source)?;
+    let tree = TrajectoryTree::from_sequences(&seqs)?;
+    drop(seqs);
+    write_packs(&tree, opts, out)
+}
+
+/// Packs `tree` and writes the packs and `summary.json` to `out` (see [`pack_to_dir_with`]).
+pub fn write_packs(tree: &TrajectoryTree, opts: &PackOptions, out: &Path) -> Result<PackSummary> {
+    std::fs::create_dir_all(out).map_err(|e| TreeError::io(out, e))?;
+    let existing = std::fs::read_dir(out).map_err(|e| TreeError::io(out, e))?;
+    for entry in existing {
+        let entry = entry.map_err(|e| TreeError::io(out, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("pack-") && name.ends_with(".safetensors") {
+            return Err(TreeError::invalid(
+                "output directory",
+                format!(
+                    "{} already contains pack files ({name}); use an empty directory",
+                    out.display()
+                ),
+            ));
+        }
+    }
+    let (packing, packs) = pack_tree(tree, opts)?;
+    let mut files = Vec::with_capacity(packs.len());
+    for pack in &packs {
+        let name = format!("pack-{:05}.safetensors", pack.index);
+        write_pack(&out.join(&name), pack)?;
+        files.push(name);
+    }
+    let summary = PackSummary {
+        stats: packing.stats(tree),
+        trees: tree.roots().len() as u64,
+        strategy: opts.strategy,
+        normalization: opts.normalization,
+        files,
+    };
+    let path = out.join(SUMMARY_FILE);
+    let json = serde_json::to_string_pretty(&summary)
+        .map_err(|e| TreeError::invalid("summary", e.to_string()))?;
+    std::fs::write(&path, json).map_err(|e| TreeError::io(&path, e))?;
+    tracing::info!(
+        packs = summary.stats.packs,
+        por = summary.stats.por,
+        err = summary.stats.err,
+        "wrote packs to {}",
+        out.display()
+    );
+    Ok(summary)
 }
