@@ -23,7 +23,11 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { n: 50, live: 200, concurrency: 8 }
+        BenchOptions {
+            n: 50,
+            live: 200,
+            concurrency: 8,
+        }
     }
 }
 
@@ -36,11 +40,17 @@ pub struct Percentiles {
 
 fn percentiles(mut v: Vec<f64>) -> Percentiles {
     if v.is_empty() {
-        return Percentiles { p50: f64::NAN, p99: f64::NAN };
+        return Percentiles {
+            p50: f64::NAN,
+            p99: f64::NAN,
+        };
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    Percentiles { p50: at(0.5), p99: at(0.99) }
+    Percentiles {
+        p50: at(0.5),
+        p99: at(0.99),
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -67,7 +77,11 @@ pub struct BenchReport {
 
 fn check(r: &crate::ExecResult, what: &str) -> Result<()> {
     if r.exit_code != 0 {
-        return Err(SandboxError::Setup(format!("bench {what}: exit {} {}", r.exit_code, r.stderr_str())));
+        return Err(SandboxError::Setup(format!(
+            "bench {what}: exit {} {}",
+            r.exit_code,
+            r.stderr_str()
+        )));
     }
     Ok(())
 }
@@ -125,7 +139,12 @@ pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchRep
         ))
         .await?;
     check(&r, "write files")?;
-    let state_kb: f64 = r.stdout_str().split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    let state_kb: f64 = r
+        .stdout_str()
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
     let mut forks = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -146,9 +165,14 @@ pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchRep
         let spec = spec.clone();
         let sem = sem.clone();
         handles.push(tokio::spawn(async move {
-            let _permit = sem.acquire_owned().await.map_err(|e| SandboxError::Setup(e.to_string()))?;
+            let _permit = sem
+                .acquire_owned()
+                .await
+                .map_err(|e| SandboxError::Setup(e.to_string()))?;
             let sb = backend.create_local(&spec).await?;
-            let r = sb.exec(ExecRequest::shell("sleep 3600 >/dev/null 2>&1 &")).await?;
+            let r = sb
+                .exec(ExecRequest::shell("sleep 3600 >/dev/null 2>&1 &"))
+                .await?;
             check(&r, "start sleeper")?;
             Ok::<_, SandboxError>(sb)
         }));
@@ -171,7 +195,9 @@ pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchRep
     let mut alive = 0;
     let mut rss_kb = 0u64;
     for sb in &sandboxes {
-        if let Ok(r) = sb.exec(ExecRequest::shell("pgrep -x sleep >/dev/null")).await
+        if let Ok(r) = sb
+            .exec(ExecRequest::shell("pgrep -x sleep >/dev/null"))
+            .await
             && r.exit_code == 0
         {
             alive += 1;

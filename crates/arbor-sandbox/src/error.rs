@@ -21,6 +21,10 @@ pub enum SandboxError {
     /// The sandbox no longer exists (destroyed, or its init died).
     #[error("sandbox {id} is gone: {reason}")]
     Gone { id: String, reason: String },
+    /// A command could not be started inside (e.g. the sandbox's process
+    /// limit is exhausted by what earlier commands left running).
+    #[error("sandbox {id} could not start the command: {reason}")]
+    Spawn { id: String, reason: String },
     /// A file operation inside the sandbox failed (missing file, permissions...).
     #[error("{path}: {message}")]
     File { path: String, message: String },
@@ -38,11 +42,17 @@ pub enum SandboxError {
 
 impl SandboxError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        SandboxError::Io { context: context.into(), source }
+        SandboxError::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// True when the fault is the infrastructure's (retry may help), not the request's.
     pub fn is_infrastructure(&self) -> bool {
-        !matches!(self, SandboxError::Invalid(_) | SandboxError::File { .. })
+        !matches!(
+            self,
+            SandboxError::Invalid(_) | SandboxError::File { .. } | SandboxError::Spawn { .. }
+        )
     }
 }

@@ -37,7 +37,9 @@ mod spec;
 use async_trait::async_trait;
 
 pub use error::{Result, SandboxError};
-pub use spec::{Bind, BindMode, ExecRequest, ExecResult, Limits, NetworkSpec, SandboxSpec, UnixBridge};
+pub use spec::{
+    Bind, BindMode, ExecRequest, ExecResult, Limits, NetworkSpec, SandboxSpec, UnixBridge,
+};
 
 /// A live sandbox. Safe to share between tasks; commands may run concurrently.
 #[async_trait]

@@ -29,7 +29,12 @@ impl Pool {
     /// Keep up to `per_spec` warm sandboxes for each spec seen, and at most
     /// `max_total` across all specs.
     pub fn new(backend: Arc<dyn Backend>, per_spec: usize, max_total: usize) -> Arc<Self> {
-        Arc::new(Pool { backend, per_spec, max_total, state: Mutex::new(State::default()) })
+        Arc::new(Pool {
+            backend,
+            per_spec,
+            max_total,
+            state: Mutex::new(State::default()),
+        })
     }
 
     /// Warm sandboxes ready now for `spec`.
@@ -105,7 +110,9 @@ impl Pool {
     }
 
     fn refill(self: &Arc<Self>, spec: &SandboxSpec) {
-        let Some(key) = self.reserve(spec) else { return };
+        let Some(key) = self.reserve(spec) else {
+            return;
+        };
         let pool = self.clone();
         let spec = spec.clone();
         tokio::spawn(async move {

@@ -119,11 +119,7 @@ pub enum ProtocolError {
 }
 
 /// Send one message with descriptors (blocking or non-blocking per the socket).
-pub fn send<T: Serialize>(
-    sock: RawFd,
-    msg: &T,
-    fds: &[RawFd],
-) -> Result<(), ProtocolError> {
+pub fn send<T: Serialize>(sock: RawFd, msg: &T, fds: &[RawFd]) -> Result<(), ProtocolError> {
     let bytes = serde_json::to_vec(msg)?;
     if bytes.len() > MAX_MESSAGE {
         return Err(ProtocolError::TooLarge(bytes.len()));
@@ -154,7 +150,10 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
             if let ControlMessageOwned::ScmRights(raw) = c {
                 // SAFETY: the kernel just installed these descriptors for us;
                 // nothing else owns them.
-                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         (msg.bytes, fds)

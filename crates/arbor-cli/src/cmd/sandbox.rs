@@ -90,12 +90,18 @@ pub async fn run(cmd: Command) -> Result<i32> {
 
 async fn exec(a: ExecArgs) -> Result<i32> {
     let backend = LocalBackend::with_defaults().context("starting the local sandbox backend")?;
-    let mut spec = SandboxSpec { rootfs: a.rootfs, ..Default::default() };
+    let mut spec = SandboxSpec {
+        rootfs: a.rootfs,
+        ..Default::default()
+    };
     spec.limits.memory_mb = a.memory_mb;
     spec.limits.pids = a.pids;
     spec.limits.workspace_mb = a.workspace_mb;
     let _ = a.net;
-    let sb = backend.create(&spec).await.context("creating the sandbox")?;
+    let sb = backend
+        .create(&spec)
+        .await
+        .context("creating the sandbox")?;
     let req = ExecRequest::new(a.command).timeout(Duration::from_secs_f64(a.timeout_s));
     let result = sb.exec(req).await;
     let destroyed = sb.destroy().await;
@@ -105,10 +111,16 @@ async fn exec(a: ExecArgs) -> Result<i32> {
     std::io::stdout().write_all(&r.stdout)?;
     std::io::stderr().write_all(&r.stderr)?;
     if r.truncated {
-        eprintln!("arbor: output truncated at {} bytes per stream", spec.limits.output_cap_bytes);
+        eprintln!(
+            "arbor: output truncated at {} bytes per stream",
+            spec.limits.output_cap_bytes
+        );
     }
     if r.timed_out {
-        eprintln!("arbor: timed out after {:.1}s; process tree killed", a.timeout_s);
+        eprintln!(
+            "arbor: timed out after {:.1}s; process tree killed",
+            a.timeout_s
+        );
     }
     if r.oom_killed {
         eprintln!("arbor: out of memory (limit {} MiB)", a.memory_mb);
@@ -144,7 +156,11 @@ fn gc_cmd(a: GcArgs) -> Result<i32> {
 async fn bench_cmd(a: BenchArgs) -> Result<i32> {
     let _ = a.json;
     let backend = LocalBackend::with_defaults().context("starting the local sandbox backend")?;
-    let opts = BenchOptions { n: a.n, live: a.live, concurrency: a.concurrency };
+    let opts = BenchOptions {
+        n: a.n,
+        live: a.live,
+        concurrency: a.concurrency,
+    };
     let report = bench::run(&backend, &opts).await?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(0)

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use caps::{CapSet, Capability};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask, signal, SigHandler};
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, signal, sigprocmask};
 use nix::unistd::{dup2, execve, setsid};
 
 use super::files;
@@ -102,7 +102,8 @@ fn setup_and_run(kind: ExecKind, fds: ChildFds, ctx: &ChildContext) -> Result<i3
 
     // init blocks SIGCHLD (it reads a signalfd) and the Rust runtime ignores
     // SIGPIPE; neither may leak into the command.
-    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None).map_err(|e| format!("sigmask: {e}"))?;
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(|e| format!("sigmask: {e}"))?;
     // SAFETY: restoring the default disposition has no handler to be unsafe about.
     unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.map_err(|e| format!("SIGPIPE: {e}"))?;
     setsid().map_err(|e| format!("setsid: {e}"))?;
@@ -111,9 +112,11 @@ fn setup_and_run(kind: ExecKind, fds: ChildFds, ctx: &ChildContext) -> Result<i3
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(|e| format!("rlimit core: {e}"))?;
     // Raising the hard limit needs CAP_SYS_RESOURCE, which the host may not
     // grant even to root; never ask for more than the current hard limit.
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("rlimit nofile: {e}"))?;
+    let (_, hard) =
+        getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("rlimit nofile: {e}"))?;
     let nofile = ctx.nofile.min(hard);
-    setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).map_err(|e| format!("rlimit nofile: {e}"))?;
+    setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile)
+        .map_err(|e| format!("rlimit nofile: {e}"))?;
 
     match kind {
         ExecKind::Command { argv, env, cwd } => {
@@ -132,7 +135,11 @@ fn setup_and_run(kind: ExecKind, fds: ChildFds, ctx: &ChildContext) -> Result<i3
                 .unwrap_or("/usr/local/bin:/usr/bin:/bin");
             let resolved = resolve(program, path_var);
             let cargv = to_cstrings(argv.iter().map(|s| s.as_bytes()))?;
-            let cenv = to_cstrings(full_env.iter().map(|(k, v)| format!("{k}={v}").into_bytes()))?;
+            let cenv = to_cstrings(
+                full_env
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}").into_bytes()),
+            )?;
             drop_privileges(ctx.filters)?;
             let Some(path) = resolved else {
                 let _ = writeln!(std::io::stderr(), "{program}: command not found");
@@ -140,8 +147,16 @@ fn setup_and_run(kind: ExecKind, fds: ChildFds, ctx: &ChildContext) -> Result<i3
             };
             let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
             let e = execve(&cpath, &cargv, &cenv).err();
-            let _ = writeln!(std::io::stderr(), "{program}: {}", e.map(|e| e.desc()).unwrap_or("exec failed"));
-            Ok(if e == Some(nix::errno::Errno::ENOENT) { 127 } else { 126 })
+            let _ = writeln!(
+                std::io::stderr(),
+                "{program}: {}",
+                e.map(|e| e.desc()).unwrap_or("exec failed")
+            );
+            Ok(if e == Some(nix::errno::Errno::ENOENT) {
+                127
+            } else {
+                126
+            })
         }
         other => {
             std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
@@ -174,7 +189,9 @@ where
 {
     items
         .into_iter()
-        .map(|b| CString::new(b).map_err(|_| "argument or environment contains a NUL byte".to_string()))
+        .map(|b| {
+            CString::new(b).map_err(|_| "argument or environment contains a NUL byte".to_string())
+        })
         .collect()
 }
 
@@ -191,7 +208,9 @@ fn resolve(program: &str, path_var: &str) -> Option<PathBuf> {
 }
 
 fn is_executable(p: &Path) -> bool {
-    let Ok(c) = CString::new(p.as_os_str().as_bytes()) else { return false };
+    let Ok(c) = CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
     // SAFETY: valid NUL-terminated path.
     let ok = unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0;
     ok && p.is_file()

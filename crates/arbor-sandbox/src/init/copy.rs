@@ -54,10 +54,22 @@ fn copy_entry(src: &Path, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         let times = [
-            libc::timespec { tv_sec: meta.atime(), tv_nsec: meta.atime_nsec() },
-            libc::timespec { tv_sec: meta.mtime(), tv_nsec: meta.mtime_nsec() },
+            libc::timespec {
+                tv_sec: meta.atime(),
+                tv_nsec: meta.atime_nsec(),
+            },
+            libc::timespec {
+                tv_sec: meta.mtime(),
+                tv_nsec: meta.mtime_nsec(),
+            },
         ];
-        if libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) != 0 {
+        if libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        ) != 0
+        {
             return Err(io::Error::last_os_error());
         }
     }
@@ -69,7 +81,8 @@ fn copy_entry(src: &Path, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
 /// Copy the `trusted.overlay.*` and `user.*` attributes (the ones overlayfs
@@ -82,22 +95,42 @@ fn copy_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
     let n = unsafe { libc::llistxattr(s.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
     if n < 0 {
         let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENOTSUP) { Ok(()) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::ENOTSUP) {
+            Ok(())
+        } else {
+            Err(e)
+        };
     }
     names.truncate(n as usize);
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         if !(name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.")) {
             continue;
         }
-        let cname = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let cname =
+            CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let mut val = vec![0u8; 65536];
         // SAFETY: as above.
-        let len = unsafe { libc::lgetxattr(s.as_ptr(), cname.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
+        let len = unsafe {
+            libc::lgetxattr(
+                s.as_ptr(),
+                cname.as_ptr(),
+                val.as_mut_ptr().cast(),
+                val.len(),
+            )
+        };
         if len < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: as above.
-        let r = unsafe { libc::lsetxattr(d.as_ptr(), cname.as_ptr(), val.as_ptr().cast(), len as usize, 0) };
+        let r = unsafe {
+            libc::lsetxattr(
+                d.as_ptr(),
+                cname.as_ptr(),
+                val.as_ptr().cast(),
+                len as usize,
+                0,
+            )
+        };
         if r != 0 {
             return Err(io::Error::last_os_error());
         }

@@ -17,7 +17,8 @@ pub fn run(kind: ExecKind) -> Result<(), String> {
         ExecKind::WriteFile { path, mode } => {
             let p = Path::new(&path);
             if let Some(parent) = p.parent() {
-                fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
+                fs::create_dir_all(parent)
+                    .map_err(|e| format!("create {}: {e}", parent.display()))?;
             }
             let mut f = fs::OpenOptions::new()
                 .write(true)
@@ -47,7 +48,9 @@ pub fn run(kind: ExecKind) -> Result<(), String> {
             archive.set_preserve_permissions(true);
             archive.set_preserve_mtime(true);
             archive.set_overwrite(true);
-            archive.unpack(&dest).map_err(|e| format!("unpack into {dest}: {e}"))
+            archive
+                .unpack(&dest)
+                .map_err(|e| format!("unpack into {dest}: {e}"))
         }
         ExecKind::ReadTar { path } => {
             let p = Path::new(&path);
@@ -55,9 +58,13 @@ pub fn run(kind: ExecKind) -> Result<(), String> {
             let mut builder = tar::Builder::new(BufWriter::new(stdout.lock()));
             builder.follow_symlinks(false);
             if meta.is_dir() {
-                builder.append_dir_all(".", p).map_err(|e| format!("archive {path}: {e}"))?;
+                builder
+                    .append_dir_all(".", p)
+                    .map_err(|e| format!("archive {path}: {e}"))?;
             } else {
-                let name = p.file_name().ok_or_else(|| format!("{path}: no file name"))?;
+                let name = p
+                    .file_name()
+                    .ok_or_else(|| format!("{path}: no file name"))?;
                 builder
                     .append_path_with_name(p, name)
                     .map_err(|e| format!("archive {path}: {e}"))?;

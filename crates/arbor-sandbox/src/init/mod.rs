@@ -25,7 +25,9 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
-use crate::protocol::{self, ExecKind, FromInit, INIT_CONTROL_FD, INIT_ENV, InitConfig, MAX_MESSAGE, ToInit};
+use crate::protocol::{
+    self, ExecKind, FromInit, INIT_CONTROL_FD, INIT_ENV, InitConfig, MAX_MESSAGE, ToInit,
+};
 use child::{ChildContext, ChildFds};
 
 /// True when this process was started by the supervisor as a sandbox init.
@@ -55,7 +57,10 @@ fn control() -> BorrowedFd<'static> {
 fn serve_sandbox() -> Result<(), String> {
     let sock = control();
     if nix::sys::stat::fstat(sock).is_err() {
-        return Err("no control socket on descriptor 3: this program is started by arbor, not by hand".into());
+        return Err(
+            "no control socket on descriptor 3: this program is started by arbor, not by hand"
+                .into(),
+        );
     }
     let mut buf = vec![0u8; MAX_MESSAGE];
     let cfg = match protocol::recv::<ToInit>(sock.as_raw_fd(), &mut buf) {
@@ -75,7 +80,13 @@ fn serve_sandbox() -> Result<(), String> {
     let (filters, fs_fd) = match setup {
         Ok(v) => v,
         Err(error) => {
-            let _ = protocol::send(sock.as_raw_fd(), &FromInit::Failed { error: error.clone() }, &[]);
+            let _ = protocol::send(
+                sock.as_raw_fd(),
+                &FromInit::Failed {
+                    error: error.clone(),
+                },
+                &[],
+            );
             return Err(error);
         }
     };
@@ -119,17 +130,23 @@ fn serve(cfg: &InitConfig, filters: &seccomp::Filters, buf: &mut [u8]) -> Result
         }
         if sock_ready {
             match protocol::recv::<ToInit>(sock.as_raw_fd(), buf) {
-                Ok((ToInit::Exec { id, kind, stdin, cgroup_fds }, fds)) => {
-                    match start(kind, fds, stdin, cgroup_fds, &ctx) {
-                        Ok(pid) => {
-                            running.insert(pid, id);
-                        }
-                        Err(error) => {
-                            protocol::send(sock.as_raw_fd(), &FromInit::SpawnFailed { id, error }, &[])
-                                .map_err(|e| e.to_string())?;
-                        }
+                Ok((
+                    ToInit::Exec {
+                        id,
+                        kind,
+                        stdin,
+                        cgroup_fds,
+                    },
+                    fds,
+                )) => match start(kind, fds, stdin, cgroup_fds, &ctx) {
+                    Ok(pid) => {
+                        running.insert(pid, id);
                     }
-                }
+                    Err(error) => {
+                        protocol::send(sock.as_raw_fd(), &FromInit::SpawnFailed { id, error }, &[])
+                            .map_err(|e| e.to_string())?;
+                    }
+                },
                 Ok((ToInit::Config(_), _)) => return Err("unexpected second Config".into()),
                 // The supervisor is gone: returning ends init and, with it,
                 // every process of the sandbox.
@@ -157,7 +174,12 @@ fn start(
         return Err("missing output descriptors".into());
     };
     let stdin = if has_stdin { it.next() } else { None };
-    let child_fds = ChildFds { stdout, stderr, stdin, cgroups: it.collect() };
+    let child_fds = ChildFds {
+        stdout,
+        stderr,
+        stdin,
+        cgroups: it.collect(),
+    };
     // SAFETY: init is single-threaded, so the child is a complete copy.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => child::run(kind, child_fds, ctx),
@@ -178,8 +200,12 @@ fn reap(running: &mut HashMap<Pid, u64>) -> Result<(), String> {
             Err(e) => return Err(format!("waitpid: {e}")),
         };
         if let Some(id) = running.remove(&pid) {
-            protocol::send(sock.as_raw_fd(), &FromInit::Exited { id, code, signal }, &[])
-                .map_err(|e| e.to_string())?;
+            protocol::send(
+                sock.as_raw_fd(),
+                &FromInit::Exited { id, code, signal },
+                &[],
+            )
+            .map_err(|e| e.to_string())?;
         }
     }
 }

@@ -54,13 +54,28 @@ fn ctx<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> 
 /// copy this sandbox's writable layers when forking.
 pub fn build(cfg: &InitConfig) -> Result<RawFd> {
     // Nothing we mount may propagate back to the host.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(ctx("make mounts private"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(ctx("make mounts private"))?;
 
     let private = cfg.private_dir.as_path();
     let size = format!("size={},mode=0755", cfg.workspace_bytes);
-    mount(Some("tmpfs"), private, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(size.as_str()))
-        .map_err(ctx(format_args!("mount private tmpfs on {}", private.display())))?;
+    mount(
+        Some("tmpfs"),
+        private,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(size.as_str()),
+    )
+    .map_err(ctx(format_args!(
+        "mount private tmpfs on {}",
+        private.display()
+    )))?;
     let upper = private.join("upper");
     let work = private.join("work");
     let root = private.join("root");
@@ -77,7 +92,8 @@ pub fn build(cfg: &InitConfig) -> Result<RawFd> {
             for entry in fs::read_dir(&binds).map_err(ctx("read parent's binds"))? {
                 let entry = entry.map_err(ctx("read parent's binds"))?;
                 let dst = private.join("binds").join(entry.file_name()).join("upper");
-                copy_tree(&entry.path().join("upper"), &dst).map_err(ctx("copy parent's bind layer"))?;
+                copy_tree(&entry.path().join("upper"), &dst)
+                    .map_err(ctx("copy parent's bind layer"))?;
             }
         }
     } else {
@@ -101,7 +117,8 @@ pub fn build(cfg: &InitConfig) -> Result<RawFd> {
                 mkdir_p(parent, 0o755)?;
             }
             if !target.exists() {
-                fs::File::create(&target).map_err(ctx(format_args!("create {}", target.display())))?;
+                fs::File::create(&target)
+                    .map_err(ctx(format_args!("create {}", target.display())))?;
             }
         }
         match bind.mode {
@@ -131,9 +148,13 @@ pub fn build(cfg: &InitConfig) -> Result<RawFd> {
     sethostname(&cfg.hostname).map_err(ctx("sethostname"))?;
     loopback_up().map_err(ctx("bring loopback up"))?;
 
-    let fs_fd = open(private, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(ctx("open private tmpfs"))?
-        .into_raw_fd();
+    let fs_fd = open(
+        private,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(ctx("open private tmpfs"))?
+    .into_raw_fd();
 
     // pivot_root(".", ".") stacks the old root on top of the new one; a lazy
     // unmount then drops it (and every host mount with it) from this namespace.
@@ -155,7 +176,11 @@ fn inside(root: &Path, path: &str) -> Result<PathBuf> {
         match c {
             std::path::Component::Normal(n) => out.push(n),
             std::path::Component::RootDir => {}
-            _ => return Err(format!("sandbox path {path:?} must not contain '.' or '..'")),
+            _ => {
+                return Err(format!(
+                    "sandbox path {path:?} must not contain '.' or '..'"
+                ));
+            }
         }
     }
     Ok(out)
@@ -170,28 +195,50 @@ fn mkdir_p(path: &Path, mode: u32) -> Result<()> {
 }
 
 fn check_layer_path(p: &Path) -> Result<&str> {
-    let s = p.to_str().ok_or_else(|| format!("path {} is not UTF-8", p.display()))?;
+    let s = p
+        .to_str()
+        .ok_or_else(|| format!("path {} is not UTF-8", p.display()))?;
     if s.contains([',', ':', '\\']) {
-        return Err(format!("overlay layer path {s:?} may not contain ',', ':' or '\\'"));
+        return Err(format!(
+            "overlay layer path {s:?} may not contain ',', ':' or '\\'"
+        ));
     }
     Ok(s)
 }
 
 fn mount_overlay(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<()> {
-    let lowers = lower.iter().map(|p| check_layer_path(p)).collect::<Result<Vec<_>>>()?;
+    let lowers = lower
+        .iter()
+        .map(|p| check_layer_path(p))
+        .collect::<Result<Vec<_>>>()?;
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
         lowers.join(":"),
         check_layer_path(upper)?,
         check_layer_path(work)?
     );
-    mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
-        .map_err(ctx(format_args!("mount overlay on {} ({opts})", target.display())))
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(ctx(format_args!(
+        "mount overlay on {} ({opts})",
+        target.display()
+    )))
 }
 
 fn bind_readonly(source: &Path, target: &Path) -> Result<()> {
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(ctx(format_args!("bind {}", source.display())))?;
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(ctx(format_args!("bind {}", source.display())))?;
     mount(
         None::<&str>,
         target,
@@ -206,8 +253,14 @@ fn bind_readonly(source: &Path, target: &Path) -> Result<()> {
 fn build_dev(root: &Path) -> Result<()> {
     let dev = root.join("dev");
     mkdir_p(&dev, 0o755)?;
-    mount(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755,size=64k"))
-        .map_err(ctx("mount /dev"))?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(ctx("mount /dev"))?;
     for name in DEVICES {
         let host = Path::new("/dev").join(name);
         if !host.exists() {
@@ -215,8 +268,14 @@ fn build_dev(root: &Path) -> Result<()> {
         }
         let node = dev.join(name);
         fs::File::create(&node).map_err(ctx(format_args!("create /dev/{name}")))?;
-        mount(Some(&host), &node, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(ctx(format_args!("bind /dev/{name}")))?;
+        mount(
+            Some(&host),
+            &node,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(ctx(format_args!("bind /dev/{name}")))?;
     }
     let pts = dev.join("pts");
     mkdir_p(&pts, 0o755)?;
@@ -245,7 +304,8 @@ fn build_dev(root: &Path) -> Result<()> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        std::os::unix::fs::symlink(to, dev.join(link)).map_err(ctx(format_args!("link /dev/{link}")))?;
+        std::os::unix::fs::symlink(to, dev.join(link))
+            .map_err(ctx(format_args!("link /dev/{link}")))?;
     }
     Ok(())
 }
@@ -271,8 +331,14 @@ fn build_proc(root: &Path) -> Result<()> {
     for name in PROC_MASKED {
         let p = proc_dir.join(name);
         if p.is_file() {
-            mount(Some("/dev/null"), &p, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .map_err(ctx(format_args!("mask /proc/{name}")))?;
+            mount(
+                Some("/dev/null"),
+                &p,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(ctx(format_args!("mask /proc/{name}")))?;
         }
     }
     Ok(())

@@ -90,8 +90,13 @@ impl Filters {
         }
         let mut clone_rules = Vec::new();
         for flag in NAMESPACE_FLAGS {
-            let cond = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)
-                .map_err(|e| e.to_string())?;
+            let cond = SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(flag),
+                flag,
+            )
+            .map_err(|e| e.to_string())?;
             clone_rules.push(SeccompRule::new(vec![cond]).map_err(|e| e.to_string())?);
         }
         rules.insert(libc::SYS_clone as i64, clone_rules);
@@ -125,7 +130,9 @@ impl Filters {
         )
         .map_err(|e| e.to_string())?;
         Ok(Filters {
-            deny: deny.try_into().map_err(|e: seccompiler::BackendError| e.to_string())?,
+            deny: deny
+                .try_into()
+                .map_err(|e: seccompiler::BackendError| e.to_string())?,
             no_clone3: no_clone3
                 .try_into()
                 .map_err(|e: seccompiler::BackendError| e.to_string())?,

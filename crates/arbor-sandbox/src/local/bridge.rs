@@ -29,7 +29,9 @@ pub fn start(init_pid: i32, port: u16, host_socket: PathBuf) -> io::Result<JoinH
     let listener = tokio::net::TcpListener::from_std(listen_in_netns(init_pid, port)?)?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((mut inbound, _)) = listener.accept().await else { continue };
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                continue;
+            };
             let path = host_socket.clone();
             tokio::spawn(async move {
                 match tokio::net::UnixStream::connect(&path).await {

@@ -43,7 +43,9 @@ impl Cgroups {
         for line in info.lines() {
             // mountinfo: ... mount_point ... - fstype source super_options
             let fields: Vec<&str> = line.split(' ').collect();
-            let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
+            let Some(dash) = fields.iter().position(|f| *f == "-") else {
+                continue;
+            };
             let (Some(mnt), Some(fstype), Some(opts)) =
                 (fields.get(4), fields.get(dash + 1), fields.get(dash + 3))
             else {
@@ -115,7 +117,10 @@ impl Cgroups {
             }
         }
         if let Cgroups::V2 { root } = self {
-            write(&root.join(SUBTREE).join("cgroup.subtree_control"), "+memory +pids +cpu")?;
+            write(
+                &root.join(SUBTREE).join("cgroup.subtree_control"),
+                "+memory +pids +cpu",
+            )?;
         }
         Ok(())
     }
@@ -171,7 +176,10 @@ fn dedup(mut v: Vec<PathBuf>) -> Vec<PathBuf> {
 
 /// mountinfo escapes spaces and friends as octal.
 fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 fn ctx(e: io::Error, p: &Path) -> io::Error {
@@ -179,7 +187,10 @@ fn ctx(e: io::Error, p: &Path) -> io::Error {
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
-    let mut f = fs::OpenOptions::new().write(true).open(path).map_err(|e| ctx(e, path))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| ctx(e, path))?;
     f.write_all(value.as_bytes()).map_err(|e| ctx(e, path))
 }
 
@@ -272,7 +283,9 @@ impl SandboxCgroup {
             .and_then(|s| {
                 s.lines().find_map(|l| {
                     let mut it = l.split_whitespace();
-                    (it.next() == Some(key)).then(|| it.next()?.parse().ok()).flatten()
+                    (it.next() == Some(key))
+                        .then(|| it.next()?.parse().ok())
+                        .flatten()
                 })
             })
             .unwrap_or(0)
@@ -280,7 +293,11 @@ impl SandboxCgroup {
 
     /// Memory in use by the sandbox (processes and its private files), bytes.
     pub fn memory_usage(&self) -> u64 {
-        let file = if self.v2 { "memory.current" } else { "memory.usage_in_bytes" };
+        let file = if self.v2 {
+            "memory.current"
+        } else {
+            "memory.usage_in_bytes"
+        };
         fs::read_to_string(self.memory.join(file))
             .ok()
             .and_then(|s| s.trim().parse().ok())

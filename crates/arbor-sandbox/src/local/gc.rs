@@ -113,7 +113,9 @@ pub fn gc(state_root: &Path, cgroups: &Cgroups, all: bool) -> GcReport {
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
-        let dirs = state.map(|s| s.cgroups).unwrap_or_else(|| cgroup_dirs_named(cgroups, &id));
+        let dirs = state
+            .map(|s| s.cgroups)
+            .unwrap_or_else(|| cgroup_dirs_named(cgroups, &id));
         for d in dirs {
             report.processes_killed += count_procs(&d);
             match cgroup::remove_group(&d, true) {
@@ -147,7 +149,12 @@ pub fn gc(state_root: &Path, cgroups: &Cgroups, all: bool) -> GcReport {
 }
 
 fn cgroup_dirs_named(cgroups: &Cgroups, id: &str) -> Vec<PathBuf> {
-    cgroups.subtrees().into_iter().map(|s| s.join(id)).filter(|d| d.exists()).collect()
+    cgroups
+        .subtrees()
+        .into_iter()
+        .map(|s| s.join(id))
+        .filter(|d| d.exists())
+        .collect()
 }
 
 fn count_procs(dir: &Path) -> usize {
@@ -184,7 +191,11 @@ pub fn leaks(state_root: &Path, cgroups: &Cgroups) -> Leaks {
     if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
         l.mounts = info
             .lines()
-            .filter(|line| line.split(' ').nth(4).is_some_and(|m| m.starts_with(&sb_str)))
+            .filter(|line| {
+                line.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| m.starts_with(&sb_str))
+            })
             .count();
     }
     l.state_dirs = fs::read_dir(&sb).map(|d| d.count()).unwrap_or(0);

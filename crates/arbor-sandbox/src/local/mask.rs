@@ -16,7 +16,9 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Host top-level directories visible (read-only) in the default rootfs.
-pub const ALLOWED: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc"];
+pub const ALLOWED: &[&str] = &[
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc",
+];
 
 /// Directories that exist but start empty and private in every sandbox.
 const FRESH: &[(&str, u32)] = &[
@@ -119,7 +121,8 @@ fn fnv<'a>(items: impl Iterator<Item = &'a String>) -> u64 {
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
 /// An overlay whiteout: a 0:0 character device.

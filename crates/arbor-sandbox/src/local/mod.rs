@@ -129,9 +129,15 @@ impl LocalBackend {
         let init_path = find_init(config.init_program.as_deref())?;
         prepare_state_root(&config.state_root)?;
         let cgroups = Cgroups::detect().map_err(|e| SandboxError::io("cgroups", e))?;
-        cgroups.prepare().map_err(|e| SandboxError::io("cgroups", e))?;
+        cgroups
+            .prepare()
+            .map_err(|e| SandboxError::io("cgroups", e))?;
         Ok(LocalBackend {
-            shared: Arc::new(Shared { state_root: config.state_root, init_path, cgroups }),
+            shared: Arc::new(Shared {
+                state_root: config.state_root,
+                init_path,
+                cgroups,
+            }),
         })
     }
 
@@ -161,15 +167,21 @@ impl LocalBackend {
         let lower = match &spec.rootfs {
             Some(dir) => vec![dir.clone()],
             None => {
-                let mask = mask::ensure_mask(&sh.state_root).map_err(|e| SandboxError::io("build rootfs mask", e))?;
+                let mask = mask::ensure_mask(&sh.state_root)
+                    .map_err(|e| SandboxError::io("build rootfs mask", e))?;
                 vec![mask, PathBuf::from("/")]
             }
         };
         let id = new_id();
         let dir = sh.state_root.join("sb").join(&id);
         let private_dir = dir.join("fs");
-        std::fs::create_dir_all(&private_dir).map_err(|e| SandboxError::io("create state dir", e))?;
-        let mut guard = StartGuard { dir: dir.clone(), cgroup: None, init: None };
+        std::fs::create_dir_all(&private_dir)
+            .map_err(|e| SandboxError::io("create state dir", e))?;
+        let mut guard = StartGuard {
+            dir: dir.clone(),
+            cgroup: None,
+            init: None,
+        };
 
         let cg = sh
             .cgroups
@@ -182,7 +194,8 @@ impl LocalBackend {
         let pid = spawned.pid;
         guard.init = Some(spawned.pidfd);
         // Attach before init receives its config: it forks nothing until then.
-        cg.attach(pid).map_err(|e| SandboxError::io("attach init to cgroups", e))?;
+        cg.attach(pid)
+            .map_err(|e| SandboxError::io("attach init to cgroups", e))?;
         let state = StateFile {
             id: id.clone(),
             supervisor_pid: std::process::id() as i32,
@@ -191,7 +204,9 @@ impl LocalBackend {
             init_start: spawn::process_start_time(pid).unwrap_or(0),
             cgroups: cg.dirs().to_vec(),
         };
-        state.write(&dir).map_err(|e| SandboxError::io("write state file", e))?;
+        state
+            .write(&dir)
+            .map_err(|e| SandboxError::io("write state file", e))?;
 
         set_nonblocking(&spawned.sock).map_err(|e| SandboxError::io("control socket", e))?;
         // SAFETY: OwnedFd keeps the descriptor open and unchanged for the
@@ -199,7 +214,10 @@ impl LocalBackend {
         let sock = unsafe { AsyncFd::register(spawned.sock) }
             .map_err(|e| SandboxError::io("control socket", io::Error::other(e.to_string())))?;
         let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
             ("HOME".into(), "/root".into()),
             ("LANG".into(), "C.UTF-8".into()),
             ("TERM".into(), "dumb".into()),
@@ -224,17 +242,31 @@ impl LocalBackend {
         let mut buf = vec![0u8; 4096];
         let ready = tokio::time::timeout(READY_TIMEOUT, recv(&sock, &mut buf))
             .await
-            .map_err(|_| SandboxError::Setup(format!("sandbox {id}: init did not report ready in time")))?;
+            .map_err(|_| {
+                SandboxError::Setup(format!("sandbox {id}: init did not report ready in time"))
+            })?;
         let fs_fd = match ready {
             Ok((FromInit::Ready { fs_fd }, _)) => fs_fd,
             Ok((FromInit::Failed { error }, _)) => {
                 return Err(SandboxError::Setup(format!("sandbox {id}: {error}")));
             }
-            Ok((other, _)) => return Err(SandboxError::Setup(format!("sandbox {id}: unexpected {other:?}"))),
-            Err(e) => return Err(SandboxError::Setup(format!("sandbox {id}: init died during setup ({e})"))),
+            Ok((other, _)) => {
+                return Err(SandboxError::Setup(format!(
+                    "sandbox {id}: unexpected {other:?}"
+                )));
+            }
+            Err(e) => {
+                return Err(SandboxError::Setup(format!(
+                    "sandbox {id}: init died during setup ({e})"
+                )));
+            }
         };
 
-        let control = Arc::new(Control { sock, pending: Mutex::new(HashMap::new()), dead: AtomicBool::new(false) });
+        let control = Arc::new(Control {
+            sock,
+            pending: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+        });
         let reader = tokio::spawn(read_loop(control.clone()));
         let mut bridges = Vec::new();
         for b in &spec.network.unix_bridges {
@@ -249,7 +281,10 @@ impl LocalBackend {
                 }
             }
         }
-        let pidfd = guard.init.take().ok_or_else(|| SandboxError::Setup("lost init pidfd".into()))?;
+        let pidfd = guard
+            .init
+            .take()
+            .ok_or_else(|| SandboxError::Setup("lost init pidfd".into()))?;
         guard.cgroup = None;
         guard.dir = PathBuf::new();
         Ok(LocalSandbox {
@@ -306,12 +341,18 @@ impl Drop for StartGuard {
 
 fn validate(spec: &SandboxSpec) -> Result<()> {
     if !spec.workdir.starts_with('/') {
-        return Err(SandboxError::Invalid(format!("workdir {:?} must be absolute", spec.workdir)));
+        return Err(SandboxError::Invalid(format!(
+            "workdir {:?} must be absolute",
+            spec.workdir
+        )));
     }
     if let Some(r) = &spec.rootfs
         && !r.is_dir()
     {
-        return Err(SandboxError::Invalid(format!("rootfs {} is not a directory", r.display())));
+        return Err(SandboxError::Invalid(format!(
+            "rootfs {} is not a directory",
+            r.display()
+        )));
     }
     for b in &spec.binds {
         if !b.source.is_absolute() || !b.source.exists() {
@@ -321,7 +362,10 @@ fn validate(spec: &SandboxSpec) -> Result<()> {
             )));
         }
         if !b.target.starts_with('/') {
-            return Err(SandboxError::Invalid(format!("bind target {:?} must be absolute", b.target)));
+            return Err(SandboxError::Invalid(format!(
+                "bind target {:?} must be absolute",
+                b.target
+            )));
         }
     }
     if spec.limits.memory_mb < 16 || spec.limits.pids < 4 || spec.limits.workspace_mb < 1 {
@@ -343,23 +387,48 @@ fn new_id() -> String {
 /// they are stacked on.
 fn prepare_state_root(root: &Path) -> Result<()> {
     use nix::mount::{MsFlags, mount};
-    std::fs::create_dir_all(root).map_err(|e| SandboxError::io(format!("create {}", root.display()), e))?;
-    let canonical = root.canonicalize().map_err(|e| SandboxError::io("state root", e))?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| SandboxError::io("mountinfo", e))?;
-    let mounted = info.lines().any(|l| l.split(' ').nth(4) == canonical.to_str());
+    std::fs::create_dir_all(root)
+        .map_err(|e| SandboxError::io(format!("create {}", root.display()), e))?;
+    let canonical = root
+        .canonicalize()
+        .map_err(|e| SandboxError::io("state root", e))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| SandboxError::io("mountinfo", e))?;
+    let mounted = info
+        .lines()
+        .any(|l| l.split(' ').nth(4) == canonical.to_str());
     if !mounted {
-        mount(Some("tmpfs"), &canonical, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0700"))
-            .map_err(|e| SandboxError::io(format!("mount tmpfs on {}", canonical.display()), e.into()))?;
-        mount(None::<&str>, &canonical, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
-            .map_err(|e| SandboxError::io("make state root private", e.into()))?;
+        mount(
+            Some("tmpfs"),
+            &canonical,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0700"),
+        )
+        .map_err(|e| {
+            SandboxError::io(format!("mount tmpfs on {}", canonical.display()), e.into())
+        })?;
+        mount(
+            None::<&str>,
+            &canonical,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(|e| SandboxError::io("make state root private", e.into()))?;
     }
-    std::fs::create_dir_all(canonical.join("sb")).map_err(|e| SandboxError::io("create sb dir", e))?;
+    std::fs::create_dir_all(canonical.join("sb"))
+        .map_err(|e| SandboxError::io("create sb dir", e))?;
     Ok(())
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?;
-    fcntl(fd, FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
+    fcntl(
+        fd,
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    )
+    .map_err(io::Error::from)?;
     Ok(())
 }
 
@@ -372,7 +441,10 @@ fn would_block(e: ProtocolError) -> io::Result<std::result::Result<(), ProtocolE
 
 async fn send(sock: &AsyncFd<OwnedFd>, msg: &ToInit, fds: &[i32]) -> Result<()> {
     loop {
-        let mut guard = sock.writable().await.map_err(|e| SandboxError::io("control socket", e))?;
+        let mut guard = sock
+            .writable()
+            .await
+            .map_err(|e| SandboxError::io("control socket", e))?;
         let res = guard.try_io(|s| match protocol::send(s.as_raw_fd(), msg, fds) {
             Ok(()) => Ok(Ok(())),
             Err(e) => would_block(e),
@@ -386,17 +458,30 @@ async fn send(sock: &AsyncFd<OwnedFd>, msg: &ToInit, fds: &[i32]) -> Result<()> 
     }
 }
 
-async fn recv(sock: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::result::Result<(FromInit, Vec<OwnedFd>), ProtocolError> {
+async fn recv(
+    sock: &AsyncFd<OwnedFd>,
+    buf: &mut [u8],
+) -> std::result::Result<(FromInit, Vec<OwnedFd>), ProtocolError> {
     loop {
-        let mut guard = sock.readable().await.map_err(|e| ProtocolError::Io(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+        let mut guard = sock.readable().await.map_err(|e| {
+            ProtocolError::Io(nix::errno::Errno::from_raw(
+                e.raw_os_error().unwrap_or(libc::EIO),
+            ))
+        })?;
         let res = guard.try_io(|s| match protocol::recv::<FromInit>(s.as_raw_fd(), buf) {
             Ok(v) => Ok(Ok(v)),
-            Err(ProtocolError::Io(nix::errno::Errno::EAGAIN)) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(ProtocolError::Io(nix::errno::Errno::EAGAIN)) => {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
             Err(e) => Ok(Err(e)),
         });
         match res {
             Ok(Ok(r)) => return r,
-            Ok(Err(e)) => return Err(ProtocolError::Io(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))),
+            Ok(Err(e)) => {
+                return Err(ProtocolError::Io(nix::errno::Errno::from_raw(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                )));
+            }
             Err(_would_block) => continue,
         }
     }
@@ -409,15 +494,24 @@ struct Exit {
     signal: Option<i32>,
 }
 
+/// Why a command has no exit status.
+#[derive(Debug)]
+enum Failure {
+    /// init could not start it.
+    Spawn(String),
+    /// init is gone.
+    Gone(String),
+}
+
 /// The control channel of one sandbox, shared with its reader task.
 struct Control {
     sock: AsyncFd<OwnedFd>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<std::result::Result<Exit, String>>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<std::result::Result<Exit, Failure>>>>,
     dead: AtomicBool,
 }
 
 impl Control {
-    fn take(&self, id: u64) -> Option<oneshot::Sender<std::result::Result<Exit, String>>> {
+    fn take(&self, id: u64) -> Option<oneshot::Sender<std::result::Result<Exit, Failure>>> {
         self.pending.lock().ok()?.remove(&id)
     }
 }
@@ -435,7 +529,7 @@ async fn read_loop(control: Arc<Control>) {
             }
             Ok((FromInit::SpawnFailed { id, error }, _)) => {
                 if let Some(tx) = control.take(id) {
-                    let _ = tx.send(Err(error));
+                    let _ = tx.send(Err(Failure::Spawn(error)));
                 }
             }
             Ok((other, _)) => tracing::warn!("unexpected message from init: {other:?}"),
@@ -446,7 +540,7 @@ async fn read_loop(control: Arc<Control>) {
     control.dead.store(true, Ordering::SeqCst);
     if let Ok(mut p) = control.pending.lock() {
         for (_, tx) in p.drain() {
-            let _ = tx.send(Err(reason.clone()));
+            let _ = tx.send(Err(Failure::Gone(reason.clone())));
         }
     }
 }
@@ -525,7 +619,10 @@ impl LocalSandbox {
             Some(_) => Some(pipe()?),
             None => None,
         };
-        let (exec_cg, procs) = inner.cgroup.exec_group(id).map_err(|e| SandboxError::io("command cgroup", e))?;
+        let (exec_cg, procs) = inner
+            .cgroup
+            .exec_group(id)
+            .map_err(|e| SandboxError::io("command cgroup", e))?;
         let exec_cg = ExecGroupGuard(exec_cg);
         let (tx, rx) = oneshot::channel();
         inner
@@ -540,7 +637,12 @@ impl LocalSandbox {
         }
         fds.push(procs.as_raw_fd());
         let oom_before = inner.cgroup.oom_kills();
-        let msg = ToInit::Exec { id, kind, stdin: stdin_pipe.is_some(), cgroup_fds: 1 };
+        let msg = ToInit::Exec {
+            id,
+            kind,
+            stdin: stdin_pipe.is_some(),
+            cgroup_fds: 1,
+        };
         if let Err(e) = send(&inner.control.sock, &msg, &fds).await {
             inner.control.take(id);
             return Err(e);
@@ -571,7 +673,14 @@ impl LocalSandbox {
         };
         let exit = match exit {
             Ok(Ok(exit)) => exit,
-            Ok(Err(reason)) => {
+            Ok(Err(Failure::Spawn(reason))) => {
+                let _ = stop_tx.send(true);
+                return Err(SandboxError::Spawn {
+                    id: inner.id.clone(),
+                    reason,
+                });
+            }
+            Ok(Err(Failure::Gone(reason))) => {
                 let _ = stop_tx.send(true);
                 return Err(self.gone_or(reason));
             }
@@ -608,7 +717,10 @@ impl LocalSandbox {
     }
 
     fn gone_or(&self, reason: String) -> SandboxError {
-        SandboxError::Gone { id: self.inner.id.clone(), reason }
+        SandboxError::Gone {
+            id: self.inner.id.clone(),
+            reason,
+        }
     }
 
     async fn file_op(&self, kind: ExecKind, stdin: Option<Vec<u8>>, what: &str) -> Result<Vec<u8>> {
@@ -618,7 +730,11 @@ impl LocalSandbox {
             let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
             return Err(SandboxError::File {
                 path: what.to_string(),
-                message: if out.timed_out { "timed out".into() } else { msg },
+                message: if out.timed_out {
+                    "timed out".into()
+                } else {
+                    msg
+                },
             });
         }
         Ok(out.stdout)
@@ -671,10 +787,16 @@ async fn read_capped(fd: OwnedFd, cap: usize, mut stop: watch::Receiver<bool>) -
 impl Inner {
     fn check_alive(&self) -> Result<()> {
         if self.destroyed.load(Ordering::SeqCst) {
-            return Err(SandboxError::Gone { id: self.id.clone(), reason: "destroyed".into() });
+            return Err(SandboxError::Gone {
+                id: self.id.clone(),
+                reason: "destroyed".into(),
+            });
         }
         if self.control.dead.load(Ordering::SeqCst) {
-            return Err(SandboxError::Gone { id: self.id.clone(), reason: "init exited".into() });
+            return Err(SandboxError::Gone {
+                id: self.id.clone(),
+                reason: "init exited".into(),
+            });
         }
         Ok(())
     }
@@ -686,9 +808,12 @@ impl Inner {
                 t.abort();
             }
         }
-        spawn::pidfd_kill(&self.pidfd, libc::SIGKILL).map_err(|e| SandboxError::io("kill init", e))?;
+        spawn::pidfd_kill(&self.pidfd, libc::SIGKILL)
+            .map_err(|e| SandboxError::io("kill init", e))?;
         spawn::pidfd_reap(&self.pidfd, true).map_err(|e| SandboxError::io("reap init", e))?;
-        self.cgroup.remove().map_err(|e| SandboxError::io("remove cgroups", e))?;
+        self.cgroup
+            .remove()
+            .map_err(|e| SandboxError::io("remove cgroups", e))?;
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -702,7 +827,10 @@ impl Drop for Inner {
         if !self.destroyed.swap(true, Ordering::SeqCst)
             && let Err(e) = self.teardown()
         {
-            tracing::warn!("sandbox {} dropped without destroy; cleanup failed: {e}", self.id);
+            tracing::warn!(
+                "sandbox {} dropped without destroy; cleanup failed: {e}",
+                self.id
+            );
         }
     }
 }
@@ -718,10 +846,16 @@ impl Sandbox for LocalSandbox {
             return Err(SandboxError::Invalid("empty command".into()));
         }
         let limits = &self.inner.spec.limits;
-        let timeout = req.timeout.unwrap_or_else(|| Duration::from_secs_f64(limits.exec_timeout_s.max(0.001)));
+        let timeout = req
+            .timeout
+            .unwrap_or_else(|| Duration::from_secs_f64(limits.exec_timeout_s.max(0.001)));
         let cap = req.output_cap.unwrap_or(limits.output_cap_bytes);
         let env = req.env.into_iter().collect();
-        let kind = ExecKind::Command { argv: req.argv, env, cwd: req.cwd };
+        let kind = ExecKind::Command {
+            argv: req.argv,
+            env,
+            cwd: req.cwd,
+        };
         let out = self.run_child(kind, req.stdin, timeout, cap).await?;
         Ok(ExecResult {
             exit_code: out.exit.code,
@@ -736,23 +870,36 @@ impl Sandbox for LocalSandbox {
     }
 
     async fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
-        self.file_op(ExecKind::WriteFile { path: path.into(), mode }, Some(data.to_vec()), path)
-            .await
-            .map(|_| ())
+        self.file_op(
+            ExecKind::WriteFile {
+                path: path.into(),
+                mode,
+            },
+            Some(data.to_vec()),
+            path,
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
-        self.file_op(ExecKind::ReadFile { path: path.into() }, None, path).await
+        self.file_op(ExecKind::ReadFile { path: path.into() }, None, path)
+            .await
     }
 
     async fn write_tar(&self, dest: &str, archive: Vec<u8>) -> Result<()> {
-        self.file_op(ExecKind::WriteTar { dest: dest.into() }, Some(archive), dest)
-            .await
-            .map(|_| ())
+        self.file_op(
+            ExecKind::WriteTar { dest: dest.into() },
+            Some(archive),
+            dest,
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn read_tar(&self, path: &str) -> Result<Vec<u8>> {
-        self.file_op(ExecKind::ReadTar { path: path.into() }, None, path).await
+        self.file_op(ExecKind::ReadTar { path: path.into() }, None, path)
+            .await
     }
 
     async fn fork(&self) -> Result<Box<dyn Sandbox>> {

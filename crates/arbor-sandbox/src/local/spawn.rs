@@ -99,14 +99,24 @@ pub fn spawn_init(init_path: &Path) -> io::Result<Spawned> {
     drop(child);
     // SAFETY: CLONE_PIDFD stored a new descriptor we now own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    Ok(Spawned { pid: ret as i32, pidfd, sock: parent })
+    Ok(Spawned {
+        pid: ret as i32,
+        pidfd,
+        sock: parent,
+    })
 }
 
 /// Send a signal through a pidfd (no pid-reuse race).
 pub fn pidfd_kill(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
     // SAFETY: valid pidfd; null siginfo is allowed.
     let r = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0)
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<u8>(),
+            0,
+        )
     };
     if r < 0 {
         let e = io::Error::last_os_error();
@@ -127,7 +137,14 @@ pub fn pidfd_reap(pidfd: &OwnedFd, block: bool) -> io::Result<bool> {
     let flags = libc::WEXITED | if block { 0 } else { libc::WNOHANG };
     loop {
         // SAFETY: valid pidfd and out-parameter.
-        let r = unsafe { libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, flags) };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                flags,
+            )
+        };
         if r == 0 {
             // With WNOHANG and no state change, si_pid stays 0.
             // SAFETY: reading the pid field of a filled siginfo.
