@@ -79,6 +79,7 @@ pub mod metrics;
 pub mod pack;
 pub mod packfile;
 pub mod sequence;
+pub mod synthetic;
 pub mod tree;
 pub mod weights;
 
