@@ -129,7 +129,7 @@ fn cpath(p: &Path) -> io::Result<CString> {
 fn whiteout(p: &Path) -> io::Result<()> {
     let c = cpath(p)?;
     // SAFETY: valid path; creates a device node (needs CAP_MKNOD).
-    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o000, 0) } != 0 {
+    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
