@@ -402,6 +402,45 @@ impl FlatTree {
         PathGather { offsets, indices }
     }
 
+    /// Gathers per-token `values` (one per flat token, e.g. log-probs computed once on the tree) into
+    /// path `k`'s order: the forward of the RL gather.
+    pub fn gather_path<T: Copy>(&self, values: &[T], k: usize) -> Vec<T> {
+        let p = &self.paths[k];
+        let mut v = Vec::with_capacity(p.len as usize);
+        for &(a, b) in &p.ranges {
+            v.extend_from_slice(&values[a as usize..b as usize]);
+        }
+        v
+    }
+
+    /// The backward of [`FlatTree::gather_path`] over all paths: adds each path's per-position gradient
+    /// into its tokens, so a token shared by several paths receives the sum of their gradients (exactly
+    /// the gradient of training those paths separately). `per_path[k]` has path `k`'s length.
+    pub fn scatter_add_paths(&self, per_path: &[Vec<f64>]) -> Vec<f64> {
+        assert_eq!(
+            per_path.len(),
+            self.paths.len(),
+            "one gradient vector per path"
+        );
+        let mut out = vec![0f64; self.len()];
+        for (p, g) in self.paths.iter().zip(per_path) {
+            assert_eq!(
+                g.len(),
+                p.len as usize,
+                "gradient length must equal the path length"
+            );
+            let mut q = 0;
+            for &(a, b) in &p.ranges {
+                let n = (b - a) as usize;
+                for (o, x) in out[a as usize..b as usize].iter_mut().zip(&g[q..q + n]) {
+                    *o += x;
+                }
+                q += n;
+            }
+        }
+        out
+    }
+
     /// Path `k`'s own loss mask, in path order.
     pub fn path_loss_mask(&self, k: usize) -> Vec<bool> {
         let p = &self.paths[k];

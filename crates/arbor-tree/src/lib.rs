@@ -12,7 +12,38 @@
 //!   (the ancestor relation as an interval test), per-path gather ranges, sparse ancestor ranges for
 //!   attention kernels and a dense mask on request.
 //! - [`LossNormalization`] and [`FlatTree::loss_weights`]: the weights that make the flattened loss equal
-//!   the per-path loss.
+//!   the per-path loss; [`FlatTree::path_gather`] / [`FlatTree::scatter_add_paths`] for RL losses whose
+//!   per-token term depends on the path (per-leaf advantages, clipping).
+//! - [`plan_packing`] / [`build_packs`] / [`pack_tree`]: packs of at most `C` tokens (greedy splitter,
+//!   exact single-shared-path DP [`single_path_dp`], first-fit-decreasing bin packing), [`PackStats`]
+//!   with the effective reuse `ERR`.
+//! - [`write_pack`] / [`read_pack`]: safetensors pack files (format in [`packfile`]).
+//! - [`stats`], [`pack_to_dir`]: the entry points of `arbor tree stats` and `arbor tree pack`.
+//! - [`synthetic`]: generators of trajectory sets with a target POR, for benchmarks.
+//!
+//! ```
+//! use arbor_tree::{LossNormalization, PackOptions, Sequence, TrajectoryTree, pack_tree};
+//!
+//! let mut a = Sequence::new("a", vec![1, 2, 3, 4]);
+//! a.loss_mask = vec![false, false, true, true];
+//! let mut b = Sequence::new("b", vec![1, 2, 5]);
+//! b.loss_mask = vec![false, false, true];
+//! let tree = TrajectoryTree::from_sequences(&[a.clone(), b.clone()])?;
+//! assert_eq!(tree.paths(), vec![a, b]);
+//! assert_eq!(tree.stats().unique_tokens, 5); // [1, 2] is shared; 7 flat tokens
+//!
+//! let flat = tree.flatten();
+//! assert_eq!(flat.position_ids, vec![0, 1, 2, 3, 2]);
+//! assert!(!flat.visible(4, 3)); // [5] does not see its left sibling [3, 4]
+//! // Token mean over the 3 loss tokens of both paths:
+//! let w = flat.loss_weights(LossNormalization::TokenMean);
+//! assert_eq!(w, vec![0.0, 0.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]);
+//!
+//! let (packing, packs) = pack_tree(&tree, &PackOptions::new(4))?;
+//! assert_eq!(packs.len(), 2); // the 5-token tree does not fit in 4 tokens
+//! assert_eq!(packing.stats(&tree).packed_tokens, 7);
+//! # Ok::<(), arbor_tree::TreeError>(())
+//! ```
 //!
 //! ## Merging rule
 //!
@@ -102,6 +133,9 @@ use std::path::Path;
 /// Statistics (POR, ideal speedup, sizes) of the tree built from a JSONL file of [`Sequence`]s or a
 /// directory of such files (see [`load_sequences`]). All sequences go into one forest, so sequences from
 /// different files that share a prefix share nodes.
+///
+/// Sources in another format (e.g. a gateway store's call log) are converted to [`Sequence`]s by their
+/// owner; then use `TrajectoryTree::from_sequences(&seqs)?.stats()` and [`write_packs`].
 pub fn stats(source: &Path) -> Result<TreeStats> {
     let seqs = load_sequences(source)?;
     Ok(TrajectoryTree::from_sequences(&seqs)?.stats())

@@ -48,6 +48,32 @@ pub enum OversizePolicy {
     Error,
 }
 
+impl std::str::FromStr for PackStrategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "greedy" => Ok(PackStrategy::Greedy),
+            "single_path_dp" | "dp" => Ok(PackStrategy::SinglePathDp),
+            _ => Err(format!(
+                "unknown packing strategy {s:?} (expected greedy or single_path_dp)"
+            )),
+        }
+    }
+}
+
+impl std::str::FromStr for OversizePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dedicated" => Ok(OversizePolicy::Dedicated),
+            "error" => Ok(OversizePolicy::Error),
+            _ => Err(format!(
+                "unknown oversize policy {s:?} (expected dedicated or error)"
+            )),
+        }
+    }
+}
+
 /// Packing options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackOptions {
