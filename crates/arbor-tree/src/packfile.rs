@@ -539,6 +539,14 @@ pub fn pack_from_bytes(bytes: &[u8]) -> Result<Pack> {
             overrides,
         });
     }
+    // leaf_count must count the paths through each token.
+    let mut counts = vec![0u32; t];
+    for &x in &index {
+        counts[x as usize] += 1;
+    }
+    if counts != flat.leaf_count {
+        return Err(bad("leaf_count does not match the paths".into()));
+    }
     Ok(Pack {
         index: meta.index,
         budget: meta.budget,

@@ -128,9 +128,16 @@ impl Sequence {
 /// lexicographic path order, so the result is deterministic).
 ///
 /// Blank lines are skipped. Every sequence is [validated](Sequence::validate); errors name the file and line.
+///
+/// A file ending in `.json` (not `.jsonl`) is read as one JSON document instead: a serialized
+/// [`TrajectoryTree`](crate::TrajectoryTree), an object with such a tree under `"tree"` (the model
+/// gateway's `GET /sessions/{id}/tree` answer), or an array of sequences; trees give their paths back.
 pub fn load_sequences(path: &Path) -> Result<Vec<Sequence>> {
     let meta = std::fs::metadata(path).map_err(|e| TreeError::io(path, e))?;
     let mut out = Vec::new();
+    if meta.is_file() && path.extension().is_some_and(|e| e == "json") {
+        return read_json_document(path);
+    }
     if meta.is_dir() {
         let mut files = Vec::new();
         collect_jsonl(path, &mut files)?;
@@ -167,6 +174,39 @@ pub fn write_jsonl(path: &Path, sequences: &[Sequence]) -> Result<()> {
             .map_err(|e| TreeError::io(path, e))?;
     }
     w.flush().map_err(|e| TreeError::io(path, e))
+}
+
+fn read_json_document(path: &Path) -> Result<Vec<Sequence>> {
+    let text = std::fs::read_to_string(path).map_err(|e| TreeError::io(path, e))?;
+    let json_err = |e: serde_json::Error| TreeError::Json {
+        path: path.to_path_buf(),
+        line: e.line(),
+        source: e,
+    };
+    let mut value: serde_json::Value = serde_json::from_str(&text).map_err(json_err)?;
+    if value.is_array() {
+        let seqs: Vec<Sequence> = serde_json::from_value(value).map_err(json_err)?;
+        for s in &seqs {
+            s.validate()?;
+        }
+        return Ok(seqs);
+    }
+    if value.get("nodes").is_none()
+        && let Some(tree) = value.get_mut("tree")
+    {
+        value = tree.take();
+    }
+    if value.get("nodes").is_none() {
+        return Err(TreeError::invalid(
+            "sequence source",
+            format!(
+                "{}: expected a tree (with \"nodes\"), an object with a \"tree\", or an array of sequences",
+                path.display()
+            ),
+        ));
+    }
+    let tree: crate::TrajectoryTree = serde_json::from_value(value).map_err(json_err)?;
+    Ok(tree.paths())
 }
 
 fn collect_jsonl(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {

@@ -166,3 +166,44 @@ fn jsonl_files_and_directories_load() {
     let err = arbor_tree::load_sequences(&bad).unwrap_err().to_string();
     assert!(err.contains("bad.jsonl:3"), "{err}");
 }
+
+#[test]
+fn json_documents_load_as_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let seqs = vec![
+        Sequence::new("a", vec![1, 2, 3]),
+        Sequence::new("b", vec![1, 2, 4]),
+    ];
+    let tree = TrajectoryTree::from_sequences(&seqs).unwrap();
+    // A bare tree, a gateway-style answer with the tree under "tree", and an array of sequences.
+    let bare = dir.path().join("tree.json");
+    std::fs::write(&bare, serde_json::to_string(&tree).unwrap()).unwrap();
+    let wrapped = dir.path().join("session.json");
+    let answer = serde_json::json!({"session": "s1", "paths": 2, "tree": tree});
+    std::fs::write(&wrapped, answer.to_string()).unwrap();
+    let array = dir.path().join("seqs.json");
+    std::fs::write(&array, serde_json::to_string(&seqs).unwrap()).unwrap();
+    for p in [&bare, &wrapped, &array] {
+        assert_eq!(
+            arbor_tree::load_sequences(p).unwrap(),
+            seqs,
+            "{}",
+            p.display()
+        );
+    }
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, r#"{"hello": 1}"#).unwrap();
+    assert!(arbor_tree::load_sequences(&other).is_err());
+}
+
+#[test]
+fn empty_input_is_an_empty_forest() {
+    let t = TrajectoryTree::from_sequences(&[]).unwrap();
+    let s = t.stats();
+    assert_eq!((s.paths, s.flat_tokens, s.unique_tokens), (0, 0, 0));
+    assert_eq!(s.por, 0.0);
+    assert_eq!(s.ideal_speedup, 1.0);
+    assert!(t.flatten().is_empty());
+    let (packing, packs) = arbor_tree::pack_tree(&t, &arbor_tree::PackOptions::new(8)).unwrap();
+    assert!(packing.packs.is_empty() && packs.is_empty());
+}
