@@ -108,11 +108,13 @@ pub struct FlatTree {
     pub parent: Vec<i32>,
     /// Exclusive end of each token's subtree in DFS order.
     pub subtree_end: Vec<u32>,
-    /// Canonical loss mask (`true` if some path in this flattening... see [`crate::tree::Node::loss_mask`]).
+    /// Canonical loss mask over this flattening's paths: `true` iff some path of the flattening trains
+    /// the token. Each path's own mask is this one corrected by its [`FlatPath::overrides`].
     pub loss_mask: Vec<bool>,
-    /// Canonical behaviour logprobs.
+    /// Canonical behaviour logprobs: the value of one of this flattening's paths that trains the token
+    /// (else of one through it); each path's own values are these corrected by its overrides.
     pub logprobs: Vec<f32>,
-    /// Canonical turn indices.
+    /// Canonical turn indices (taken from the same path as `logprobs`).
     pub turns: Vec<u32>,
     /// `g_t`: number of this flattening's paths passing through each token.
     pub leaf_count: Vec<u32>,
@@ -294,6 +296,7 @@ impl TrajectoryTree {
                 overrides,
             });
         }
+        f.recanonicalize();
         for &u in &touched {
             scratch.count[u as usize] = 0;
             scratch.seg[u as usize] = u32::MAX;
@@ -303,6 +306,62 @@ impl TrajectoryTree {
 }
 
 impl FlatTree {
+    /// Makes the canonical per-token values those of this flattening's paths (see the field docs).
+    ///
+    /// The node values copied from the tree are canonical over *all* the tree's paths. They are already
+    /// right wherever some selected path has no override (that path has the node value, and the tree's
+    /// mask is an OR over a superset). Only tokens where every selected path overrides need a new value;
+    /// overrides equal to it are then dropped.
+    fn recanonicalize(&mut self) {
+        let mut ov: Vec<(u32, u32, usize)> = Vec::new(); // (flat index, leaf, path position)
+        for (pi, p) in self.paths.iter().enumerate() {
+            for o in &p.overrides {
+                ov.push((o.index, p.leaf, pi));
+            }
+        }
+        if ov.is_empty() {
+            return;
+        }
+        ov.sort_unstable();
+        let mut remove: Vec<(usize, u32)> = Vec::new(); // (path position, flat index)
+        for group in ov.chunk_by(|a, b| a.0 == b.0) {
+            let t = group[0].0 as usize;
+            if group.len() < self.leaf_count[t] as usize {
+                continue;
+            }
+            let value = |pi: usize| {
+                let p = &self.paths[pi];
+                let i = p.overrides.partition_point(|o| (o.index as usize) < t);
+                p.overrides[i]
+            };
+            // Sorted by leaf: the first trained value, else the first value.
+            let chosen = group
+                .iter()
+                .map(|&(_, _, pi)| value(pi))
+                .find(|o| o.loss_mask)
+                .unwrap_or_else(|| value(group[0].2));
+            self.loss_mask[t] = chosen.loss_mask;
+            self.logprobs[t] = chosen.logprob;
+            self.turns[t] = chosen.turn;
+            for &(_, _, pi) in group {
+                let o = value(pi);
+                if o.loss_mask == chosen.loss_mask
+                    && o.logprob.to_bits() == chosen.logprob.to_bits()
+                    && o.turn == chosen.turn
+                {
+                    remove.push((pi, t as u32));
+                }
+            }
+        }
+        remove.sort_unstable();
+        for group in remove.chunk_by(|a, b| a.0 == b.0) {
+            let p = &mut self.paths[group[0].0];
+            let drop: Vec<u32> = group.iter().map(|&(_, t)| t).collect();
+            p.overrides
+                .retain(|o| drop.binary_search(&o.index).is_err());
+        }
+    }
+
     /// Number of tokens (`T`, the unique tokens of this flattening).
     pub fn len(&self) -> usize {
         self.input_ids.len()

@@ -10,8 +10,8 @@
 //! | `parent` | I32 | T | previous token on the path, `-1` at a root |
 //! | `subtree_end` | I32 | T | `j` visible to `i` iff `j <= i < subtree_end[j]` |
 //! | `loss_weight` | F32 | T | `w_t` (see metadata `normalization`): `loss = sum(w * token_loss)` |
-//! | `loss_mask` | BOOL | T | canonical loss mask (some path in the pack trains the token) |
-//! | `logprobs` | F32 | T | canonical behaviour logprobs |
+//! | `loss_mask` | BOOL | T | canonical loss mask: some path of the pack trains the token |
+//! | `logprobs` | F32 | T | canonical behaviour logprobs (of a pack path that trains the token) |
 //! | `turns` | I32 | T | canonical turn index |
 //! | `leaf_count` | I32 | T | `g_t`: paths of this pack through the token |
 //! | `advantage` | F32 | T | advantage shared by every path through the token, `NaN` if they differ |

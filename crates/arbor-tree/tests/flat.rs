@@ -224,3 +224,27 @@ fn rl_gather_and_scatter_are_exact_for_clipped_losses() {
     assert!(trained.iter().any(|g| g.abs() < 1e-9));
     assert!(trained.iter().any(|g| g.abs() > 1e-3));
 }
+
+#[test]
+fn subsets_recompute_canonical_values_from_their_own_paths() {
+    let mut a = Sequence::new("a", vec![1, 2, 3]);
+    a.loss_mask = vec![false, true, true];
+    a.logprobs = vec![0.0, -0.4, -0.5];
+    let mut b = Sequence::new("b", vec![1, 2, 4]);
+    b.loss_mask = vec![false, false, true];
+    let tree = TrajectoryTree::from_sequences(&[a.clone(), b.clone()]).unwrap();
+    // Over the whole tree token 2 is trained (by a), and b overrides it.
+    let whole = tree.flatten();
+    assert_eq!(whole.loss_mask, vec![false, true, true, true]);
+    assert_eq!(whole.paths[1].overrides.len(), 1);
+    // A pack holding only b: nobody trains token 2 there, and b needs no override.
+    let only_b = tree.flatten_leaves(&[1]).unwrap();
+    assert_eq!(only_b.loss_mask, vec![false, false, true]);
+    assert_eq!(only_b.logprobs, vec![0.0, 0.0, 0.0]);
+    assert!(only_b.paths[0].overrides.is_empty());
+    assert_eq!(only_b.path_sequence(0), b);
+    assert_eq!(
+        only_b.loss_weights(LossNormalization::TokenMean),
+        vec![0.0, 0.0, 1.0]
+    );
+}

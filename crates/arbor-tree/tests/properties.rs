@@ -120,6 +120,24 @@ fn check_flat_paths(f: &FlatTree, seqs: &[Sequence]) {
         assert_eq!(chain, idx);
         assert_eq!(&f.path_sequence(k), s);
     }
+    // Canonical values are those of the flattening's own paths.
+    let mut any_trained = vec![false; f.len()];
+    let mut matches = vec![false; f.len()];
+    for (k, p) in f.paths.iter().enumerate() {
+        let s = &seqs[p.leaf as usize];
+        for (q, &i) in g.indices[g.offsets[k] as usize..g.offsets[k + 1] as usize]
+            .iter()
+            .enumerate()
+        {
+            let i = i as usize;
+            any_trained[i] |= s.loss_mask[q];
+            matches[i] |= s.loss_mask[q] == f.loss_mask[i]
+                && s.logprobs[q].to_bits() == f.logprobs[i].to_bits()
+                && s.turns[q] == f.turns[i];
+        }
+    }
+    assert_eq!(any_trained, f.loss_mask);
+    assert!(matches.iter().all(|&m| m));
 }
 
 proptest! {
