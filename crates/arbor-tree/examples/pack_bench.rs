@@ -47,6 +47,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             multi_turn_branching(&MultiTurnBranching::for_por(0.85, flat, 4096, 2)?),
         ),
         ("many_small_nodes".into(), many_small_nodes(flat, 3)),
+        ("wide_short_paths".into(), wide_short_paths(flat, 4)),
+        ("prefix_chain".into(), prefix_chain(flat, 5)),
     ];
     let mut results = Vec::new();
     for (name, seqs) in shapes {
@@ -145,6 +147,39 @@ fn many_small_nodes(flat: usize, seed: u64) -> Vec<Sequence> {
         tokens.extend((0..extra).map(|_| rng.gen_range(0..32_000)));
         total += tokens.len();
         out.push(Sequence::new(format!("s{}", out.len()), tokens));
+    }
+    out
+}
+
+/// Very many short paths (10 tokens) under a few shared 4-token prompts: a root with ~25k children.
+fn wide_short_paths(flat: usize, seed: u64) -> Vec<Sequence> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..flat / 10)
+        .map(|i| {
+            let mut t = vec![(i % 4) as u32, 1, 2, 3];
+            t.extend((0..6).map(|_| rng.gen_range(0..32_000)));
+            Sequence::new(format!("w{i}"), t)
+        })
+        .collect()
+}
+
+/// Each sequence extends the previous one (calls of one long episode recorded one by one): every path
+/// but the last ends at an inner node, and each ends deeper than the previous one.
+fn prefix_chain(flat: usize, seed: u64) -> Vec<Sequence> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out: Vec<Sequence> = Vec::new();
+    let mut cur: Vec<u32> = Vec::new();
+    let mut total = 0;
+    while total < flat {
+        if cur.len() > 6000 {
+            cur.truncate(0);
+            cur.push(out.len() as u32);
+        }
+        cur.extend((0..rng.gen_range(20..200)).map(|_| rng.gen_range(0..32_000)));
+        total += cur.len();
+        out.push(Sequence::new(format!("c{}", out.len()), cur.clone()));
     }
     out
 }
