@@ -58,3 +58,44 @@ fn generators_are_deterministic() {
     let m = MultiTurnBranching::for_por(0.75, 16_384, 256, 3).unwrap();
     assert_eq!(multi_turn_branching(&m), multi_turn_branching(&m));
 }
+
+#[test]
+fn larger_trees_pack_exactly() {
+    use arbor_tree::{LossNormalization, PackStrategy, build_packs};
+    let mut seqs = group_sampling(&GroupSampling::for_por(0.8, 40_000, 12, 300, 5).unwrap());
+    let mut m = multi_turn_branching(&MultiTurnBranching::for_por(0.75, 40_000, 400, 6).unwrap());
+    seqs.append(&mut m);
+    let tree = TrajectoryTree::from_sequences(&seqs).unwrap();
+    let whole_loss_tokens: u64 = tree.stats().flat_loss_tokens;
+    for budget in [350, 1024, 4096, 20_000] {
+        for strategy in [PackStrategy::Greedy, PackStrategy::SinglePathDp] {
+            let mut opts = PackOptions::new(budget);
+            opts.strategy = strategy;
+            let packing = plan_packing(&tree, &opts).unwrap();
+            let packs = build_packs(&tree, &packing, LossNormalization::TokenMean).unwrap();
+            let mut seen = vec![0u8; seqs.len()];
+            let mut weight = 0.0f64;
+            for (pack, plan) in packs.iter().zip(&packing.packs) {
+                assert!(plan.oversized || pack.flat.len() <= budget);
+                assert_eq!(pack.flat.len() as u64, plan.tokens);
+                assert_eq!(pack.normalizer.loss_tokens, whole_loss_tokens);
+                for p in &pack.flat.paths {
+                    seen[p.leaf as usize] += 1;
+                }
+                weight += pack
+                    .flat
+                    .loss_weights_with(LossNormalization::TokenMean, &pack.normalizer)
+                    .iter()
+                    .sum::<f64>();
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{budget} {strategy:?}");
+            assert!((weight - 1.0).abs() < 1e-9, "{weight}");
+            let s = packing.stats(&tree);
+            assert!(s.err <= s.por + 1e-12);
+            if budget == 20_000 && strategy == PackStrategy::Greedy {
+                // Every tree fits: packing loses no reuse at all.
+                assert_eq!(s.packed_tokens, s.unique_tokens);
+            }
+        }
+    }
+}
