@@ -101,3 +101,29 @@ impl TrajectoryTree {
         }
     }
 }
+
+impl std::fmt::Display for TreeStats {
+    /// A short human-readable summary (for `arbor tree stats` without `--json`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "paths {}  trees {}  nodes {}",
+            self.paths, self.trees, self.nodes
+        )?;
+        writeln!(
+            f,
+            "flat tokens {}  unique tokens {}  loss tokens (flat) {}",
+            self.flat_tokens, self.unique_tokens, self.flat_loss_tokens
+        )?;
+        writeln!(
+            f,
+            "path length max {}  mean {:.1}",
+            self.max_path_len, self.mean_path_len
+        )?;
+        write!(
+            f,
+            "POR {:.4}  ideal speedup {:.2}x",
+            self.por, self.ideal_speedup
+        )
+    }
+}

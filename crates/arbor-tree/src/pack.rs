@@ -184,6 +184,31 @@ impl Packing {
     }
 }
 
+impl std::fmt::Display for PackStats {
+    /// A short human-readable summary (for `arbor tree pack`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} packs of <= {} tokens ({} oversized), {} paths, fill {:.1}%",
+            self.packs,
+            self.budget,
+            self.oversized_packs,
+            self.paths,
+            100.0 * self.fill
+        )?;
+        writeln!(
+            f,
+            "flat {}  unique {}  packed {} tokens",
+            self.flat_tokens, self.unique_tokens, self.packed_tokens
+        )?;
+        write!(
+            f,
+            "POR {:.4}  ERR {:.4}  ideal speedup {:.2}x  effective {:.2}x",
+            self.por, self.err, self.ideal_speedup, self.effective_speedup
+        )
+    }
+}
+
 /// Per-node facts the packers share.
 struct Info {
     /// Tokens in the subtree of each node.

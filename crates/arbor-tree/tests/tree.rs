@@ -207,3 +207,19 @@ fn empty_input_is_an_empty_forest() {
     let (packing, packs) = arbor_tree::pack_tree(&t, &arbor_tree::PackOptions::new(8)).unwrap();
     assert!(packing.packs.is_empty() && packs.is_empty());
 }
+
+#[test]
+fn stats_print_for_humans() {
+    let t = TrajectoryTree::from_sequences(&[
+        Sequence::new("a", vec![1, 2, 3]),
+        Sequence::new("b", vec![1, 2, 4]),
+    ])
+    .unwrap();
+    let text = t.stats().to_string();
+    assert!(text.contains("flat tokens 6  unique tokens 4"), "{text}");
+    assert!(text.contains("POR 0.3333  ideal speedup 1.50x"), "{text}");
+    let packing = arbor_tree::plan_packing(&t, &arbor_tree::PackOptions::new(3)).unwrap();
+    let text = packing.stats(&t).to_string();
+    assert!(text.contains("2 packs of <= 3 tokens"), "{text}");
+    assert!(text.contains("ERR 0.0000"), "{text}");
+}
