@@ -249,6 +249,7 @@ proptest! {
         for norm in NORMS {
             let packs = build_packs(&tree, &packing, norm).unwrap();
             let unpacked = whole.loss_weights(norm);
+            let mut g_sum = vec![0u32; whole.len()];
             let mut summed = vec![0f64; whole.len()];
             let mut packed_loss = 0.0;
             for (pack, plan) in packs.iter().zip(&packing.packs) {
@@ -259,12 +260,15 @@ proptest! {
                     for t in s.start..s.end {
                         let gt = (gstart[s.node as usize] + t - s.start) as usize;
                         summed[gt] += w[t as usize];
+                        g_sum[gt] += pack.flat.leaf_count[t as usize];
                         prop_assert_eq!(pack.flat.input_ids[t as usize], whole.input_ids[gt]);
                         packed_loss += w[t as usize] * token_loss(&whole, gt);
                         prop_assert!((pack.loss_weight[t as usize] as f64 - w[t as usize]).abs() <= 1e-6 * (1.0 + w[t as usize].abs()));
                     }
                 }
             }
+            // Per-pack leaf counts add back up to g_t.
+            prop_assert_eq!(&g_sum, &whole.leaf_count);
             for (a, b) in summed.iter().zip(&unpacked) {
                 prop_assert!((a - b).abs() <= 1e-12, "{:?}: {:?} vs {:?}", norm, summed, unpacked);
             }
