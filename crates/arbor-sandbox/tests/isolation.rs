@@ -229,6 +229,30 @@ fn mount_and_unshare_refused() -> TestResult {
             let r = sh(&sb, cmd).await?;
             ensure!(r.exit_code != 0, "{cmd:?} succeeded inside the sandbox");
         }
+        // Commands inherit only their standard streams (no control socket).
+        let r = sb
+            .exec(ExecRequest::new([
+                "/usr/bin/python3",
+                "-c",
+                "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))",
+            ]))
+            .await
+            .map_err(|e| e.to_string())?;
+        ensure!(
+            r.stdout_str().trim() == "[0, 1, 2, 3]",
+            "inherited descriptors: {}",
+            r.stdout_str()
+        );
+        let r = sh(
+            &sb,
+            "ls -l /proc/1/fd 2>&1; cat /proc/1/environ 2>&1 | head -c 100",
+        )
+        .await?;
+        ensure!(
+            r.stdout_str().contains("Permission denied") || r.stdout_str().trim().is_empty(),
+            "init's descriptors readable: {}",
+            r.stdout_str()
+        );
         // Kernel-wide knobs are read-only even for root inside.
         let r = sh(&sb, "echo 1 > /proc/sys/kernel/sysrq").await?;
         ensure!(r.exit_code != 0, "/proc/sys writable");
@@ -299,6 +323,29 @@ fn memory_hog_is_oom_killed() -> TestResult {
         ensure!(
             r.stdout_str().trim() == "survived" && !r.oom_killed,
             "sandbox broken after OOM"
+        );
+        Ok(())
+    })
+}
+
+fn cpu_quota_enforced() -> TestResult {
+    let mut spec = SandboxSpec::default();
+    spec.limits.cpus = 0.2;
+    with_sandbox(spec, |sb| async move {
+        let py = "import os, time\nt = time.time()\nwhile time.time() - t < 1.5: pass\nprint(os.times().user + os.times().system)";
+        let r = sb
+            .exec(ExecRequest::new(["/usr/bin/python3", "-c", py]))
+            .await
+            .map_err(|e| e.to_string())?;
+        let used: f64 = r
+            .stdout_str()
+            .trim()
+            .parse()
+            .map_err(|_| format!("cpu time: {:?} {}", r.stdout_str(), r.stderr_str()))?;
+        // 1.5 s of wall time at 0.2 cores is ~0.3 s of CPU; unthrottled it would be ~1.5 s.
+        ensure!(
+            used < 0.7,
+            "busy loop used {used:.2} s of CPU under a 0.2-core quota"
         );
         Ok(())
     })
@@ -848,6 +895,7 @@ fn main() {
         Trial::test("fork_bomb_contained", fork_bomb_contained),
         Trial::test("memory_hog_is_oom_killed", memory_hog_is_oom_killed),
         Trial::test("output_is_capped", output_is_capped),
+        Trial::test("cpu_quota_enforced", cpu_quota_enforced),
         Trial::test("timeout_kills_process_tree", timeout_kills_process_tree),
         Trial::test("workspace_size_limited", workspace_size_limited),
         Trial::test("files_roundtrip", files_roundtrip),

@@ -43,6 +43,9 @@ pub struct ExecArgs {
     /// Max processes.
     #[arg(long, default_value_t = 512)]
     pids: u64,
+    /// CPU quota in cores (0.5 = half a core); 0 = no quota.
+    #[arg(long, default_value_t = 0.0)]
+    cpus: f64,
     /// Size of the writable layer, MiB.
     #[arg(long, default_value_t = 4096)]
     workspace_mb: u64,
@@ -96,6 +99,7 @@ async fn exec(a: ExecArgs) -> Result<i32> {
     };
     spec.limits.memory_mb = a.memory_mb;
     spec.limits.pids = a.pids;
+    spec.limits.cpus = a.cpus;
     spec.limits.workspace_mb = a.workspace_mb;
     let _ = a.net;
     let sb = backend

@@ -62,6 +62,28 @@ fn serve_sandbox() -> Result<(), String> {
                 .into(),
         );
     }
+    // The control socket must not leak into commands: one holding it could
+    // forge reports or intercept the descriptors sent to init.
+    nix::fcntl::fcntl(
+        sock,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| format!("control socket: {e}"))?;
+    // Stdin/stdout came from the supervisor; init has no use for them, and
+    // holding them would keep the supervisor's pipes open. Stderr stays for
+    // diagnostics.
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: dup2 onto the standard descriptors, which init owns.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
     let mut buf = vec![0u8; MAX_MESSAGE];
     let cfg = match protocol::recv::<ToInit>(sock.as_raw_fd(), &mut buf) {
         Ok((ToInit::Config(cfg), _)) => cfg,

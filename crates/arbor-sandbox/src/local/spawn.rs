@@ -72,7 +72,7 @@ pub fn spawn_init(init_path: &Path) -> io::Result<Spawned> {
         ..Default::default()
     };
     // SAFETY: clone3 without CLONE_VM behaves like fork. The child only calls
-    // fcntl/dup2/execve/_exit on data prepared above, all async-signal-safe.
+    // fcntl/dup2/close_range/execve/_exit on data prepared above, all async-signal-safe.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone3,
@@ -89,6 +89,14 @@ pub fn spawn_init(init_path: &Path) -> io::Result<Spawned> {
             } else {
                 libc::dup2(child_fd, INIT_CONTROL_FD);
             }
+            // Descriptors the supervisor inherited without close-on-exec
+            // (a build jobserver, a parent's pipes) must not reach the sandbox.
+            libc::syscall(
+                libc::SYS_close_range,
+                INIT_CONTROL_FD as u32 + 1,
+                u32::MAX,
+                0u32,
+            );
             libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
             libc::_exit(127);
         }
