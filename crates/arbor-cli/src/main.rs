@@ -23,9 +23,12 @@ enum Command {
     /// Isolated sandboxes: run a command, clean up after crashes, benchmark.
     #[command(subcommand)]
     Sandbox(cmd::sandbox::Command),
+    /// Trajectory trees: prefix-sharing statistics and packing into training micro-batches.
+    #[command(subcommand)]
+    Tree(cmd::tree::Command),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     // Sandboxes start this same binary as their init when no dedicated
     // arbor-sandbox-init is installed beside it; that must win over argument parsing.
     if arbor_sandbox::init::is_init_invocation() {
@@ -40,12 +43,23 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // One readable chain of causes, not a debug dump.
+            eprintln!("error: {e:#}");
+            std::process::exit(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
     let rt = tokio::runtime::Runtime::new()?;
-    let code = rt.block_on(async {
+    rt.block_on(async {
         match cli.command {
             Command::Quickstart(a) => cmd::quickstart::run(a).await,
             Command::Sandbox(c) => cmd::sandbox::run(c).await,
+            Command::Tree(c) => cmd::tree::run(c),
         }
-    })?;
-    std::process::exit(code)
+    })
 }
