@@ -21,7 +21,9 @@ fn block_text(content: &Value) -> String {
 
 /// Translates a Messages request into a Chat Completions request.
 pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
-    let obj = req.as_object().ok_or("the request body must be a JSON object")?;
+    let obj = req
+        .as_object()
+        .ok_or("the request body must be a JSON object")?;
     let mut messages: Vec<Value> = Vec::new();
     if let Some(system) = obj.get("system") {
         let text = block_text(system);
@@ -49,19 +51,30 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
                             "text": b.get("text").and_then(Value::as_str).unwrap_or("")})),
                         "image" => {
                             let src = b.get("source");
-                            let url = match src.and_then(|s| s.get("type")).and_then(Value::as_str) {
+                            let url = match src.and_then(|s| s.get("type")).and_then(Value::as_str)
+                            {
                                 Some("base64") => format!(
                                     "data:{};base64,{}",
-                                    src.and_then(|s| s.get("media_type")).and_then(Value::as_str).unwrap_or("image/png"),
-                                    src.and_then(|s| s.get("data")).and_then(Value::as_str).unwrap_or("")
+                                    src.and_then(|s| s.get("media_type"))
+                                        .and_then(Value::as_str)
+                                        .unwrap_or("image/png"),
+                                    src.and_then(|s| s.get("data"))
+                                        .and_then(Value::as_str)
+                                        .unwrap_or("")
                                 ),
-                                _ => src.and_then(|s| s.get("url")).and_then(Value::as_str).unwrap_or("").to_string(),
+                                _ => src
+                                    .and_then(|s| s.get("url"))
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("")
+                                    .to_string(),
                             };
                             parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
                         }
                         "tool_result" => {
                             let mut text = block_text(b.get("content").unwrap_or(&Value::Null));
-                            if b.get("is_error").and_then(Value::as_bool).unwrap_or(false) && !text.starts_with("Error") {
+                            if b.get("is_error").and_then(Value::as_bool).unwrap_or(false)
+                                && !text.starts_with("Error")
+                            {
                                 text = format!("Error: {text}");
                             }
                             tool_msgs.push(json!({"role": "tool",
@@ -77,7 +90,13 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
                 if !parts.is_empty() {
                     let all_text = parts.iter().all(|p| p["type"] == "text");
                     let content = if all_text {
-                        json!(parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join("\n"))
+                        json!(
+                            parts
+                                .iter()
+                                .filter_map(|p| p["text"].as_str())
+                                .collect::<Vec<_>>()
+                                .join("\n")
+                        )
                     } else {
                         Value::Array(parts)
                     };
@@ -107,7 +126,14 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
                 if tool_calls.is_empty() {
                     m.insert("content".into(), json!(text));
                 } else {
-                    m.insert("content".into(), if text.is_empty() { Value::Null } else { json!(text) });
+                    m.insert(
+                        "content".into(),
+                        if text.is_empty() {
+                            Value::Null
+                        } else {
+                            json!(text)
+                        },
+                    );
                     m.insert("tool_calls".into(), Value::Array(tool_calls));
                 }
                 messages.push(Value::Object(m));
@@ -121,7 +147,9 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
     let mut body = Map::new();
     body.insert(
         "model".into(),
-        obj.get("model").cloned().unwrap_or_else(|| json!(opts.default_model.clone().unwrap_or_default())),
+        obj.get("model")
+            .cloned()
+            .unwrap_or_else(|| json!(opts.default_model.clone().unwrap_or_default())),
     );
     body.insert("messages".into(), Value::Array(messages));
     if let Some(tools) = obj.get("tools").and_then(Value::as_array) {
@@ -134,7 +162,10 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
                 if let Some(d) = t.get("description") {
                     f.insert("description".into(), d.clone());
                 }
-                f.insert("parameters".into(), t.get("input_schema").cloned().unwrap_or(json!({})));
+                f.insert(
+                    "parameters".into(),
+                    t.get("input_schema").cloned().unwrap_or(json!({})),
+                );
                 out.push(json!({"type": "function", "function": Value::Object(f)}));
             } else if opts.tool_policy == ToolPolicy::Refuse {
                 return Err(format!(
@@ -149,7 +180,9 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
                 let choice = match tc.get("type").and_then(Value::as_str) {
                     Some("any") => json!("required"),
                     Some("none") => json!("none"),
-                    Some("tool") => json!({"type": "function", "function": {"name": tc.get("name")}}),
+                    Some("tool") => {
+                        json!({"type": "function", "function": {"name": tc.get("name")}})
+                    }
                     _ => json!("auto"),
                 };
                 body.insert("tool_choice".into(), choice);
@@ -191,7 +224,11 @@ fn msg_id(full: &Value) -> String {
 
 fn usage(full: &Value) -> (u64, u64) {
     let u = full.get("usage");
-    let get = |k: &str| u.and_then(|u| u.get(k)).and_then(Value::as_u64).unwrap_or(0);
+    let get = |k: &str| {
+        u.and_then(|u| u.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
     (get("prompt_tokens"), get("completion_tokens"))
 }
 
@@ -205,10 +242,16 @@ pub fn from_chat(full: &Value, req: &Value) -> Value {
     {
         content.push(json!({"type": "text", "text": t}));
     }
-    if let Some(tcs) = msg.and_then(|m| m.get("tool_calls")).and_then(Value::as_array) {
+    if let Some(tcs) = msg
+        .and_then(|m| m.get("tool_calls"))
+        .and_then(Value::as_array)
+    {
         for tc in tcs {
             let f = tc.get("function");
-            let args = f.and_then(|f| f.get("arguments")).and_then(Value::as_str).unwrap_or("{}");
+            let args = f
+                .and_then(|f| f.get("arguments"))
+                .and_then(Value::as_str)
+                .unwrap_or("{}");
             let input: Value = serde_json::from_str(args).unwrap_or_else(|_| json!({}));
             content.push(json!({"type": "tool_use",
                 "id": tc.get("id").and_then(Value::as_str).unwrap_or(""),
@@ -316,7 +359,10 @@ impl StreamSink for MessagesSink {
                         "delta": {"type": "text_delta", "text": t}}),
             ));
         }
-        if let Some(tcs) = delta.and_then(|d| d.get("tool_calls")).and_then(Value::as_array) {
+        if let Some(tcs) = delta
+            .and_then(|d| d.get("tool_calls"))
+            .and_then(Value::as_array)
+        {
             for tc in tcs {
                 let ti = tc.get("index").and_then(Value::as_u64).unwrap_or(0);
                 if self.block != Block::Tool(ti) {
@@ -377,7 +423,10 @@ impl StreamSink for MessagesSink {
     }
 
     fn terminal(&mut self, _full: &Value) -> Vec<Bytes> {
-        vec![sse::event_frame("message_stop", &json!({"type": "message_stop"}))]
+        vec![sse::event_frame(
+            "message_stop",
+            &json!({"type": "message_stop"}),
+        )]
     }
 
     fn error(&mut self, message: &str) -> Vec<Bytes> {
@@ -404,15 +453,24 @@ mod tests {
         let m = chat["messages"].as_array().unwrap();
         assert_eq!(m[0], json!({"role":"system","content":"sys"}));
         assert_eq!(m[2]["tool_calls"][0]["function"]["arguments"], "{\"a\":1}");
-        assert_eq!(m[3], json!({"role":"tool","tool_call_id":"t1","content":"42"}));
+        assert_eq!(
+            m[3],
+            json!({"role":"tool","tool_call_id":"t1","content":"42"})
+        );
         assert_eq!(m[4], json!({"role":"user","content":"go on"}));
         assert_eq!(chat["tool_choice"], "required");
-        assert_eq!(chat["tools"][0]["function"]["parameters"], json!({"type":"object"}));
+        assert_eq!(
+            chat["tools"][0]["function"]["parameters"],
+            json!({"type":"object"})
+        );
         let full = json!({"id":"chatcmpl-x","choices":[{"index":0,"message":{"role":"assistant","content":null,
             "tool_calls":[{"id":"t2","type":"function","function":{"name":"get","arguments":"{\"b\":2}"}}]},"finish_reason":"tool_calls"}],
             "usage":{"prompt_tokens":5,"completion_tokens":3}});
         let r = from_chat(&full, &req);
         assert_eq!(r["stop_reason"], "tool_use");
-        assert_eq!(r["content"][0], json!({"type":"tool_use","id":"t2","name":"get","input":{"b":2}}));
+        assert_eq!(
+            r["content"][0],
+            json!({"type":"tool_use","id":"t2","name":"get","input":{"b":2}})
+        );
     }
 }

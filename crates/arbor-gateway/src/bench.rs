@@ -36,7 +36,7 @@ impl Default for BenchOptions {
             sessions: 1000,
             calls: 10,
             reply_tokens: 16,
-            chunk_delay: Duration::from_millis(20),
+            chunk_delay: Duration::from_millis(50),
             latency_samples: 500,
             store: None,
         }
@@ -94,6 +94,9 @@ pub struct BenchReport {
     pub load_latency_ms: Percentiles,
     /// Duration of the load phase.
     pub load_seconds: f64,
+    /// Latency of one durable append (write + fdatasync of a 2 KiB line) in the store's
+    /// directory, measured before the phases: the floor of the overhead of a recorded call.
+    pub fsync_ms: Percentiles,
     /// Tokens per reply.
     pub reply_tokens: usize,
     /// Stand-in delay between chunks.
@@ -119,7 +122,11 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-async fn timed_post(client: &reqwest::Client, url: &str, body: &Value) -> Result<f64, GatewayError> {
+async fn timed_post(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+) -> Result<f64, GatewayError> {
     let t = Instant::now();
     let r = client.post(url).json(body).send().await?;
     let status = r.status();
@@ -157,7 +164,18 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, GatewayError> {
             tmp.path().to_path_buf()
         }
     };
-    let gw = start(GatewayConfig::new(([127, 0, 0, 1], 0).into(), vec![sa.url()], store)).await?;
+    let fsync_ms = {
+        let dir = store.clone();
+        tokio::task::spawn_blocking(move || fsync_probe(&dir, 200))
+            .await
+            .map_err(|e| GatewayError::Config(format!("fsync probe: {e}")))??
+    };
+    let gw = start(GatewayConfig::new(
+        ([127, 0, 0, 1], 0).into(),
+        vec![sa.url()],
+        store,
+    ))
+    .await?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(opts.sessions.max(16) * 2)
         .tcp_nodelay(true)
@@ -187,8 +205,14 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, GatewayError> {
     let overhead = Overhead {
         p50: round3(g.p50 - d.p50),
         p99: round3(g.p99 - d.p99),
-        gateway: Percentiles { p50: round3(g.p50), p99: round3(g.p99) },
-        direct: Percentiles { p50: round3(d.p50), p99: round3(d.p99) },
+        gateway: Percentiles {
+            p50: round3(g.p50),
+            p99: round3(g.p99),
+        },
+        direct: Percentiles {
+            p50: round3(d.p50),
+            p99: round3(d.p99),
+        },
         samples: direct.len(),
         concurrency: 1,
     };
@@ -262,9 +286,13 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, GatewayError> {
         streams: gw.metrics().active_streams.max(),
         load_latency_ms: {
             let p = pct(&mut lat);
-            Percentiles { p50: round3(p.p50), p99: round3(p.p99) }
+            Percentiles {
+                p50: round3(p.p50),
+                p99: round3(p.p99),
+            }
         },
         load_seconds: round3(load_seconds),
+        fsync_ms,
         reply_tokens: opts.reply_tokens,
         chunk_delay_ms: opts.chunk_delay.as_secs_f64() * 1000.0,
     };
@@ -273,8 +301,37 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, GatewayError> {
     Ok(report)
 }
 
+fn fsync_probe(dir: &std::path::Path, n: usize) -> Result<Percentiles, GatewayError> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("fsync-probe.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    let line = [b'x'; 2048];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&line)?;
+        f.sync_data()?;
+        v.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    let p = pct(&mut v);
+    Ok(Percentiles {
+        p50: round3(p.p50),
+        p99: round3(p.p99),
+    })
+}
+
 /// Makes one streaming Chat Completions call; returns the text once `[DONE]` arrived.
-pub async fn stream_call(client: &reqwest::Client, url: &str, body: &Value) -> Result<String, GatewayError> {
+pub async fn stream_call(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+) -> Result<String, GatewayError> {
     let r = client.post(url).json(body).send().await?;
     if !r.status().is_success() {
         return Err(GatewayError::Config(format!("status {}", r.status())));

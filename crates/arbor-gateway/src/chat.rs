@@ -46,7 +46,10 @@ pub struct NormOptions {
 /// a usage chunk. Returns what the caller asked for, to shape its answer.
 pub fn normalize(body: &mut Map<String, Value>, opts: &NormOptions) -> Result<NormInfo, String> {
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let wants_logprobs = body.get("logprobs").and_then(Value::as_bool).unwrap_or(false);
+    let wants_logprobs = body
+        .get("logprobs")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let wants_usage_chunk = body
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
@@ -120,13 +123,15 @@ pub fn normalize(body: &mut Map<String, Value>, opts: &NormOptions) -> Result<No
     if body.get("model").is_none_or(|m| !m.is_string()) {
         body.insert(
             "model".into(),
-            json!(opts.default_model.clone().unwrap_or_else(|| "default".into())),
+            json!(
+                opts.default_model
+                    .clone()
+                    .unwrap_or_else(|| "default".into())
+            ),
         );
     }
     if stream {
-        let so = body
-            .entry("stream_options")
-            .or_insert_with(|| json!({}));
+        let so = body.entry("stream_options").or_insert_with(|| json!({}));
         if let Some(so) = so.as_object_mut() {
             so.insert("include_usage".into(), json!(true));
         } else {
@@ -251,16 +256,13 @@ impl Accumulator {
                 }
                 if let Some(tcs) = d.get("tool_calls").and_then(Value::as_array) {
                     for (tpos, tc) in tcs.iter().enumerate() {
-                        let tidx = tc
-                            .get("index")
-                            .and_then(Value::as_u64)
-                            .unwrap_or_else(|| {
-                                if tc.get("id").is_some_and(|i| !i.is_null()) {
-                                    acc.tool_calls.len() as u64 + tpos as u64
-                                } else {
-                                    acc.tool_calls.len().saturating_sub(1) as u64
-                                }
-                            });
+                        let tidx = tc.get("index").and_then(Value::as_u64).unwrap_or_else(|| {
+                            if tc.get("id").is_some_and(|i| !i.is_null()) {
+                                acc.tool_calls.len() as u64 + tpos as u64
+                            } else {
+                                acc.tool_calls.len().saturating_sub(1) as u64
+                            }
+                        });
                         let t = acc.tool_calls.entry(tidx).or_default();
                         if let Some(id) = tc.get("id").and_then(Value::as_str) {
                             t.id = Some(id.to_string());
@@ -279,7 +281,11 @@ impl Accumulator {
                     }
                 }
             }
-            if let Some(lp) = c.get("logprobs").and_then(|l| l.get("content")).and_then(Value::as_array) {
+            if let Some(lp) = c
+                .get("logprobs")
+                .and_then(|l| l.get("content"))
+                .and_then(Value::as_array)
+            {
                 acc.logprobs.extend(lp.iter().cloned());
                 acc.has_logprobs = true;
             }
@@ -344,7 +350,10 @@ impl Accumulator {
             choices.push(Value::Object(choice));
         }
         let mut out = Map::new();
-        out.insert("id".into(), self.id.clone().unwrap_or_else(|| json!("chatcmpl-arbor")));
+        out.insert(
+            "id".into(),
+            self.id.clone().unwrap_or_else(|| json!("chatcmpl-arbor")),
+        );
         out.insert("object".into(), json!("chat.completion"));
         out.insert("created".into(), self.created.clone().unwrap_or(json!(0)));
         out.insert("model".into(), self.model.clone().unwrap_or(json!("")));
@@ -365,29 +374,47 @@ impl Accumulator {
 pub fn synth_chunks(full: &Value) -> Vec<Value> {
     let base = |choices: Value| {
         let mut o = Map::new();
-        o.insert("id".into(), full.get("id").cloned().unwrap_or(json!("chatcmpl-arbor")));
+        o.insert(
+            "id".into(),
+            full.get("id").cloned().unwrap_or(json!("chatcmpl-arbor")),
+        );
         o.insert("object".into(), json!("chat.completion.chunk"));
-        o.insert("created".into(), full.get("created").cloned().unwrap_or(json!(0)));
-        o.insert("model".into(), full.get("model").cloned().unwrap_or(json!("")));
+        o.insert(
+            "created".into(),
+            full.get("created").cloned().unwrap_or(json!(0)),
+        );
+        o.insert(
+            "model".into(),
+            full.get("model").cloned().unwrap_or(json!("")),
+        );
         o.insert("choices".into(), choices);
         o
     };
     let mut out = Vec::new();
     let empty = Vec::new();
-    let choices = full.get("choices").and_then(Value::as_array).unwrap_or(&empty);
+    let choices = full
+        .get("choices")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
     for (pos, c) in choices.iter().enumerate() {
         let idx = c.get("index").cloned().unwrap_or(json!(pos));
         let msg = c.get("message").cloned().unwrap_or(json!({}));
         let mut delta = Map::new();
         delta.insert("role".into(), json!("assistant"));
-        delta.insert("content".into(), msg.get("content").cloned().unwrap_or(json!("")));
+        delta.insert(
+            "content".into(),
+            msg.get("content").cloned().unwrap_or(json!("")),
+        );
         if let Some(r) = msg.get("reasoning_content") {
             delta.insert("reasoning_content".into(), r.clone());
         }
         let mut first = Map::new();
         first.insert("index".into(), idx.clone());
         first.insert("delta".into(), Value::Object(delta));
-        first.insert("logprobs".into(), c.get("logprobs").cloned().unwrap_or(Value::Null));
+        first.insert(
+            "logprobs".into(),
+            c.get("logprobs").cloned().unwrap_or(Value::Null),
+        );
         first.insert("finish_reason".into(), Value::Null);
         if let Some(t) = c.get("token_ids") {
             first.insert("token_ids".into(), t.clone());
@@ -473,7 +500,10 @@ pub fn upstream_tokens(full: &Value) -> Option<(Vec<u32>, Vec<CompletionTokens>)
             ids,
             logprobs,
             text: message_text(c),
-            finish_reason: c.get("finish_reason").and_then(Value::as_str).map(String::from),
+            finish_reason: c
+                .get("finish_reason")
+                .and_then(Value::as_str)
+                .map(String::from),
         });
     }
     Some((prompt, comps))
@@ -507,17 +537,26 @@ mod tests {
     #[test]
     fn accumulates_text_and_tool_calls() {
         let mut acc = Accumulator::new();
-        acc.push(&json!({"id":"c1","model":"m","created":1,"prompt_token_ids":[1,2],
+        acc.push(
+            &json!({"id":"c1","model":"m","created":1,"prompt_token_ids":[1,2],
             "choices":[{"index":0,"delta":{"role":"assistant","content":"He"},"token_ids":[5],
-            "logprobs":{"content":[{"token":"He","logprob":-0.5}]}}]}));
-        acc.push(&json!({"id":"c1","choices":[{"index":0,"delta":{"content":"y"},"token_ids":[6],
-            "logprobs":{"content":[{"token":"y","logprob":-0.25}]}}]}));
+            "logprobs":{"content":[{"token":"He","logprob":-0.5}]}}]}),
+        );
+        acc.push(
+            &json!({"id":"c1","choices":[{"index":0,"delta":{"content":"y"},"token_ids":[6],
+            "logprobs":{"content":[{"token":"y","logprob":-0.25}]}}]}),
+        );
         acc.push(&json!({"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":"{\"a\""}}]}}]}));
         acc.push(&json!({"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]},"finish_reason":"tool_calls"}]}));
-        acc.push(&json!({"id":"c1","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2}}));
+        acc.push(
+            &json!({"id":"c1","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2}}),
+        );
         let full = acc.finish();
         assert_eq!(full["choices"][0]["message"]["content"], "Hey");
-        assert_eq!(full["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{\"a\":1}");
+        assert_eq!(
+            full["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+            "{\"a\":1}"
+        );
         assert_eq!(full["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(full["usage"]["completion_tokens"], 2);
         let (p, c) = upstream_tokens(&full).unwrap();
@@ -547,7 +586,10 @@ mod tests {
             "tools":[{"type":"function","function":{"name":"f"}},{"type":"web_search"}],"stream":true,"reasoning":{"effort":"high"}});
         let o = b.as_object_mut().unwrap();
         assert!(normalize(o, &NormOptions::default()).is_err());
-        let opts = NormOptions { tool_policy: ToolPolicy::Drop, ..Default::default() };
+        let opts = NormOptions {
+            tool_policy: ToolPolicy::Drop,
+            ..Default::default()
+        };
         let info = normalize(o, &opts).unwrap();
         assert!(info.stream && !info.wants_logprobs && !info.wants_usage_chunk);
         assert_eq!(b["messages"][0]["role"], "system");

@@ -103,7 +103,12 @@ impl ApiError {
     }
 
     /// An error with an explicit status and kind.
-    pub fn new(api: Api, status: StatusCode, kind: ApiErrorKind, message: impl Into<String>) -> Self {
+    pub fn new(
+        api: Api,
+        status: StatusCode,
+        kind: ApiErrorKind,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             kind,

@@ -131,7 +131,9 @@ impl RunningGateway {
 
 fn build_state(config: &GatewayConfig) -> Result<Arc<AppState>, GatewayError> {
     if config.upstreams.is_empty() {
-        return Err(GatewayError::Config("at least one upstream is required".into()));
+        return Err(GatewayError::Config(
+            "at least one upstream is required".into(),
+        ));
     }
     let tokenizer = match &config.tokenizer {
         Some(dir) => Some(Arc::new(ChatTokenizer::from_dir(dir)?)),
@@ -169,7 +171,9 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let state = build_state(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| GatewayError::Config(format!("cannot listen on {}: {source}", config.listen)))?;
+        .map_err(|source| {
+            GatewayError::Config(format!("cannot listen on {}: {source}", config.listen))
+        })?;
     let addr = listener.local_addr()?;
     let app = server::router(state.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -68,7 +68,8 @@ impl Histogram {
             }
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     fn render(&self, out: &mut String, name: &str, help: Option<&str>, labels: &str) {
@@ -86,7 +87,11 @@ impl Histogram {
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let lb = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let lb = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(out, "{name}_sum{lb} {sum}\n{name}_count{lb} {count}");
     }
 }
@@ -128,24 +133,60 @@ impl Metrics {
             "# HELP arbor_gateway_requests_total Model calls received.\n# TYPE arbor_gateway_requests_total counter"
         );
         for (i, a) in apis.iter().enumerate() {
-            let _ = writeln!(out, "arbor_gateway_requests_total{{api=\"{a}\"}} {}", self.requests[i].get());
+            let _ = writeln!(
+                out,
+                "arbor_gateway_requests_total{{api=\"{a}\"}} {}",
+                self.requests[i].get()
+            );
         }
         let _ = writeln!(
             out,
             "# HELP arbor_gateway_errors_total Model calls answered with an error.\n# TYPE arbor_gateway_errors_total counter"
         );
         for (i, a) in apis.iter().enumerate() {
-            let _ = writeln!(out, "arbor_gateway_errors_total{{api=\"{a}\"}} {}", self.errors[i].get());
+            let _ = writeln!(
+                out,
+                "arbor_gateway_errors_total{{api=\"{a}\"}} {}",
+                self.errors[i].get()
+            );
         }
         for (name, help, c) in [
-            ("arbor_gateway_calls_recorded_total", "Calls written durably since start.", &self.recorded),
-            ("arbor_gateway_record_errors_total", "Record writes that failed.", &self.record_errors),
-            ("arbor_gateway_upstream_errors_total", "Upstream attempts that failed.", &self.upstream_errors),
-            ("arbor_gateway_upstream_retries_total", "Retries on another upstream.", &self.retries),
-            ("arbor_gateway_stream_errors_total", "Streams that failed after their first byte.", &self.stream_errors),
-            ("arbor_gateway_client_disconnects_total", "Streams abandoned by their caller.", &self.client_disconnects),
+            (
+                "arbor_gateway_calls_recorded_total",
+                "Calls written durably since start.",
+                &self.recorded,
+            ),
+            (
+                "arbor_gateway_record_errors_total",
+                "Record writes that failed.",
+                &self.record_errors,
+            ),
+            (
+                "arbor_gateway_upstream_errors_total",
+                "Upstream attempts that failed.",
+                &self.upstream_errors,
+            ),
+            (
+                "arbor_gateway_upstream_retries_total",
+                "Retries on another upstream.",
+                &self.retries,
+            ),
+            (
+                "arbor_gateway_stream_errors_total",
+                "Streams that failed after their first byte.",
+                &self.stream_errors,
+            ),
+            (
+                "arbor_gateway_client_disconnects_total",
+                "Streams abandoned by their caller.",
+                &self.client_disconnects,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.get()
+            );
         }
         let _ = writeln!(
             out,
@@ -166,7 +207,10 @@ impl Metrics {
             "# HELP arbor_gateway_upstream_inflight Requests in flight per upstream.\n# TYPE arbor_gateway_upstream_inflight gauge"
         );
         for (u, n) in upstream_inflight {
-            let _ = writeln!(out, "arbor_gateway_upstream_inflight{{upstream=\"{u}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "arbor_gateway_upstream_inflight{{upstream=\"{u}\"}} {n}"
+            );
         }
         for (i, a) in apis.iter().enumerate() {
             self.request_seconds[i].render(

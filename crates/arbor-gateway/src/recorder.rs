@@ -73,18 +73,28 @@ pub fn compute_tokens(
         };
     }
     let empty = Vec::new();
-    let choices = full.get("choices").and_then(Value::as_array).unwrap_or(&empty);
+    let choices = full
+        .get("choices")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
     let bare = |c: &Value, pos: usize| CompletionTokens {
         index: c.get("index").and_then(Value::as_u64).unwrap_or(pos as u64) as u32,
         ids: Vec::new(),
         logprobs: None,
         text: message_text(c),
-        finish_reason: c.get("finish_reason").and_then(Value::as_str).map(String::from),
+        finish_reason: c
+            .get("finish_reason")
+            .and_then(Value::as_str)
+            .map(String::from),
     };
     let none = || Tokens {
         source: TokenSource::None,
         prompt: Vec::new(),
-        completions: choices.iter().enumerate().map(|(i, c)| bare(c, i)).collect(),
+        completions: choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| bare(c, i))
+            .collect(),
     };
     let Some(tok) = tokenizer else {
         return none();
@@ -109,7 +119,10 @@ fn tokenize_with_template(
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let tools = req.get("tools").and_then(Value::as_array).map(Vec::as_slice);
+    let tools = req
+        .get("tools")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice);
     let prepared = ChatTokenizer::prepare_messages(&messages);
     let prompt_text = tok.render(&prepared, tools, true)?;
     let prompt = tok.encode(&prompt_text)?;
@@ -166,7 +179,11 @@ pub fn detect_branch(seqs: &[Vec<u32>], prompt: &[u32]) -> Option<Branch> {
 
 impl Recorder {
     /// A recorder over a store, restoring session state from recovered records.
-    pub fn new(store: Store, tokenizer: Option<Arc<ChatTokenizer>>, recovered: &[CallRecord]) -> Self {
+    pub fn new(
+        store: Store,
+        tokenizer: Option<Arc<ChatTokenizer>>,
+        recovered: &[CallRecord],
+    ) -> Self {
         let mut map: HashMap<String, SessionState> = HashMap::new();
         for r in recovered {
             let st = map.entry(r.session.clone()).or_default();
@@ -199,7 +216,11 @@ impl Recorder {
     }
 
     /// Records a call durably; returns once it is on disk.
-    pub async fn record(&self, input: CallInput, metrics: &Metrics) -> Result<CallRecord, GatewayError> {
+    pub async fn record(
+        &self,
+        input: CallInput,
+        metrics: &Metrics,
+    ) -> Result<CallRecord, GatewayError> {
         let finished_ms = now_ms();
         let tokens = match &self.tokenizer {
             Some(tok) if upstream_tokens(&input.full).is_none() => {
@@ -213,7 +234,10 @@ impl Recorder {
             _ => compute_tokens(&input.upstream_request, &input.full, None),
         };
         let state = {
-            let mut map = self.sessions.lock().map_err(|_| GatewayError::StoreClosed)?;
+            let mut map = self
+                .sessions
+                .lock()
+                .map_err(|_| GatewayError::StoreClosed)?;
             map.entry(input.session.clone()).or_default().clone()
         };
         let mut st = state.lock().await;
@@ -241,8 +265,16 @@ impl Recorder {
             started_ms: input.started_ms,
             finished_ms,
             upstream: input.upstream,
-            upstream_id: input.full.get("id").and_then(Value::as_str).map(String::from),
-            model: input.full.get("model").and_then(Value::as_str).map(String::from),
+            upstream_id: input
+                .full
+                .get("id")
+                .and_then(Value::as_str)
+                .map(String::from),
+            model: input
+                .full
+                .get("model")
+                .and_then(Value::as_str)
+                .map(String::from),
             request: input.request,
             upstream_request: input.upstream_request,
             response,

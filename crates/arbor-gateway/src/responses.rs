@@ -26,7 +26,12 @@ fn parts_text(content: &Value) -> Result<Value, String> {
                 }
             }
             if out.iter().all(|p| p["type"] == "text") {
-                Ok(json!(out.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join("\n")))
+                Ok(json!(
+                    out.iter()
+                        .filter_map(|p| p["text"].as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ))
             } else {
                 Ok(Value::Array(out))
             }
@@ -38,8 +43,13 @@ fn parts_text(content: &Value) -> Result<Value, String> {
 
 /// Translates a Responses request into a Chat Completions request.
 pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
-    let obj = req.as_object().ok_or("the request body must be a JSON object")?;
-    if obj.get("previous_response_id").is_some_and(|v| !v.is_null()) {
+    let obj = req
+        .as_object()
+        .ok_or("the request body must be a JSON object")?;
+    if obj
+        .get("previous_response_id")
+        .is_some_and(|v| !v.is_null())
+    {
         return Err("`previous_response_id` is not supported by this gateway: send the full input (store: false)".into());
     }
     let mut messages: Vec<Value> = Vec::new();
@@ -52,10 +62,13 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
         Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                let ty = item
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .unwrap_or(if item.get("role").is_some() { "message" } else { "" });
+                let ty = item.get("type").and_then(Value::as_str).unwrap_or(
+                    if item.get("role").is_some() {
+                        "message"
+                    } else {
+                        ""
+                    },
+                );
                 match ty {
                     "message" => {
                         let role = item.get("role").and_then(Value::as_str).unwrap_or("user");
@@ -73,9 +86,9 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
                                 "arguments": item.get("arguments").and_then(Value::as_str).unwrap_or("{}"),
                             }
                         });
-                        let last_is_assistant = messages
-                            .last()
-                            .is_some_and(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
+                        let last_is_assistant = messages.last().is_some_and(|m| {
+                            m.get("role").and_then(Value::as_str) == Some("assistant")
+                        });
                         if last_is_assistant {
                             if let Some(m) = messages.last_mut().and_then(Value::as_object_mut) {
                                 let calls = m.entry("tool_calls").or_insert_with(|| json!([]));
@@ -84,7 +97,9 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
                                 }
                             }
                         } else {
-                            messages.push(json!({"role": "assistant", "content": null, "tool_calls": [tc]}));
+                            messages.push(
+                                json!({"role": "assistant", "content": null, "tool_calls": [tc]}),
+                            );
                         }
                     }
                     "function_call_output" => {
@@ -103,7 +118,9 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
                     }
                     // Reasoning items (possibly encrypted) are kept in the record only.
                     "reasoning" => {}
-                    other => return Err(format!("input[{i}]: item type `{other}` is not supported")),
+                    other => {
+                        return Err(format!("input[{i}]: item type `{other}` is not supported"));
+                    }
                 }
             }
         }
@@ -112,7 +129,9 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
     let mut body = Map::new();
     body.insert(
         "model".into(),
-        obj.get("model").cloned().unwrap_or_else(|| json!(opts.default_model.clone().unwrap_or_default())),
+        obj.get("model")
+            .cloned()
+            .unwrap_or_else(|| json!(opts.default_model.clone().unwrap_or_default())),
     );
     body.insert("messages".into(), Value::Array(messages));
     if let Some(tools) = obj.get("tools").and_then(Value::as_array) {
@@ -141,7 +160,9 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
             if let Some(tc) = obj.get("tool_choice") {
                 let c = match tc {
                     Value::String(_) => tc.clone(),
-                    Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
+                    Value::Object(o)
+                        if o.get("type").and_then(Value::as_str) == Some("function") =>
+                    {
                         json!({"type": "function", "function": {"name": o.get("name")}})
                     }
                     _ => json!("auto"),
@@ -191,7 +212,11 @@ fn msg_item(id: &str, text: Option<&str>, status: &str) -> Value {
 
 fn response_object(req: &Value, full: &Value, status: &str, output: Vec<Value>) -> Value {
     let u = full.get("usage");
-    let get = |k: &str| u.and_then(|u| u.get(k)).and_then(Value::as_u64).unwrap_or(0);
+    let get = |k: &str| {
+        u.and_then(|u| u.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
     let usage = if u.is_some_and(|u| !u.is_null()) {
         json!({"input_tokens": get("prompt_tokens"), "input_tokens_details": {"cached_tokens": 0},
                "output_tokens": get("completion_tokens"), "output_tokens_details": {"reasoning_tokens": 0},
@@ -245,15 +270,26 @@ pub fn from_chat(full: &Value, req: &Value) -> Value {
     if let Some(t) = msg.and_then(|m| m.get("content")).and_then(Value::as_str)
         && !t.is_empty()
     {
-        output.push(msg_item(&format!("msg_{}", suffix(full)), Some(t), "completed"));
+        output.push(msg_item(
+            &format!("msg_{}", suffix(full)),
+            Some(t),
+            "completed",
+        ));
     }
-    if let Some(tcs) = msg.and_then(|m| m.get("tool_calls")).and_then(Value::as_array) {
+    if let Some(tcs) = msg
+        .and_then(|m| m.get("tool_calls"))
+        .and_then(Value::as_array)
+    {
         for tc in tcs {
             let f = tc.get("function");
             output.push(fc_item(
                 tc.get("id").and_then(Value::as_str).unwrap_or(""),
-                f.and_then(|f| f.get("name")).and_then(Value::as_str).unwrap_or(""),
-                f.and_then(|f| f.get("arguments")).and_then(Value::as_str).unwrap_or(""),
+                f.and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                    .unwrap_or(""),
+                f.and_then(|f| f.get("arguments"))
+                    .and_then(Value::as_str)
+                    .unwrap_or(""),
                 "completed",
             ));
         }
@@ -263,8 +299,18 @@ pub fn from_chat(full: &Value, req: &Value) -> Value {
 
 enum Item {
     None,
-    Text { id: String, index: u64, text: String },
-    Call { tc: u64, index: u64, call_id: String, name: String, args: String },
+    Text {
+        id: String,
+        index: u64,
+        text: String,
+    },
+    Call {
+        tc: u64,
+        index: u64,
+        call_id: String,
+        name: String,
+        args: String,
+    },
 }
 
 /// Streams Responses events (response.created ... response.completed).
@@ -303,20 +349,42 @@ impl ResponsesSink {
         match std::mem::replace(&mut self.item, Item::None) {
             Item::None => {}
             Item::Text { id, index, text } => {
-                let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
-                out.push(self.ev("response.output_text.done", json!({"item_id": id, "output_index": index,
-                    "content_index": 0, "text": text, "logprobs": []})));
-                out.push(self.ev("response.content_part.done", json!({"item_id": id, "output_index": index,
-                    "content_index": 0, "part": part})));
+                let part =
+                    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+                out.push(self.ev(
+                    "response.output_text.done",
+                    json!({"item_id": id, "output_index": index,
+                    "content_index": 0, "text": text, "logprobs": []}),
+                ));
+                out.push(self.ev(
+                    "response.content_part.done",
+                    json!({"item_id": id, "output_index": index,
+                    "content_index": 0, "part": part}),
+                ));
                 let item = msg_item(&id, Some(&text), "completed");
-                out.push(self.ev("response.output_item.done", json!({"output_index": index, "item": item})));
+                out.push(self.ev(
+                    "response.output_item.done",
+                    json!({"output_index": index, "item": item}),
+                ));
             }
-            Item::Call { index, call_id, name, args, .. } => {
+            Item::Call {
+                index,
+                call_id,
+                name,
+                args,
+                ..
+            } => {
                 let item_id = format!("fc_{call_id}");
-                out.push(self.ev("response.function_call_arguments.done", json!({"item_id": item_id,
-                    "output_index": index, "name": name, "arguments": args})));
+                out.push(self.ev(
+                    "response.function_call_arguments.done",
+                    json!({"item_id": item_id,
+                    "output_index": index, "name": name, "arguments": args}),
+                ));
                 let item = fc_item(&call_id, &name, &args, "completed");
-                out.push(self.ev("response.output_item.done", json!({"output_index": index, "item": item})));
+                out.push(self.ev(
+                    "response.output_item.done",
+                    json!({"output_index": index, "item": item}),
+                ));
             }
         }
     }
@@ -347,11 +415,17 @@ impl StreamSink for ResponsesSink {
                 let id = format!("msg_{}", suffix(&self.first));
                 let index = self.next_output;
                 self.next_output += 1;
-                out.push(self.ev("response.output_item.added",
-                    json!({"output_index": index, "item": msg_item(&id, None, "in_progress")})));
+                out.push(self.ev(
+                    "response.output_item.added",
+                    json!({"output_index": index, "item": msg_item(&id, None, "in_progress")}),
+                ));
                 out.push(self.ev("response.content_part.added", json!({"item_id": id, "output_index": index,
                     "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})));
-                self.item = Item::Text { id, index, text: String::new() };
+                self.item = Item::Text {
+                    id,
+                    index,
+                    text: String::new(),
+                };
             }
             if let Item::Text { id, index, text } = &mut self.item {
                 text.push_str(t);
@@ -360,7 +434,10 @@ impl StreamSink for ResponsesSink {
                 out.push(self.ev("response.output_text.delta", body));
             }
         }
-        if let Some(tcs) = delta.and_then(|d| d.get("tool_calls")).and_then(Value::as_array) {
+        if let Some(tcs) = delta
+            .and_then(|d| d.get("tool_calls"))
+            .and_then(Value::as_array)
+        {
             for tc in tcs {
                 let ti = tc.get("index").and_then(Value::as_u64).unwrap_or(0);
                 if !matches!(self.item, Item::Call { tc, .. } if tc == ti) {
@@ -380,14 +457,25 @@ impl StreamSink for ResponsesSink {
                     self.next_output += 1;
                     out.push(self.ev("response.output_item.added",
                         json!({"output_index": index, "item": fc_item(&call_id, &name, "", "in_progress")})));
-                    self.item = Item::Call { tc: ti, index, call_id, name, args: String::new() };
+                    self.item = Item::Call {
+                        tc: ti,
+                        index,
+                        call_id,
+                        name,
+                        args: String::new(),
+                    };
                 }
                 if let Some(a) = tc
                     .get("function")
                     .and_then(|f| f.get("arguments"))
                     .and_then(Value::as_str)
                     && !a.is_empty()
-                    && let Item::Call { index, call_id, args, .. } = &mut self.item
+                    && let Item::Call {
+                        index,
+                        call_id,
+                        args,
+                        ..
+                    } = &mut self.item
                 {
                     args.push_str(a);
                     let body = json!({"item_id": format!("fc_{call_id}"), "output_index": index, "delta": a});

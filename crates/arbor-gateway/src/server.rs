@@ -40,23 +40,44 @@ type St = State<Arc<AppState>>;
 /// Builds the router.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(|s: St, h: HeaderMap, b: Bytes| call(s, Api::Chat, None, h, b)))
-        .route("/v1/messages", post(|s: St, h: HeaderMap, b: Bytes| call(s, Api::Messages, None, h, b)))
-        .route("/v1/responses", post(|s: St, h: HeaderMap, b: Bytes| call(s, Api::Responses, None, h, b)))
+        .route(
+            "/v1/chat/completions",
+            post(|s: St, h: HeaderMap, b: Bytes| call(s, Api::Chat, None, h, b)),
+        )
+        .route(
+            "/v1/messages",
+            post(|s: St, h: HeaderMap, b: Bytes| call(s, Api::Messages, None, h, b)),
+        )
+        .route(
+            "/v1/responses",
+            post(|s: St, h: HeaderMap, b: Bytes| call(s, Api::Responses, None, h, b)),
+        )
         .route(
             "/s/{session}/v1/chat/completions",
-            post(|s: St, Path(p): Path<String>, h: HeaderMap, b: Bytes| call(s, Api::Chat, Some(p), h, b)),
+            post(|s: St, Path(p): Path<String>, h: HeaderMap, b: Bytes| {
+                call(s, Api::Chat, Some(p), h, b)
+            }),
         )
         .route(
             "/s/{session}/v1/messages",
-            post(|s: St, Path(p): Path<String>, h: HeaderMap, b: Bytes| call(s, Api::Messages, Some(p), h, b)),
+            post(|s: St, Path(p): Path<String>, h: HeaderMap, b: Bytes| {
+                call(s, Api::Messages, Some(p), h, b)
+            }),
         )
         .route(
             "/s/{session}/v1/responses",
-            post(|s: St, Path(p): Path<String>, h: HeaderMap, b: Bytes| call(s, Api::Responses, Some(p), h, b)),
+            post(|s: St, Path(p): Path<String>, h: HeaderMap, b: Bytes| {
+                call(s, Api::Responses, Some(p), h, b)
+            }),
         )
-        .route("/v1/messages/count_tokens", post(|s: St, b: Bytes| count_tokens(s, b)))
-        .route("/s/{session}/v1/messages/count_tokens", post(|s: St, b: Bytes| count_tokens(s, b)))
+        .route(
+            "/v1/messages/count_tokens",
+            post(|s: St, b: Bytes| count_tokens(s, b)),
+        )
+        .route(
+            "/s/{session}/v1/messages/count_tokens",
+            post(|s: St, b: Bytes| count_tokens(s, b)),
+        )
         .route("/v1/models", get(models))
         .route("/s/{session}/v1/models", get(models))
         .route("/sessions", get(list_sessions))
@@ -75,7 +96,10 @@ fn session_from(path: Option<String>, headers: &HeaderMap) -> String {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim);
         let key = headers
             .get("x-api-key")
@@ -118,7 +142,13 @@ fn upstream_error(api: Api, f: UpstreamFailure) -> ApiError {
     }
 }
 
-async fn call(State(state): St, api: Api, path_session: Option<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn call(
+    State(state): St,
+    api: Api,
+    path_session: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let t0 = Instant::now();
     let idx = api_index(api);
     state.metrics.requests[idx].inc();
@@ -136,21 +166,39 @@ async fn call(State(state): St, api: Api, path_session: Option<String>, headers:
     }
 }
 
-async fn run_call(state: &Arc<AppState>, api: Api, session: String, body: Bytes, t0: Instant) -> Result<Response, ApiError> {
+async fn run_call(
+    state: &Arc<AppState>,
+    api: Api,
+    session: String,
+    body: Bytes,
+    t0: Instant,
+) -> Result<Response, ApiError> {
     let started_ms = now_ms();
     let request: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(api, format!("the request body is not valid JSON: {e}")))?;
     if !request.is_object() {
-        return Err(ApiError::invalid(api, "the request body must be a JSON object"));
+        return Err(ApiError::invalid(
+            api,
+            "the request body must be a JSON object",
+        ));
     }
     let mut upstream_request = match api {
         Api::Chat => request.clone(),
-        Api::Messages => anthropic::to_chat(&request, &state.norm).map_err(|e| ApiError::invalid(api, e))?,
-        Api::Responses => responses::to_chat(&request, &state.norm).map_err(|e| ApiError::invalid(api, e))?,
+        Api::Messages => {
+            anthropic::to_chat(&request, &state.norm).map_err(|e| ApiError::invalid(api, e))?
+        }
+        Api::Responses => {
+            responses::to_chat(&request, &state.norm).map_err(|e| ApiError::invalid(api, e))?
+        }
     };
     let info = match upstream_request.as_object_mut() {
         Some(o) => chat::normalize(o, &state.norm).map_err(|e| ApiError::invalid(api, e))?,
-        None => return Err(ApiError::invalid(api, "the request body must be a JSON object")),
+        None => {
+            return Err(ApiError::invalid(
+                api,
+                "the request body must be a JSON object",
+            ));
+        }
     };
     let opened = state
         .pool
@@ -174,7 +222,10 @@ async fn run_call(state: &Arc<AppState>, api: Api, session: String, body: Bytes,
                 input.upstream = upstream;
                 body
             }
-            Opened::Stream { upstream, mut stream } => {
+            Opened::Stream {
+                upstream,
+                mut stream,
+            } => {
                 input.upstream = upstream;
                 let mut acc = Accumulator::new();
                 loop {
@@ -182,7 +233,12 @@ async fn run_call(state: &Arc<AppState>, api: Api, session: String, body: Bytes,
                         Ok(Some(c)) => acc.push(&c),
                         Ok(None) => break,
                         Err(e) => {
-                            return Err(ApiError::new(api, StatusCode::BAD_GATEWAY, ApiErrorKind::Upstream, e));
+                            return Err(ApiError::new(
+                                api,
+                                StatusCode::BAD_GATEWAY,
+                                ApiErrorKind::Upstream,
+                                e,
+                            ));
                         }
                     }
                 }
@@ -203,9 +259,18 @@ async fn run_call(state: &Arc<AppState>, api: Api, session: String, body: Bytes,
             chat::strip_for_caller(&mut input.response, false);
         }
         input.full = full;
-        state.recorder.record(input, &state.metrics).await.map_err(|e| {
-            ApiError::new(api, StatusCode::INTERNAL_SERVER_ERROR, ApiErrorKind::Internal, format!("recording the call failed: {e}"))
-        })?;
+        state
+            .recorder
+            .record(input, &state.metrics)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    api,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ApiErrorKind::Internal,
+                    format!("recording the call failed: {e}"),
+                )
+            })?;
         state.metrics.request_seconds[api_index(api)].observe(t0.elapsed());
         return Ok(axum::Json(caller).into_response());
     }
@@ -220,7 +285,12 @@ async fn run_call(state: &Arc<AppState>, api: Api, session: String, body: Bytes,
     let (upstream, chunks) = match opened {
         Opened::Stream { upstream, stream } => (upstream, stream),
         Opened::Full { .. } => {
-            return Err(ApiError::new(api, StatusCode::BAD_GATEWAY, ApiErrorKind::Upstream, "unexpected upstream answer"));
+            return Err(ApiError::new(
+                api,
+                StatusCode::BAD_GATEWAY,
+                ApiErrorKind::Upstream,
+                "unexpected upstream answer",
+            ));
         }
     };
     input.upstream = upstream;
@@ -229,11 +299,16 @@ async fn run_call(state: &Arc<AppState>, api: Api, session: String, body: Bytes,
     state.metrics.active_streams.inc();
     tokio::spawn(drive_stream(st, input, sink, chunks, tx, t0));
     let body = Body::from_stream(stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
     }));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(resp)
 }
@@ -312,10 +387,17 @@ async fn count_tokens(State(state): St, body: Bytes) -> Response {
         Ok(v) => v,
         Err(e) => return ApiError::invalid(api, e).into_response(),
     };
-    let messages = chat_req.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
+    let messages = chat_req
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let tools = chat_req.get("tools").and_then(Value::as_array).cloned();
     let n = match state.recorder.tokenizer() {
-        Some(t) => t.apply_chat_template(&messages, tools.as_deref(), true).map(|ids| ids.len()).ok(),
+        Some(t) => t
+            .apply_chat_template(&messages, tools.as_deref(), true)
+            .map(|ids| ids.len())
+            .ok(),
         None => None,
     };
     // Without a tokenizer: a rough estimate (4 bytes per token).
@@ -329,7 +411,11 @@ async fn models(State(state): St, headers: HeaderMap) -> Response {
         Some(v) => v
             .get("data")
             .and_then(Value::as_array)
-            .map(|d| d.iter().filter_map(|m| m.get("id").and_then(Value::as_str).map(String::from)).collect())
+            .map(|d| {
+                d.iter()
+                    .filter_map(|m| m.get("id").and_then(Value::as_str).map(String::from))
+                    .collect()
+            })
             .unwrap_or_default(),
         None => state.models.clone(),
     };
@@ -366,11 +452,17 @@ fn not_found(id: &str) -> Response {
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
-    (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": {"message": e.to_string(), "type": "server_error"}})))
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(json!({"error": {"message": e.to_string(), "type": "server_error"}})),
+    )
         .into_response()
 }
 
-async fn read_session(state: &Arc<AppState>, id: String) -> Result<Option<Vec<crate::record::CallRecord>>, Response> {
+async fn read_session(
+    state: &Arc<AppState>,
+    id: String,
+) -> Result<Option<Vec<crate::record::CallRecord>>, Response> {
     let store = state.recorder.store().clone();
     match tokio::task::spawn_blocking(move || store.session(&id)).await {
         Ok(Ok(v)) => Ok(v),
@@ -396,6 +488,8 @@ async fn get_tree(State(state): St, Path(id): Path<String>) -> Response {
 }
 
 async fn metrics(State(state): St) -> Response {
-    let text = state.metrics.render(&state.pool.inflight(), state.recorder.store().len());
+    let text = state
+        .metrics
+        .render(&state.pool.inflight(), state.recorder.store().len());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

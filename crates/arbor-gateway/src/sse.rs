@@ -27,10 +27,7 @@ impl SseParser {
     pub fn push(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
         self.buf.extend_from_slice(chunk);
         let mut out = Vec::new();
-        loop {
-            let Some((end, sep)) = find_event_end(&self.buf) else {
-                break;
-            };
+        while let Some((end, sep)) = find_event_end(&self.buf) {
             let raw: Vec<u8> = self.buf.drain(..end + sep).collect();
             if let Some(ev) = parse_event(&raw[..end]) {
                 out.push(ev);
@@ -131,9 +128,18 @@ mod tests {
         assert_eq!(
             evs,
             vec![
-                SseEvent { event: None, data: "{\"a\":1}".into() },
-                SseEvent { event: Some("x".into()), data: "2".into() },
-                SseEvent { event: None, data: "[DONE]".into() },
+                SseEvent {
+                    event: None,
+                    data: "{\"a\":1}".into()
+                },
+                SseEvent {
+                    event: Some("x".into()),
+                    data: "2".into()
+                },
+                SseEvent {
+                    event: None,
+                    data: "[DONE]".into()
+                },
             ]
         );
     }

@@ -165,8 +165,12 @@ pub fn render_prompt(messages: &[Value], tools: Option<&Vec<Value>>) -> Vec<u32>
             for tc in tcs {
                 let f = tc.get("function");
                 text.push_str(&tool_call_text(
-                    f.and_then(|f| f.get("name")).and_then(Value::as_str).unwrap_or(""),
-                    f.and_then(|f| f.get("arguments")).and_then(Value::as_str).unwrap_or(""),
+                    f.and_then(|f| f.get("name"))
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
+                    f.and_then(|f| f.get("arguments"))
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
                 ));
             }
         }
@@ -222,8 +226,14 @@ struct Plan {
 fn plan(inner: &Inner, req: &Value, n_call: u64, choice: usize) -> Plan {
     let messages = req.get("messages").and_then(Value::as_array);
     let last = messages.and_then(|m| m.last());
-    let last_role = last.and_then(|m| m.get("role")).and_then(Value::as_str).unwrap_or("");
-    let tools = req.get("tools").and_then(Value::as_array).filter(|t| !t.is_empty());
+    let last_role = last
+        .and_then(|m| m.get("role"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let tools = req
+        .get("tools")
+        .and_then(Value::as_array)
+        .filter(|t| !t.is_empty());
     let choice_none = req.get("tool_choice").and_then(Value::as_str) == Some("none");
     if let Some(tools) = tools
         && last_role == "user"
@@ -236,7 +246,13 @@ fn plan(inner: &Inner, req: &Value, n_call: u64, choice: usize) -> Plan {
             .and_then(Value::as_str);
         let tool = tools
             .iter()
-            .find(|t| named.is_some() && t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) == named)
+            .find(|t| {
+                named.is_some()
+                    && t.get("function")
+                        .and_then(|f| f.get("name"))
+                        .and_then(Value::as_str)
+                        == named
+            })
             .unwrap_or(&tools[0]);
         let name = tool
             .get("function")
@@ -246,7 +262,11 @@ fn plan(inner: &Inner, req: &Value, n_call: u64, choice: usize) -> Plan {
             .to_string();
         return Plan {
             text: String::new(),
-            tool: Some((format!("call_{}_{n_call}_{choice}", inner.cfg.name), name, args_for(tool))),
+            tool: Some((
+                format!("call_{}_{n_call}_{choice}", inner.cfg.name),
+                name,
+                args_for(tool),
+            )),
         };
     }
     let text = if inner.cfg.reply_tokens > 0 {
@@ -255,7 +275,14 @@ fn plan(inner: &Inner, req: &Value, n_call: u64, choice: usize) -> Plan {
     } else {
         let turns = messages.map_or(0, |m| m.iter().filter(|m| m["role"] == "assistant").count());
         if last_role == "tool" {
-            format!("Tool said: {}", last.map(content_text).unwrap_or_default().chars().take(40).collect::<String>())
+            format!(
+                "Tool said: {}",
+                last.map(content_text)
+                    .unwrap_or_default()
+                    .chars()
+                    .take(40)
+                    .collect::<String>()
+            )
         } else {
             format!("Reply {turns}.{choice} from the stand-in.")
         }
@@ -270,7 +297,10 @@ fn segments(p: &Plan) -> Vec<(Option<String>, Vec<u32>)> {
     match &p.tool {
         Some((_, name, args)) => {
             let mid = args.len() / 2;
-            let mid = (0..=mid).rev().find(|&i| args.is_char_boundary(i)).unwrap_or(0);
+            let mid = (0..=mid)
+                .rev()
+                .find(|&i| args.is_char_boundary(i))
+                .unwrap_or(0);
             let mut first = bytes(&format!("<tool_call>{name} "));
             first.extend(bytes(&args[..mid]));
             out.push((Some(args[..mid].to_string()), first));
@@ -315,28 +345,54 @@ async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": {"message": e.to_string()}}))).into_response();
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"message": e.to_string()}})),
+            )
+                .into_response();
         }
     };
     let Some(messages) = req.get("messages").and_then(Value::as_array) else {
-        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": {"message": "messages required"}}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": {"message": "messages required"}})),
+        )
+            .into_response();
     };
     let marker = last_user_text(&req);
     if marker.contains("[[fail]]") {
-        return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": {"message": "asked to fail"}}))).into_response();
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": {"message": "asked to fail"}})),
+        )
+            .into_response();
     }
     let die = marker.contains("[[die]]");
     let tools = req.get("tools").and_then(Value::as_array);
     let prompt = render_prompt(messages, tools);
-    let want_ids = inner.cfg.token_ids && req.get("return_token_ids").and_then(Value::as_bool) == Some(true);
+    let want_ids =
+        inner.cfg.token_ids && req.get("return_token_ids").and_then(Value::as_bool) == Some(true);
     let want_lp = req.get("logprobs").and_then(Value::as_bool) == Some(true);
-    let n = req.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 8) as usize;
+    let n = req
+        .get("n")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .clamp(1, 8) as usize;
     let stream = req.get("stream").and_then(Value::as_bool) == Some(true);
     let model = req.get("model").cloned().unwrap_or(json!("standin"));
     let id = format!("chatcmpl-{}-{n_call}", inner.cfg.name);
     let plans: Vec<Plan> = (0..n).map(|c| plan(&inner, &req, n_call, c)).collect();
-    let finish = |p: &Plan| if p.tool.is_some() { "tool_calls" } else { "stop" };
-    let completion_tokens: usize = plans.iter().map(|p| segments(p).iter().map(|s| s.1.len()).sum::<usize>()).sum();
+    let finish = |p: &Plan| {
+        if p.tool.is_some() {
+            "tool_calls"
+        } else {
+            "stop"
+        }
+    };
+    let completion_tokens: usize = plans
+        .iter()
+        .map(|p| segments(p).iter().map(|s| s.1.len()).sum::<usize>())
+        .sum();
     let usage = json!({"prompt_tokens": prompt.len(), "completion_tokens": completion_tokens,
                        "total_tokens": prompt.len() + completion_tokens});
     if !stream {
@@ -382,7 +438,9 @@ async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
                "system_fingerprint": inner.cfg.name, "choices": choices})
     };
     for (c, p) in plans.iter().enumerate() {
-        let mut first = base(json!([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]));
+        let mut first = base(
+            json!([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+        );
         if want_ids && c == 0 {
             first["prompt_token_ids"] = json!(prompt);
         }
@@ -397,9 +455,13 @@ async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
             let last = k + 1 == nseg;
             let delta = match (&p.tool, piece) {
                 (_, None) => json!({}),
-                (Some((tid, name, _)), Some(piece)) if k == 0 => json!({"tool_calls": [{"index": 0, "id": tid, "type": "function",
-                    "function": {"name": name, "arguments": piece}}]}),
-                (Some(_), Some(piece)) => json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                (Some((tid, name, _)), Some(piece)) if k == 0 => {
+                    json!({"tool_calls": [{"index": 0, "id": tid, "type": "function",
+                    "function": {"name": name, "arguments": piece}}]})
+                }
+                (Some(_), Some(piece)) => {
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                }
                 (None, Some(piece)) => json!({"content": piece}),
             };
             let mut ch = json!({"index": c, "delta": delta,
@@ -426,16 +488,19 @@ async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
     } else {
         frames.into_iter().map(Ok).collect()
     };
-    let body = Body::from_stream(stream::unfold((frames.into_iter(), true), move |(mut it, first)| async move {
-        let next = it.next()?;
-        if next.is_err() {
-            // Let the frames before the failure reach the wire first.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        } else if !first && !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Some((next, (it, false)))
-    }));
+    let body = Body::from_stream(stream::unfold(
+        (frames.into_iter(), true),
+        move |(mut it, first)| async move {
+            let next = it.next()?;
+            if next.is_err() {
+                // Let the frames before the failure reach the wire first.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            } else if !first && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Some((next, (it, false)))
+        },
+    ));
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .body(body)

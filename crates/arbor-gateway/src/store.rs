@@ -171,13 +171,21 @@ impl Store {
         line.push(b'\n');
         let (done, wait) = oneshot::channel();
         {
-            let tx = self.inner.tx.lock().map_err(|_| GatewayError::StoreClosed)?;
+            let tx = self
+                .inner
+                .tx
+                .lock()
+                .map_err(|_| GatewayError::StoreClosed)?;
             let tx = tx.as_ref().ok_or(GatewayError::StoreClosed)?;
             tx.send(WriteReq { line, done })
                 .map_err(|_| GatewayError::StoreClosed)?;
         }
         let offset = wait.await.map_err(|_| GatewayError::StoreClosed)??;
-        let mut index = self.inner.index.lock().map_err(|_| GatewayError::StoreClosed)?;
+        let mut index = self
+            .inner
+            .index
+            .lock()
+            .map_err(|_| GatewayError::StoreClosed)?;
         index
             .sessions
             .entry(record.session.clone())
@@ -200,7 +208,11 @@ impl Store {
     /// Session ids with their number of calls, sorted by id.
     pub fn sessions(&self) -> Vec<(String, usize)> {
         let mut v: Vec<(String, usize)> = match self.inner.index.lock() {
-            Ok(i) => i.sessions.iter().map(|(k, v)| (k.clone(), v.len())).collect(),
+            Ok(i) => i
+                .sessions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.len()))
+                .collect(),
             Err(_) => Vec::new(),
         };
         v.sort();

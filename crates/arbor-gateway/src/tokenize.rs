@@ -227,7 +227,9 @@ impl ChatTokenizer {
                 let mut m = m.clone();
                 if let Some(o) = m.as_object_mut() {
                     if let Some(Value::Array(parts)) = o.get("content")
-                        && parts.iter().all(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+                        && parts
+                            .iter()
+                            .all(|p| p.get("type").and_then(Value::as_str) == Some("text"))
                     {
                         let text: Vec<&str> = parts
                             .iter()
@@ -240,7 +242,8 @@ impl ChatTokenizer {
                         for tc in tcs {
                             if let Some(f) = tc.get_mut("function").and_then(Value::as_object_mut)
                                 && let Some(Value::String(a)) = f.get("arguments")
-                                && let Ok(parsed @ Value::Object(_)) = serde_json::from_str::<Value>(a)
+                                && let Ok(parsed @ Value::Object(_)) =
+                                    serde_json::from_str::<Value>(a)
                             {
                                 f.insert("arguments".into(), parsed);
                             }
@@ -274,7 +277,10 @@ impl ChatTokenizer {
             "tools".into(),
             tools.map_or(Value::Null, |t| Value::Array(t.to_vec())),
         );
-        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::Bool(add_generation_prompt),
+        );
         tmpl.render(minijinja::Value::from_serialize(&ctx))
             .map_err(|e| GatewayError::Template(format!("{e:#}")))
     }

@@ -2,8 +2,8 @@
 //! retry before the first byte, timeouts.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -126,7 +126,12 @@ impl ChunkStream {
                 return Ok(None);
             };
             match tokio::time::timeout(self.idle, body.next()).await {
-                Err(_) => return Err(format!("upstream stream idle for more than {:?}", self.idle)),
+                Err(_) => {
+                    return Err(format!(
+                        "upstream stream idle for more than {:?}",
+                        self.idle
+                    ));
+                }
                 Ok(None) => {
                     self.done = true;
                     if let Some(ev) = self.parser.finish() {
@@ -161,7 +166,8 @@ impl ChunkStream {
             self.body = None;
             return Ok(());
         }
-        let v: Value = serde_json::from_str(data).map_err(|e| format!("bad upstream chunk: {e}"))?;
+        let v: Value =
+            serde_json::from_str(data).map_err(|e| format!("bad upstream chunk: {e}"))?;
         if let Some(err) = v.get("error") {
             return Err(format!("upstream error in stream: {err}"));
         }
@@ -232,9 +238,10 @@ impl UpstreamPool {
     }
 
     fn mark_down(&self, i: usize) {
-        self.ups[i]
-            .down_until_ms
-            .store(self.now_ms() + COOLDOWN.as_millis() as u64, Ordering::Relaxed);
+        self.ups[i].down_until_ms.store(
+            self.now_ms() + COOLDOWN.as_millis() as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Order in which to try upstreams for a session: its affine upstream first (if up), then
@@ -250,7 +257,11 @@ impl UpstreamPool {
                 self.ups[i].sessions.load(Ordering::Relaxed),
             )
         });
-        let affine = self.affinity.lock().ok().and_then(|a| a.get(session).copied());
+        let affine = self
+            .affinity
+            .lock()
+            .ok()
+            .and_then(|a| a.get(session).copied());
         if let Some(a) = affine
             && a < n
             && self.is_up(a)
@@ -274,7 +285,10 @@ impl UpstreamPool {
 
     /// Index of the upstream a session is bound to, if any.
     pub fn affinity_of(&self, session: &str) -> Option<usize> {
-        self.affinity.lock().ok().and_then(|a| a.get(session).copied())
+        self.affinity
+            .lock()
+            .ok()
+            .and_then(|a| a.get(session).copied())
     }
 
     /// Sends a Chat Completions request, retrying on other upstreams until one answers
@@ -287,7 +301,9 @@ impl UpstreamPool {
         metrics: &Metrics,
     ) -> Result<Opened, UpstreamFailure> {
         if self.ups.is_empty() {
-            return Err(UpstreamFailure::Unavailable("no upstream configured".into()));
+            return Err(UpstreamFailure::Unavailable(
+                "no upstream configured".into(),
+            ));
         }
         let mut last = String::new();
         let mut timed_out = false;
@@ -304,7 +320,10 @@ impl UpstreamPool {
                 Ok(opened) => {
                     self.set_affinity(session, i);
                     match opened {
-                        Opened::Stream { mut stream, upstream } => {
+                        Opened::Stream {
+                            mut stream,
+                            upstream,
+                        } => {
                             // The stream keeps the in-flight count until it is dropped.
                             stream.inflight = guard.counter.take();
                             return Ok(Opened::Stream { upstream, stream });
@@ -340,8 +359,18 @@ impl UpstreamPool {
         }
         let fut = rb.send();
         let resp = match tokio::time::timeout(self.request_timeout, fut).await {
-            Err(_) => return Err(TryError::Retry("timed out waiting for the upstream".into(), true)),
-            Ok(Err(e)) => return Err(TryError::Retry(format!("request failed: {e}"), e.is_timeout())),
+            Err(_) => {
+                return Err(TryError::Retry(
+                    "timed out waiting for the upstream".into(),
+                    true,
+                ));
+            }
+            Ok(Err(e)) => {
+                return Err(TryError::Retry(
+                    format!("request failed: {e}"),
+                    e.is_timeout(),
+                ));
+            }
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
@@ -356,11 +385,18 @@ impl UpstreamPool {
                 .and_then(|v| {
                     v.get("error")
                         .and_then(|e| e.get("message").or(Some(e)))
-                        .map(|m| m.as_str().map(String::from).unwrap_or_else(|| m.to_string()))
+                        .map(|m| {
+                            m.as_str()
+                                .map(String::from)
+                                .unwrap_or_else(|| m.to_string())
+                        })
                 })
                 .unwrap_or(text);
             if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-                return Err(TryError::Retry(format!("status {status}: {message}"), false));
+                return Err(TryError::Retry(
+                    format!("status {status}: {message}"),
+                    false,
+                ));
             }
             return Err(TryError::Client(status.as_u16(), message));
         }
@@ -371,14 +407,28 @@ impl UpstreamPool {
             .is_some_and(|ct| ct.starts_with("application/json"));
         if !stream || is_json {
             let bytes = match tokio::time::timeout(self.request_timeout, resp.bytes()).await {
-                Err(_) => return Err(TryError::Retry("timed out reading the upstream body".into(), true)),
-                Ok(Err(e)) => return Err(TryError::Retry(format!("reading the body failed: {e}"), false)),
+                Err(_) => {
+                    return Err(TryError::Retry(
+                        "timed out reading the upstream body".into(),
+                        true,
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return Err(TryError::Retry(
+                        format!("reading the body failed: {e}"),
+                        false,
+                    ));
+                }
                 Ok(Ok(b)) => b,
             };
-            let body: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| TryError::Retry(format!("the upstream answered invalid JSON: {e}"), false))?;
+            let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                TryError::Retry(format!("the upstream answered invalid JSON: {e}"), false)
+            })?;
             if body.get("choices").and_then(Value::as_array).is_none() {
-                return Err(TryError::Retry("the upstream answer has no `choices`".into(), false));
+                return Err(TryError::Retry(
+                    "the upstream answer has no `choices`".into(),
+                    false,
+                ));
             }
             if stream {
                 return Ok(Opened::Stream {
@@ -408,7 +458,10 @@ impl UpstreamPool {
                     stream: cs,
                 })
             }
-            Ok(None) => Err(TryError::Retry("the upstream stream was empty".into(), false)),
+            Ok(None) => Err(TryError::Retry(
+                "the upstream stream was empty".into(),
+                false,
+            )),
             Err(e) => Err(TryError::Retry(e, false)),
         }
     }

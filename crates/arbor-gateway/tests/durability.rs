@@ -28,7 +28,14 @@ fn free_port() -> u16 {
 
 async fn spawn_gateway(port: u16, upstream: &str, store: &std::path::Path) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_arbor-gateway"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", upstream, "--store"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            upstream,
+            "--store",
+        ])
         .arg(store)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -38,7 +45,10 @@ async fn spawn_gateway(port: u16, upstream: &str, store: &std::path::Path) -> Pr
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/health")).send().await
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
             && r.status() == 200
         {
             return p;
@@ -58,7 +68,11 @@ fn last_user(call: &Value) -> String {
 }
 
 async fn recorded(client: &reqwest::Client, base: &str, session: &str) -> Vec<Value> {
-    let r = client.get(format!("{base}/sessions/{session}")).send().await.unwrap();
+    let r = client
+        .get(format!("{base}/sessions/{session}"))
+        .send()
+        .await
+        .unwrap();
     if r.status() == 404 {
         return Vec::new();
     }
@@ -70,7 +84,11 @@ async fn recorded(client: &reqwest::Client, base: &str, session: &str) -> Vec<Va
 async fn sigkill_mid_load_loses_and_duplicates_nothing() {
     let sa = standin::spawn(
         ([127, 0, 0, 1], 0).into(),
-        StandinConfig { reply_tokens: 12, chunk_delay: Duration::from_millis(2), ..Default::default() },
+        StandinConfig {
+            reply_tokens: 12,
+            chunk_delay: Duration::from_millis(2),
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
@@ -100,17 +118,22 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
                     stream_call(&client, &url, &body).await.ok()
                 } else {
                     match client.post(&url).json(&body).send().await {
-                        Ok(r) if r.status() == 200 => r
-                            .json::<Value>()
-                            .await
-                            .ok()
-                            .and_then(|v| v["choices"][0]["message"]["content"].as_str().map(String::from)),
+                        Ok(r) if r.status() == 200 => r.json::<Value>().await.ok().and_then(|v| {
+                            v["choices"][0]["message"]["content"]
+                                .as_str()
+                                .map(String::from)
+                        }),
                         _ => None,
                     }
                 };
                 match text {
                     Some(t) => {
-                        completed.lock().unwrap().entry(format!("k{s}")).or_default().push(marker);
+                        completed
+                            .lock()
+                            .unwrap()
+                            .entry(format!("k{s}"))
+                            .or_default()
+                            .push(marker);
                         messages.push(json!({"role": "assistant", "content": t}));
                     }
                     // The gateway is gone: stop this session (bounded loop either way).
@@ -145,15 +168,27 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
         let recs = recorded(&client, &base, &session).await;
         let markers: Vec<String> = recs.iter().map(last_user).collect();
         let unique: HashSet<&String> = markers.iter().collect();
-        assert_eq!(unique.len(), markers.len(), "{session}: duplicated calls {markers:?}");
+        assert_eq!(
+            unique.len(),
+            markers.len(),
+            "{session}: duplicated calls {markers:?}"
+        );
         let idx: Vec<u64> = recs.iter().map(|r| r["index"].as_u64().unwrap()).collect();
-        assert_eq!(idx, (0..recs.len() as u64).collect::<Vec<_>>(), "{session}: indices");
+        assert_eq!(
+            idx,
+            (0..recs.len() as u64).collect::<Vec<_>>(),
+            "{session}: indices"
+        );
         for m in done.get(&session).into_iter().flatten() {
             assert!(unique.contains(m), "{session}: completed call {m} lost");
         }
         // At most the one call in flight at the kill may be recorded without having completed.
         let answered = done.get(&session).map_or(0, Vec::len);
-        assert!(recs.len() == answered || recs.len() == answered + 1, "{session}: {} vs {answered}", recs.len());
+        assert!(
+            recs.len() == answered || recs.len() == answered + 1,
+            "{session}: {} vs {answered}",
+            recs.len()
+        );
         recorded_total += recs.len();
     }
     assert!(recorded_total >= total);
@@ -168,6 +203,9 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
     assert_eq!(r.status(), 200);
     let recs = recorded(&client, &base, "k0").await;
     assert_eq!(recs.len(), before + 1);
-    assert_eq!(recs.last().unwrap()["index"].as_u64().unwrap(), before as u64);
+    assert_eq!(
+        recs.last().unwrap()["index"].as_u64().unwrap(),
+        before as u64
+    );
     sa.shutdown().await;
 }

@@ -23,47 +23,95 @@ async fn chat_plain_and_stream_are_recorded_with_tokens() {
                       "reasoning": {"effort": "low"}, "metadata": {"x": 1}});
     let (s, r) = env.post("/s/a/v1/chat/completions?beta=true", &body).await;
     assert_eq!(s, 200, "{r}");
-    let text = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
-    assert!(r["choices"][0]["logprobs"].is_null(), "logprobs not asked, not returned");
+    let text = r["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        r["choices"][0]["logprobs"].is_null(),
+        "logprobs not asked, not returned"
+    );
     assert!(r.get("prompt_token_ids").is_none() && r["choices"][0].get("token_ids").is_none());
     // Streaming, session from the bearer key, with logprobs and a usage chunk.
     let body2 = json!({"model": "m", "stream": true, "logprobs": true, "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": text},
                      {"role": "user", "content": "again"}]});
-    let r2 = env.client.post(env.url("/v1/chat/completions")).bearer_auth("a").json(&body2).send().await.unwrap();
+    let r2 = env
+        .client
+        .post(env.url("/v1/chat/completions"))
+        .bearer_auth("a")
+        .json(&body2)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r2.headers()["content-type"], "text/event-stream");
     let sse = r2.text().await.unwrap();
     let evs = sse_events(&sse);
     assert_eq!(evs.last().unwrap().1, "[DONE]");
-    let chunks: Vec<Value> = evs[..evs.len() - 1].iter().map(|e| serde_json::from_str(&e.1).unwrap()).collect();
-    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let chunks: Vec<Value> = evs[..evs.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(&e.1).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
     assert!(!streamed.is_empty());
-    assert!(chunks.iter().any(|c| c["choices"][0]["logprobs"]["content"].is_array()));
-    assert!(chunks.last().unwrap()["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["logprobs"]["content"].is_array())
+    );
+    assert!(
+        chunks.last().unwrap()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     // x-api-key addressing, third call.
     let body3 = json!({"messages": [{"role": "user", "content": "other"}]});
-    let r3 = env.client.post(env.url("/v1/chat/completions")).header("x-api-key", "b").json(&body3).send().await.unwrap();
+    let r3 = env
+        .client
+        .post(env.url("/v1/chat/completions"))
+        .header("x-api-key", "b")
+        .json(&body3)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r3.status(), 200);
 
     let calls = env.calls("a").await;
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[0]["index"], 0);
     assert_eq!(calls[1]["index"], 1);
-    assert_eq!(calls[0]["request"]["reasoning"]["effort"], "low", "unknown fields kept");
+    assert_eq!(
+        calls[0]["request"]["reasoning"]["effort"], "low",
+        "unknown fields kept"
+    );
     assert_eq!(calls[1]["stream"], true);
-    assert_eq!(calls[1]["response"]["choices"][0]["message"]["content"], streamed);
+    assert_eq!(
+        calls[1]["response"]["choices"][0]["message"]["content"],
+        streamed
+    );
     for c in &calls {
         check_standin_tokens(c);
     }
     assert_eq!(calls[0]["tokens"]["completions"][0]["text"], text);
-    assert_eq!(calls[1]["branch"]["extends_previous"], true, "{}", calls[1]["branch"]);
+    assert_eq!(
+        calls[1]["branch"]["extends_previous"], true,
+        "{}",
+        calls[1]["branch"]
+    );
     assert_eq!(calls[1]["branch"]["parent"], 0);
     assert_eq!(env.calls("b").await.len(), 1);
     let (_, list) = env.get("/sessions").await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 2);
     let (_, m) = env.get("/metrics").await;
     let m = m.as_str().unwrap();
-    assert!(m.contains("arbor_gateway_requests_total{api=\"chat\"} 3"), "{m}");
+    assert!(
+        m.contains("arbor_gateway_requests_total{api=\"chat\"} 3"),
+        "{m}"
+    );
     assert!(m.contains("arbor_gateway_calls_recorded_total 3"));
     let (s, _) = env.get("/sessions/nope").await;
     assert_eq!(s, 404);
@@ -72,9 +120,12 @@ async fn chat_plain_and_stream_are_recorded_with_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_tool_call_round_trip_streaming() {
     let env = Env::new().await;
-    let mut messages = vec![json!({"role": "developer", "content": "be useful"}),
-                            json!({"role": "user", "content": "weather in Paris?"})];
-    let body = json!({"model": "m", "stream": true, "tools": [weather_tool()], "messages": messages});
+    let mut messages = vec![
+        json!({"role": "developer", "content": "be useful"}),
+        json!({"role": "user", "content": "weather in Paris?"}),
+    ];
+    let body =
+        json!({"model": "m", "stream": true, "tools": [weather_tool()], "messages": messages});
     let (s, sse) = env.post_stream("/s/t/v1/chat/completions", &body).await;
     assert_eq!(s, 200);
     let evs = sse_events(&sse);
@@ -87,38 +138,69 @@ async fn chat_tool_call_round_trip_streaming() {
         if let Some(tcs) = c["choices"][0]["delta"]["tool_calls"].as_array() {
             for tc in tcs {
                 assert_eq!(tc["index"], 0);
-                if let Some(i) = tc["id"].as_str() { id = i.into(); }
-                if let Some(n) = tc["function"]["name"].as_str() { name.push_str(n); }
-                if let Some(a) = tc["function"]["arguments"].as_str() { args.push_str(a); }
+                if let Some(i) = tc["id"].as_str() {
+                    id = i.into();
+                }
+                if let Some(n) = tc["function"]["name"].as_str() {
+                    name.push_str(n);
+                }
+                if let Some(a) = tc["function"]["arguments"].as_str() {
+                    args.push_str(a);
+                }
             }
         }
-        if let Some(f) = c["choices"][0]["finish_reason"].as_str() { finish = f.into(); }
+        if let Some(f) = c["choices"][0]["finish_reason"].as_str() {
+            finish = f.into();
+        }
     }
     assert_eq!(name, "get_weather");
     assert_eq!(finish, "tool_calls");
     let parsed: Value = serde_json::from_str(&args).unwrap();
     assert_eq!(parsed["city"], "standin");
     // Assistant message without content, then the tool result.
-    messages.push(json!({"role": "assistant", "tool_calls": [{"id": id, "type": "function",
-        "function": {"name": name, "arguments": args}}]}));
+    messages.push(
+        json!({"role": "assistant", "tool_calls": [{"id": id, "type": "function",
+        "function": {"name": name, "arguments": args}}]}),
+    );
     messages.push(json!({"role": "tool", "tool_call_id": id, "content": "sunny"}));
     let body = json!({"model": "m", "tools": [weather_tool()], "messages": messages});
     let (s, r) = env.post("/s/t/v1/chat/completions", &body).await;
     assert_eq!(s, 200, "{r}");
-    assert!(r["choices"][0]["message"]["content"].as_str().unwrap().contains("sunny"));
+    assert!(
+        r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("sunny")
+    );
     let calls = env.calls("t").await;
     assert_eq!(calls.len(), 2);
-    assert_eq!(calls[0]["response"]["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], args);
-    assert_eq!(calls[0]["upstream_request"]["messages"][0]["role"], "system", "developer mapped to system");
+    assert_eq!(
+        calls[0]["response"]["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+        args
+    );
+    assert_eq!(
+        calls[0]["upstream_request"]["messages"][0]["role"], "system",
+        "developer mapped to system"
+    );
     check_standin_tokens(&calls[0]);
     check_standin_tokens(&calls[1]);
-    assert_eq!(calls[1]["branch"]["extends_previous"], true, "{}", calls[1]["branch"]);
+    assert_eq!(
+        calls[1]["branch"]["extends_previous"], true,
+        "{}",
+        calls[1]["branch"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_use_each_api_shape() {
     let env = Env::new().await;
-    let r = env.client.post(env.url("/v1/chat/completions")).body("{not json").send().await.unwrap();
+    let r = env
+        .client
+        .post(env.url("/v1/chat/completions"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
@@ -130,7 +212,12 @@ async fn errors_use_each_api_shape() {
     let body = json!({"model": "m", "input": "hi", "tools": [{"type": "web_search"}]});
     let (s, v) = env.post("/v1/responses", &body).await;
     assert_eq!(s, 400);
-    assert!(v["error"]["message"].as_str().unwrap().contains("web_search"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("web_search")
+    );
     // ... and upstream failures become 502 in the caller's shape.
     let body = json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "[[fail]]"}]});
     let (s, v) = env.post("/v1/messages", &body).await;
@@ -144,7 +231,10 @@ async fn errors_use_each_api_shape() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_tools_can_be_dropped() {
-    let env = Env::with(vec![StandinConfig::default()], |c| c.tool_policy = arbor_gateway::ToolPolicy::Drop).await;
+    let env = Env::with(vec![StandinConfig::default()], |c| {
+        c.tool_policy = arbor_gateway::ToolPolicy::Drop
+    })
+    .await;
     let body = json!({"model": "m", "input": "hi", "tools": [{"type": "web_search"}]});
     let (s, v) = env.post("/s/d/v1/responses", &body).await;
     assert_eq!(s, 200, "{v}");
@@ -156,7 +246,8 @@ async fn messages_stream_event_sequence_and_tool_round_trip() {
     let env = Env::new().await;
     let tools = json!([{"name": "get_weather", "description": "w",
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
-    let mut messages = vec![json!({"role": "user", "content": [{"type": "text", "text": "weather?"}]})];
+    let mut messages =
+        vec![json!({"role": "user", "content": [{"type": "text", "text": "weather?"}]})];
     let body = json!({"model": "claude-x", "max_tokens": 100, "system": [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}],
         "tools": tools, "messages": messages, "stream": true});
     let (s, sse) = env.post_stream("/s/m/v1/messages", &body).await;
@@ -164,12 +255,23 @@ async fn messages_stream_event_sequence_and_tool_round_trip() {
     let evs = sse_events(&sse);
     let names: Vec<&str> = evs.iter().map(|e| e.0.as_deref().unwrap_or("")).collect();
     assert_eq!(names[..3], ["message_start", "ping", "content_block_start"]);
-    assert_eq!(names[names.len() - 3..], ["content_block_stop", "message_delta", "message_stop"]);
+    assert_eq!(
+        names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
     let start: Value = serde_json::from_str(&evs[2].1).unwrap();
     assert_eq!(start["content_block"]["type"], "tool_use");
     let tool_id = start["content_block"]["id"].as_str().unwrap().to_string();
-    let partial: String = evs.iter().filter(|e| e.0.as_deref() == Some("content_block_delta"))
-        .map(|e| serde_json::from_str::<Value>(&e.1).unwrap()["delta"]["partial_json"].as_str().unwrap().to_string()).collect();
+    let partial: String = evs
+        .iter()
+        .filter(|e| e.0.as_deref() == Some("content_block_delta"))
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.1).unwrap()["delta"]["partial_json"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     let input: Value = serde_json::from_str(&partial).unwrap();
     let delta: Value = serde_json::from_str(&evs[evs.len() - 2].1).unwrap();
     assert_eq!(delta["delta"]["stop_reason"], "tool_use");
@@ -188,14 +290,19 @@ async fn messages_stream_event_sequence_and_tool_round_trip() {
     assert_eq!(calls[0]["response"]["content"][0]["type"], "tool_use");
     check_standin_tokens(&calls[0]);
     check_standin_tokens(&calls[1]);
-    assert_eq!(calls[1]["branch"]["extends_previous"], true, "{}", calls[1]["branch"]);
+    assert_eq!(
+        calls[1]["branch"]["extends_previous"], true,
+        "{}",
+        calls[1]["branch"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_stream_event_sequence_and_tool_round_trip() {
     let env = Env::new().await;
     let tools = json!([{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
-    let mut input = vec![json!({"role": "user", "content": [{"type": "input_text", "text": "weather?"}]})];
+    let mut input =
+        vec![json!({"role": "user", "content": [{"type": "input_text", "text": "weather?"}]})];
     let body = json!({"model": "gpt-x", "instructions": "be brief", "tools": tools, "input": input, "stream": true, "store": false});
     let (s, sse) = env.post_stream("/s/r/v1/responses", &body).await;
     assert_eq!(s, 200);
@@ -206,37 +313,72 @@ async fn responses_stream_event_sequence_and_tool_round_trip() {
     assert!(names.contains(&"response.output_item.added"));
     assert!(names.contains(&"response.function_call_arguments.delta"));
     assert!(names.contains(&"response.output_item.done"));
-    let seqs: Vec<u64> = evs.iter().map(|e| serde_json::from_str::<Value>(&e.1).unwrap()["sequence_number"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = evs
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.1).unwrap()["sequence_number"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
     let done: Value = serde_json::from_str(&evs.last().unwrap().1).unwrap();
     let fc = done["response"]["output"][0].clone();
     assert_eq!(fc["type"], "function_call");
     input.push(fc.clone());
-    input.push(json!({"type": "function_call_output", "call_id": fc["call_id"], "output": "cloudy"}));
-    let body = json!({"model": "gpt-x", "instructions": "be brief", "tools": tools, "input": input});
+    input.push(
+        json!({"type": "function_call_output", "call_id": fc["call_id"], "output": "cloudy"}),
+    );
+    let body =
+        json!({"model": "gpt-x", "instructions": "be brief", "tools": tools, "input": input});
     let (s, r) = env.post("/s/r/v1/responses", &body).await;
     assert_eq!(s, 200, "{r}");
     assert_eq!(r["object"], "response");
     assert_eq!(r["output"][0]["type"], "message");
-    assert!(r["output"][0]["content"][0]["text"].as_str().unwrap().contains("cloudy"));
+    assert!(
+        r["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("cloudy")
+    );
     let calls = env.calls("r").await;
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[0]["response"]["output"][0]["call_id"], fc["call_id"]);
     check_standin_tokens(&calls[1]);
-    assert_eq!(calls[1]["branch"]["extends_previous"], true, "{}", calls[1]["branch"]);
+    assert_eq!(
+        calls[1]["branch"]["extends_previous"], true,
+        "{}",
+        calls[1]["branch"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_retries_before_first_byte_and_keeps_sessions() {
     // Upstream 0 is down (503); 1 and 2 work.
-    let down = StandinConfig { name: "down".into(), fail_status: Some(503), ..Default::default() };
-    let a = StandinConfig { name: "a".into(), ..Default::default() };
-    let b = StandinConfig { name: "b".into(), ..Default::default() };
+    let down = StandinConfig {
+        name: "down".into(),
+        fail_status: Some(503),
+        ..Default::default()
+    };
+    let a = StandinConfig {
+        name: "a".into(),
+        ..Default::default()
+    };
+    let b = StandinConfig {
+        name: "b".into(),
+        ..Default::default()
+    };
     let env = Env::with(vec![down, a, b], |_| {}).await;
     for s in 0..6 {
         for c in 0..3 {
             let body = json!({"messages": [{"role": "user", "content": format!("s{s} c{c}")}], "stream": c % 2 == 1});
-            let r = env.client.post(env.url(&format!("/s/sess{s}/v1/chat/completions"))).json(&body).send().await.unwrap();
+            let r = env
+                .client
+                .post(env.url(&format!("/s/sess{s}/v1/chat/completions")))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 200);
             let _ = r.text().await.unwrap();
         }
@@ -245,16 +387,30 @@ async fn routing_retries_before_first_byte_and_keeps_sessions() {
     for s in 0..6 {
         let calls = env.calls(&format!("sess{s}")).await;
         assert_eq!(calls.len(), 3);
-        let ups: std::collections::HashSet<&str> = calls.iter().map(|c| c["upstream"].as_str().unwrap()).collect();
+        let ups: std::collections::HashSet<&str> = calls
+            .iter()
+            .map(|c| c["upstream"].as_str().unwrap())
+            .collect();
         assert_eq!(ups.len(), 1, "a session stays on one upstream: {ups:?}");
         let up = *ups.iter().next().unwrap();
-        assert_ne!(up, env.standins[0].url(), "the failed upstream never answered");
+        assert_ne!(
+            up,
+            env.standins[0].url(),
+            "the failed upstream never answered"
+        );
         used.insert(up.to_string());
     }
     assert_eq!(used.len(), 2, "sessions spread over the healthy upstreams");
-    assert!(env.standins[0].requests() >= 1, "the failing upstream was tried");
+    assert!(
+        env.standins[0].requests() >= 1,
+        "the failing upstream was tried"
+    );
     let (_, m) = env.get("/metrics").await;
-    assert!(!m.as_str().unwrap().contains("arbor_gateway_upstream_retries_total 0"));
+    assert!(
+        !m.as_str()
+            .unwrap()
+            .contains("arbor_gateway_upstream_retries_total 0")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,16 +437,26 @@ async fn compaction_makes_a_branch_and_tree_paths_reproduce_calls() {
     let mut messages = vec![sys.clone(), json!({"role": "user", "content": "step one"})];
     let mut texts = Vec::new();
     for k in 0..3 {
-        let (s, r) = env.post("/s/c/v1/chat/completions", &json!({"messages": messages})).await;
+        let (s, r) = env
+            .post("/s/c/v1/chat/completions", &json!({"messages": messages}))
+            .await;
         assert_eq!(s, 200);
-        let t = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+        let t = r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
         texts.push(t.clone());
         messages.push(json!({"role": "assistant", "content": t}));
         messages.push(json!({"role": "user", "content": format!("step {}", k + 2)}));
     }
     // Compaction: keep the system prompt, replace the history by a summary.
-    let compacted = vec![sys, json!({"role": "user", "content": "Summary of earlier work. Continue."})];
-    let (s, _) = env.post("/s/c/v1/chat/completions", &json!({"messages": compacted})).await;
+    let compacted = vec![
+        sys,
+        json!({"role": "user", "content": "Summary of earlier work. Continue."}),
+    ];
+    let (s, _) = env
+        .post("/s/c/v1/chat/completions", &json!({"messages": compacted}))
+        .await;
     assert_eq!(s, 200);
     let calls = env.calls("c").await;
     assert_eq!(calls.len(), 4);
@@ -307,17 +473,30 @@ async fn compaction_makes_a_branch_and_tree_paths_reproduce_calls() {
     assert_eq!(paths.len(), 4);
     // Two roots would mean no shared prefix; the shared system prompt makes one root with a branch.
     assert_eq!(t.roots().len(), 1);
-    assert!(t.nodes().iter().any(|n| n.children.len() >= 2), "the tree branches");
+    assert!(
+        t.nodes().iter().any(|n| n.children.len() >= 2),
+        "the tree branches"
+    );
     assert!(t.unique_tokens() < t.flat_tokens());
     for (p, c) in paths.iter().zip(&calls) {
         let mut expect = ids(&c["tokens"]["prompt"]);
         let comp = ids(&c["tokens"]["completions"][0]["ids"]);
         let np = expect.len();
         expect.extend(&comp);
-        assert_eq!(p.tokens.iter().map(|&x| x as u64).collect::<Vec<_>>(), expect, "path {}", p.id);
+        assert_eq!(
+            p.tokens.iter().map(|&x| x as u64).collect::<Vec<_>>(),
+            expect,
+            "path {}",
+            p.id
+        );
         assert_eq!(p.id, c["id"].as_str().unwrap());
         assert!(p.loss_mask[..np].iter().all(|m| !m) && p.loss_mask[np..].iter().all(|m| *m));
-        let lps: Vec<f64> = c["tokens"]["completions"][0]["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let lps: Vec<f64> = c["tokens"]["completions"][0]["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         for (a, b) in p.logprobs[np..].iter().zip(&lps) {
             assert!((*a as f64 - b).abs() < 1e-6);
         }

@@ -61,28 +61,52 @@ async fn chat_template_matches_transformers() {
         (&msgs[..], Some(tl), false),
         (&msgs[..6], None, false),
     ] {
-        let ids = tok.apply_chat_template(messages, tools.map(|v| v.as_slice()), agp).unwrap();
-        cases.push(json!({"messages": messages, "tools": tools, "add_generation_prompt": agp, "ids": ids}));
+        let ids = tok
+            .apply_chat_template(messages, tools.map(|v| v.as_slice()), agp)
+            .unwrap();
+        cases.push(
+            json!({"messages": messages, "tools": tools, "add_generation_prompt": agp, "ids": ids}),
+        );
     }
     let cases_file = tmp.path().join("cases.json");
     std::fs::write(&cases_file, serde_json::to_vec(&cases).unwrap()).unwrap();
 
     // End to end: an upstream without token ids, so the gateway tokenizes with the template.
-    let no_ids = StandinConfig { token_ids: false, ..Default::default() };
+    let no_ids = StandinConfig {
+        token_ids: false,
+        ..Default::default()
+    };
     let dir = tok_dir.clone();
     let env = Env::with(vec![no_ids], move |c| c.tokenizer = Some(dir)).await;
-    let mut messages = vec![msgs[0].clone(), json!({"role": "user", "content": "search for parse"})];
-    let (s, r) = env.post("/s/tpl/v1/chat/completions", &json!({"messages": messages, "tools": t})).await;
+    let mut messages = vec![
+        msgs[0].clone(),
+        json!({"role": "user", "content": "search for parse"}),
+    ];
+    let (s, r) = env
+        .post(
+            "/s/tpl/v1/chat/completions",
+            &json!({"messages": messages, "tools": t}),
+        )
+        .await;
     assert_eq!(s, 200, "{r}");
     let m = r["choices"][0]["message"].clone();
     let tc = m["tool_calls"][0].clone();
     messages.push(m);
     messages.push(json!({"role": "tool", "tool_call_id": tc["id"], "content": "found it"}));
-    let (s, r) = env.post("/s/tpl/v1/chat/completions", &json!({"messages": messages, "tools": t, "stream": true})).await;
+    let (s, r) = env
+        .post(
+            "/s/tpl/v1/chat/completions",
+            &json!({"messages": messages, "tools": t, "stream": true}),
+        )
+        .await;
     assert_eq!(s, 200, "{r}");
     let calls = env.calls("tpl").await;
     assert_eq!(calls.len(), 2);
-    assert_eq!(calls[1]["branch"]["extends_previous"], true, "{}", calls[1]["branch"]);
+    assert_eq!(
+        calls[1]["branch"]["extends_previous"], true,
+        "{}",
+        calls[1]["branch"]
+    );
     run_python(
         "chat_template.py",
         &[

@@ -104,13 +104,21 @@ async fn main() -> anyhow::Result<()> {
             cfg.tokenizer = tokenizer;
             cfg.upstream_api_key = upstream_api_key;
             cfg.upstream_token_ids = !no_upstream_token_ids;
-            cfg.tool_policy = if drop_unsupported_tools { ToolPolicy::Drop } else { ToolPolicy::Refuse };
+            cfg.tool_policy = if drop_unsupported_tools {
+                ToolPolicy::Drop
+            } else {
+                ToolPolicy::Refuse
+            };
             cfg.default_model = default_model;
             cfg.request_timeout = Duration::from_secs(request_timeout);
             cfg.idle_stream_timeout = Duration::from_secs(idle_timeout);
             serve(cfg).await.context("gateway failed")?;
         }
-        Cmd::Standin { listen, reply_tokens, chunk_delay_ms } => {
+        Cmd::Standin {
+            listen,
+            reply_tokens,
+            chunk_delay_ms,
+        } => {
             let s = standin::spawn(
                 listen,
                 StandinConfig {
@@ -122,11 +130,22 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("starting the stand-in")?;
             eprintln!("stand-in listening on {}", s.url());
-            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
             s.shutdown().await;
         }
-        Cmd::Bench { json: _, sessions, calls } => {
-            let report = bench(BenchOptions { sessions, calls, ..Default::default() }).await?;
+        Cmd::Bench {
+            json: _,
+            sessions,
+            calls,
+        } => {
+            let report = bench(BenchOptions {
+                sessions,
+                calls,
+                ..Default::default()
+            })
+            .await?;
             println!("{}", serde_json::to_string(&report)?);
         }
     }

@@ -23,7 +23,11 @@ impl Env {
     pub async fn with(cfgs: Vec<StandinConfig>, tweak: impl FnOnce(&mut GatewayConfig)) -> Env {
         let mut standins = Vec::new();
         for c in cfgs {
-            standins.push(standin::spawn(([127, 0, 0, 1], 0).into(), c).await.expect("stand-in"));
+            standins.push(
+                standin::spawn(([127, 0, 0, 1], 0).into(), c)
+                    .await
+                    .expect("stand-in"),
+            );
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = GatewayConfig::new(
@@ -33,7 +37,12 @@ impl Env {
         );
         tweak(&mut cfg);
         let gw = start(cfg).await.expect("gateway");
-        Env { gw, standins, dir, client: reqwest::Client::new() }
+        Env {
+            gw,
+            standins,
+            dir,
+            client: reqwest::Client::new(),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -41,15 +50,30 @@ impl Env {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.client.post(self.url(path)).json(body).send().await.expect("post");
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("post");
         let status = r.status().as_u16();
         let text = r.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// POST and return the raw SSE text.
     pub async fn post_stream(&self, path: &str, body: &Value) -> (u16, String) {
-        let r = self.client.post(self.url(path)).json(body).send().await.expect("post");
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("post");
         let status = r.status().as_u16();
         (status, r.text().await.unwrap_or_default())
     }
@@ -58,7 +82,10 @@ impl Env {
         let r = self.client.get(self.url(path)).send().await.expect("get");
         let status = r.status().as_u16();
         let text = r.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn calls(&self, session: &str) -> Vec<Value> {
@@ -71,7 +98,10 @@ impl Env {
 /// Data payloads (and event names) of an SSE text.
 pub fn sse_events(text: &str) -> Vec<(Option<String>, String)> {
     let mut p = arbor_gateway::sse::SseParser::new();
-    p.push(text.as_bytes()).into_iter().map(|e| (e.event, e.data)).collect()
+    p.push(text.as_bytes())
+        .into_iter()
+        .map(|e| (e.event, e.data))
+        .collect()
 }
 
 /// Decodes stand-in token ids (bytes; 256/257 are the ChatML markers).
@@ -88,7 +118,9 @@ pub fn standin_decode(ids: &[u64]) -> String {
 }
 
 pub fn ids(v: &Value) -> Vec<u64> {
-    v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
 }
 
 /// Checks a recorded call's tokens against its response text (stand-in ids are bytes).
@@ -98,11 +130,20 @@ pub fn check_standin_tokens(call: &Value) {
     let c = &t["completions"][0];
     let cids = ids(&c["ids"]);
     assert!(!cids.is_empty());
-    assert_eq!(*cids.last().unwrap(), 257, "completion ends with <|im_end|>");
+    assert_eq!(
+        *cids.last().unwrap(),
+        257,
+        "completion ends with <|im_end|>"
+    );
     let decoded = standin_decode(&cids[..cids.len() - 1]);
     let text = c["text"].as_str().unwrap_or("");
-    assert!(decoded.contains(text), "completion ids {decoded:?} vs text {text:?}");
-    let lps = c["logprobs"].as_array().expect("completion logprobs present");
+    assert!(
+        decoded.contains(text),
+        "completion ids {decoded:?} vs text {text:?}"
+    );
+    let lps = c["logprobs"]
+        .as_array()
+        .expect("completion logprobs present");
     assert_eq!(lps.len(), cids.len());
     assert!(lps.iter().all(|l| l.as_f64().is_some_and(|x| x < 0.0)));
     let prompt = standin_decode(&ids(&t["prompt"]));
@@ -196,10 +237,32 @@ pub fn write_tokenizer(dir: &Path) -> PathBuf {
     let sp = b2u[b' ' as usize].to_string();
     let nl = b2u[b'\n' as usize].to_string();
     let pairs: Vec<(String, String)> = [
-        (sp.as_str(), "t"), ("h", "e"), ("i", "n"), ("e", "r"), ("o", "n"), ("r", "e"), ("a", "t"),
-        (sp.as_str(), "a"), (sp.as_str(), "s"), (sp.as_str(), "w"), ("o", "u"), ("e", "n"), ("s", "t"),
-        ("o", "r"), ("a", "n"), ("in", "g"), ("a", "l"), ("\"", ":"), ("o", "l"), ("t", "o"),
-        (nl.as_str(), nl.as_str()), ("u", "s"), ("e", "d"), ("l", "e"), ("a", "r"), ("i", "s"),
+        (sp.as_str(), "t"),
+        ("h", "e"),
+        ("i", "n"),
+        ("e", "r"),
+        ("o", "n"),
+        ("r", "e"),
+        ("a", "t"),
+        (sp.as_str(), "a"),
+        (sp.as_str(), "s"),
+        (sp.as_str(), "w"),
+        ("o", "u"),
+        ("e", "n"),
+        ("s", "t"),
+        ("o", "r"),
+        ("a", "n"),
+        ("in", "g"),
+        ("a", "l"),
+        ("\"", ":"),
+        ("o", "l"),
+        ("t", "o"),
+        (nl.as_str(), nl.as_str()),
+        ("u", "s"),
+        ("e", "d"),
+        ("l", "e"),
+        ("a", "r"),
+        ("i", "s"),
     ]
     .iter()
     .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -240,11 +303,18 @@ pub fn write_tokenizer(dir: &Path) -> PathBuf {
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
     });
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec_pretty(&tok).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec_pretty(&tok).unwrap(),
+    )
+    .unwrap();
     let mut decoder = serde_json::Map::new();
     for (i, s) in specials.iter().enumerate() {
-        decoder.insert((next + i as u32).to_string(), json!({"content": s, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true}));
+        decoder.insert(
+            (next + i as u32).to_string(),
+            json!({"content": s, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}),
+        );
     }
     let cfg = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -256,20 +326,29 @@ pub fn write_tokenizer(dir: &Path) -> PathBuf {
         "clean_up_tokenization_spaces": false,
         "chat_template": CHATML_TOOLS_TEMPLATE,
     });
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
     dir.to_path_buf()
 }
 
 /// Runs a Python script from tests/py with env vars; panics with its output on failure.
 /// A missing SDK makes the script exit with a message naming the pip package: the test fails.
 pub async fn run_python(script: &str, envs: &[(&str, String)]) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(script);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(script);
     let mut cmd = tokio::process::Command::new("python3");
     cmd.arg(&path);
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let out = cmd.output().await.unwrap_or_else(|e| panic!("cannot run python3 (install Python 3): {e}"));
+    let out = cmd
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run python3 (install Python 3): {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
