@@ -19,9 +19,6 @@ use rayon::prelude::*;
 use super::simd;
 use crate::ModelError;
 
-/// Keys scored per online-softmax block.
-const KEY_BLOCK: usize = 64;
-
 /// The ancestor relation of a DFS-flattened forest, in the compact forms the op needs.
 ///
 /// Built from `parent` (token-level parent index, `-1` for a root) and `subtree_end` (exclusive end
@@ -290,6 +287,38 @@ impl TreeAttention {
     }
 }
 
+/// Keys scored together: a tile of 16 f32 lanes stays in registers (two AVX2 vectors).
+const TILE: usize = 16;
+
+/// Per-head transpose `[H, T, D] -> [H, D, T + TILE]` (zero padded), so that the scores of a tile of
+/// consecutive keys are `D` vector FMAs across keys instead of `TILE` horizontal dot products.
+fn transpose_padded(x: &[f32], h: usize, t: usize, d: usize) -> Vec<f32> {
+    let tp = t + TILE;
+    let mut out = vec![0f32; h * d * tp];
+    out.par_chunks_mut(d * tp).enumerate().for_each(|(hh, o)| {
+        let src = &x[hh * t * d..(hh + 1) * t * d];
+        for (j, row) in src.chunks_exact(d).enumerate() {
+            for (dd, &val) in row.iter().enumerate() {
+                o[dd * tp + j] = val;
+            }
+        }
+    });
+    out
+}
+
+/// `out[x] = sum_d a[d] * bt[d * stride + j0 + x]` for a tile of keys starting at `j0`.
+#[inline(always)]
+fn tile_scores(a: &[f32], bt: &[f32], stride: usize, j0: usize) -> [f32; TILE] {
+    let mut sc = [0f32; TILE];
+    for (dd, &ad) in a.iter().enumerate() {
+        let row = &bt[dd * stride + j0..dd * stride + j0 + TILE];
+        for x in 0..TILE {
+            sc[x] += ad * row[x];
+        }
+    }
+    sc
+}
+
 impl CustomOp3 for TreeAttention {
     fn name(&self) -> &'static str {
         "tree-attention"
@@ -321,39 +350,49 @@ impl CustomOp3 for TreeAttention {
                 tasks.push((h, b * QB, o, l));
             }
         }
+        let tp = t + TILE;
+        let kt = transpose_padded(k, hkv, t, d);
         tasks.into_par_iter().for_each(|(h, q0, o, l)| {
             simd::dispatch(|| {
                 let kh = h / group;
-                let kbase = &k[kh * t * d..(kh + 1) * t * d];
+                let ktb = &kt[kh * d * tp..(kh + 1) * d * tp];
                 let vbase = &v[kh * t * d..(kh + 1) * t * d];
-                let mut scores = [0f32; KEY_BLOCK];
                 let mut acc = vec![0f32; d];
+                let mut qs = vec![0f32; d];
                 for (r, lr) in l.iter_mut().enumerate() {
                     let i = q0 + r;
                     let qi = &q[(h * t + i) * d..(h * t + i + 1) * d];
+                    for (a, b) in qs.iter_mut().zip(qi) {
+                        *a = b * scale;
+                    }
                     acc.iter_mut().for_each(|a| *a = 0.0);
                     let mut m = f32::NEG_INFINITY;
                     let mut sum = 0f32;
                     mask.for_each_run(i, |s, e| {
                         let mut j0 = s;
                         while j0 <= e {
-                            let n = (e + 1 - j0).min(KEY_BLOCK);
+                            let n = (e + 1 - j0).min(TILE);
+                            let mut sc = tile_scores(&qs, ktb, tp, j0);
                             let mut bmax = f32::NEG_INFINITY;
-                            for (jj, sc) in scores[..n].iter_mut().enumerate() {
-                                let j = j0 + jj;
-                                *sc = simd::dot(qi, &kbase[j * d..(j + 1) * d]) * scale;
-                                bmax = bmax.max(*sc);
+                            for &x in &sc[..n] {
+                                bmax = bmax.max(x);
                             }
                             if bmax > m {
-                                let corr = (m - bmax).exp();
+                                let corr = if m == f32::NEG_INFINITY {
+                                    0.0
+                                } else {
+                                    simd::exp_approx(m - bmax)
+                                };
                                 sum *= corr;
                                 simd::scale(corr, &mut acc);
                                 m = bmax;
                             }
-                            for (jj, sc) in scores[..n].iter().enumerate() {
-                                let j = j0 + jj;
-                                let p = (sc - m).exp();
+                            for x in sc.iter_mut() {
+                                *x = simd::exp_approx(*x - m);
+                            }
+                            for (x, &p) in sc[..n].iter().enumerate() {
                                 sum += p;
+                                let j = j0 + x;
                                 simd::axpy(p, &vbase[j * d..(j + 1) * d], &mut acc);
                             }
                             j0 += n;
@@ -408,6 +447,9 @@ impl CustomOp3 for TreeAttention {
         });
         // Parallel over KV heads: a KV head owns its dK, dV and the dQ of its query-head group, so
         // tasks never write the same memory.
+        let tp = t + TILE;
+        let kt = transpose_padded(&kv, hkv, t, d);
+        let vt = transpose_padded(&vv, hkv, t, d);
         dq.par_chunks_mut(group * t * d)
             .zip(dk.par_chunks_mut(t * d))
             .zip(dv.par_chunks_mut(t * d))
@@ -415,8 +457,10 @@ impl CustomOp3 for TreeAttention {
             .for_each(|(kh, ((dqg, dkh), dvh))| {
                 simd::dispatch(|| {
                     let kbase = &kv[kh * t * d..(kh + 1) * t * d];
-                    let vbase = &vv[kh * t * d..(kh + 1) * t * d];
+                    let ktb = &kt[kh * d * tp..(kh + 1) * d * tp];
+                    let vtb = &vt[kh * d * tp..(kh + 1) * d * tp];
                     let mut dqi = vec![0f32; d];
+                    let mut qs = vec![0f32; d];
                     for g in 0..group {
                         let h = kh * group + g;
                         for i in 0..t {
@@ -425,17 +469,29 @@ impl CustomOp3 for TreeAttention {
                             let doi = &dov[r..r + d];
                             let li = lse[h * t + i];
                             let di = delta[h * t + i];
+                            for (a, b) in qs.iter_mut().zip(qi) {
+                                *a = b * scale;
+                            }
                             dqi.iter_mut().for_each(|x| *x = 0.0);
                             mask.for_each_run(i, |s, e| {
-                                for j in s..=e {
-                                    let kj = &kbase[j * d..(j + 1) * d];
-                                    let vj = &vbase[j * d..(j + 1) * d];
-                                    let p = (simd::dot(qi, kj) * scale - li).exp();
-                                    simd::axpy(p, doi, &mut dvh[j * d..(j + 1) * d]);
-                                    let dp = simd::dot(doi, vj);
-                                    let ds = p * (dp - di) * scale;
-                                    simd::axpy(ds, kj, &mut dqi);
-                                    simd::axpy(ds, qi, &mut dkh[j * d..(j + 1) * d]);
+                                let mut j0 = s;
+                                while j0 <= e {
+                                    let n = (e + 1 - j0).min(TILE);
+                                    let mut p = tile_scores(&qs, ktb, tp, j0);
+                                    let dp = tile_scores(doi, vtb, tp, j0);
+                                    let mut ds = [0f32; TILE];
+                                    for x in 0..TILE {
+                                        p[x] = simd::exp_approx(p[x] - li);
+                                        ds[x] = p[x] * (dp[x] - di) * scale;
+                                    }
+                                    for x in 0..n {
+                                        let j = j0 + x;
+                                        let kj = &kbase[j * d..(j + 1) * d];
+                                        simd::axpy(p[x], doi, &mut dvh[j * d..(j + 1) * d]);
+                                        simd::axpy(ds[x], kj, &mut dqi);
+                                        simd::axpy(ds[x], qi, &mut dkh[j * d..(j + 1) * d]);
+                                    }
+                                    j0 += n;
                                 }
                             });
                             dqg[(g * t + i) * d..(g * t + i + 1) * d].copy_from_slice(&dqi);
