@@ -138,7 +138,7 @@ impl Qwen3Config {
     pub fn is_moe_layer(&self, i: usize) -> bool {
         self.num_experts > 0
             && !self.mlp_only_layers.contains(&i)
-            && (i + 1) % self.decoder_sparse_step.max(1) == 0
+            && (i + 1).is_multiple_of(self.decoder_sparse_step.max(1))
     }
 
     /// Checks the invariants the model relies on.
@@ -149,7 +149,9 @@ impl Qwen3Config {
         }
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
-            || self.num_attention_heads % self.num_key_value_heads != 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return bad(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
@@ -157,7 +159,7 @@ impl Qwen3Config {
             ));
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             return bad(format!("head_dim must be even and positive, got {hd}"));
         }
         if self.num_experts > 0

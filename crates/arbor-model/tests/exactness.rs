@@ -7,7 +7,7 @@ mod common;
 
 use arbor_model::train::{PgPath, clipped_pg_loss, weighted_nll};
 use arbor_model::{AuxStats, ForwardOptions, Qwen3Config, Qwen3Model, TreeBatch};
-use arbor_tree::{FlatTree, LossNormalization, Sequence, TrajectoryTree};
+use arbor_tree::{FlatTree, LossNormalization, PackOptions, Sequence, TrajectoryTree, pack_tree};
 use candle::{Tensor, backprop::GradStore};
 use common::rel_err;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -76,7 +76,10 @@ enum Loss {
 /// Old logprobs near the current policy (so the PG ratio is sometimes clipped, both sides).
 fn pg_old_logprobs(model: &Qwen3Model, flat: &FlatTree, seed: u64) -> Vec<Vec<f32>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..flat.paths.len())
+    let mut by_leaf: Vec<usize> = (0..flat.paths.len()).collect();
+    by_leaf.sort_by_key(|&k| flat.paths[k].leaf);
+    by_leaf
+        .into_iter()
         .map(|k| {
             let seq = flat.path_sequence(k);
             let b = TreeBatch::forest(&[&seq.tokens]);
@@ -125,7 +128,7 @@ fn tree_loss(model: &Qwen3Model, flat: &FlatTree, loss: Loss, old: &[Vec<f32>]) 
                 .map(|k| PgPath {
                     indices: flat.paths[k].indices(),
                     loss_mask: flat.path_loss_mask(k),
-                    old_logprobs: old[k].clone(),
+                    old_logprobs: old[flat.paths[k].leaf as usize].clone(),
                     advantage: flat.paths[k].advantage.unwrap_or(0.0) as f32,
                 })
                 .collect();
@@ -170,7 +173,7 @@ fn linear_loss(model: &Qwen3Model, flat: &FlatTree, loss: Loss, old: &[Vec<f32>]
                 let p = PgPath {
                     indices: (0..seq.tokens.len() as u32).collect(),
                     loss_mask: seq.loss_mask.clone(),
-                    old_logprobs: old[k].clone(),
+                    old_logprobs: old[flat.paths[k].leaf as usize].clone(),
                     advantage: seq.advantage.unwrap_or(0.0) as f32,
                 };
                 let l = clipped_pg_loss(&lp, &[p], 0.2).unwrap();
@@ -190,6 +193,75 @@ fn linear_loss(model: &Qwen3Model, flat: &FlatTree, loss: Loss, old: &[Vec<f32>]
 }
 
 fn compare(model: &Qwen3Model, seqs: &[Sequence], loss: Loss, what: &str) {
+    compare_with(model, seqs, loss, what, None)
+}
+
+/// Loss over the packs of a packing under `budget` tokens: each pack is a flattened sub-forest
+/// whose weights use the global normalizer, so pack losses (and MoE statistics) add up.
+fn packed_loss(
+    model: &Qwen3Model,
+    tree: &TrajectoryTree,
+    loss: Loss,
+    old: &[Vec<f32>],
+    budget: usize,
+) -> Tensor {
+    let norm = match loss {
+        Loss::SequenceMean => LossNormalization::SequenceMean,
+        _ => LossNormalization::TokenMean,
+    };
+    let opts = PackOptions {
+        normalization: norm,
+        ..PackOptions::new(budget)
+    };
+    let (_, packs) = pack_tree(tree, &opts).unwrap();
+    assert!(packs.len() >= 2, "budget {budget} should split the tree");
+    let k_total = tree.num_paths() as f64;
+    let mut total: Option<Tensor> = None;
+    let mut aux = AuxStats::default();
+    for pack in &packs {
+        let flat = &pack.flat;
+        let batch = tree_batch(flat);
+        let fo = ForwardOptions {
+            aux_token_weights: Some(flat.leaf_count.iter().map(|&g| g as f32).collect()),
+            ..ForwardOptions::default()
+        };
+        let (lp, a) = model.token_logprobs(&batch, &fo).unwrap();
+        aux.merge(a).unwrap();
+        let term = match loss {
+            Loss::TokenMean | Loss::SequenceMean => weighted_nll(&lp, &pack.loss_weight).unwrap(),
+            Loss::ClippedPg => {
+                let paths: Vec<PgPath> = (0..flat.paths.len())
+                    .map(|k| PgPath {
+                        indices: flat.paths[k].indices(),
+                        loss_mask: flat.path_loss_mask(k),
+                        old_logprobs: old[flat.paths[k].leaf as usize].clone(),
+                        advantage: flat.paths[k].advantage.unwrap_or(0.0) as f32,
+                    })
+                    .collect();
+                // clipped_pg_loss averages over the pack's paths; rescale to the global K.
+                let l = clipped_pg_loss(&lp, &paths, 0.2).unwrap();
+                (l * (flat.paths.len() as f64 / k_total)).unwrap()
+            }
+        };
+        total = Some(match total {
+            None => term,
+            Some(t) => (t + term).unwrap(),
+        });
+    }
+    let total = total.unwrap();
+    match aux_term(model, &aux) {
+        Some(a) => (total + a).unwrap(),
+        None => total,
+    }
+}
+
+fn compare_with(
+    model: &Qwen3Model,
+    seqs: &[Sequence],
+    loss: Loss,
+    what: &str,
+    budget: Option<usize>,
+) {
     let tree = TrajectoryTree::from_sequences(seqs).unwrap();
     let flat = tree.flatten();
     assert!(
@@ -197,7 +269,10 @@ fn compare(model: &Qwen3Model, seqs: &[Sequence], loss: Loss, what: &str) {
         "{what}: the tree should share tokens"
     );
     let old = pg_old_logprobs(model, &flat, 99);
-    let lt = tree_loss(model, &flat, loss, &old);
+    let lt = match budget {
+        None => tree_loss(model, &flat, loss, &old),
+        Some(b) => packed_loss(model, &tree, loss, &old, b),
+    };
     let ll = linear_loss(model, &flat, loss, &old);
     let (vt, vl) = (
         lt.to_scalar::<f32>().unwrap(),
@@ -282,6 +357,20 @@ fn moe_all_losses_with_aux() {
     for (name, s) in shapes() {
         for loss in [Loss::TokenMean, Loss::SequenceMean, Loss::ClippedPg] {
             compare(&m, &s, loss, name);
+        }
+    }
+}
+
+#[test]
+fn split_across_packs_dense_and_moe() {
+    let (d, m) = (dense(), moe());
+    for (name, s) in shapes() {
+        let longest = s.iter().map(|x| x.tokens.len()).max().unwrap();
+        let unique = TrajectoryTree::from_sequences(&s).unwrap().flatten().len();
+        let budget = longest.max(unique / 2);
+        for loss in [Loss::TokenMean, Loss::SequenceMean, Loss::ClippedPg] {
+            compare_with(&d, &s, loss, &format!("{name} packed dense"), Some(budget));
+            compare_with(&m, &s, loss, &format!("{name} packed moe"), Some(budget));
         }
     }
 }

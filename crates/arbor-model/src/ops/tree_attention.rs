@@ -274,7 +274,7 @@ impl TreeAttention {
     fn check(&self, q: &Shape, k: &Shape, v: &Shape) -> Result<(usize, usize, usize, usize)> {
         let (hq, t, d) = q.dims3()?;
         let (hkv, tk, dk) = k.dims3()?;
-        if k.dims() != v.dims() || tk != t || dk != d || hkv == 0 || hq % hkv != 0 {
+        if k.dims() != v.dims() || tk != t || dk != d || hkv == 0 || !hq.is_multiple_of(hkv) {
             bail!("tree attention: bad shapes q {q:?} k {k:?} v {v:?}");
         }
         if t != self.mask.len() {
