@@ -85,8 +85,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sessions/{id}/tree", get(get_tree))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
+
+/// Largest accepted request body (long agent contexts with images exceed axum's 2 MB default).
+const MAX_BODY: usize = 256 << 20;
 
 /// Longest accepted session id.
 const MAX_SESSION_LEN: usize = 256;

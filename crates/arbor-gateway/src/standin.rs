@@ -42,6 +42,8 @@ pub struct StandinConfig {
     pub token_ids: bool,
     /// Answer every request with this HTTP status (an upstream that is down).
     pub fail_status: Option<u16>,
+    /// Answer with plain JSON even when a stream is asked for.
+    pub ignore_stream: bool,
 }
 
 impl Default for StandinConfig {
@@ -52,6 +54,7 @@ impl Default for StandinConfig {
             chunk_delay: Duration::ZERO,
             token_ids: true,
             fail_status: None,
+            ignore_stream: false,
         }
     }
 }
@@ -378,7 +381,8 @@ async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
         .and_then(Value::as_u64)
         .unwrap_or(1)
         .clamp(1, 8) as usize;
-    let stream = req.get("stream").and_then(Value::as_bool) == Some(true);
+    let stream =
+        !inner.cfg.ignore_stream && req.get("stream").and_then(Value::as_bool) == Some(true);
     let model = req.get("model").cloned().unwrap_or(json!("standin"));
     let id = format!("chatcmpl-{}-{n_call}", inner.cfg.name);
     let plans: Vec<Plan> = (0..n).map(|c| plan(&inner, &req, n_call, c)).collect();

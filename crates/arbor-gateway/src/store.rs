@@ -298,3 +298,73 @@ fn writer_loop(mut file: File, mut pos: u64, rx: mpsc::Receiver<WriteReq>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Api;
+    use crate::record::{TokenSource, Tokens};
+    use serde_json::json;
+
+    fn rec(session: &str, index: u32) -> CallRecord {
+        CallRecord {
+            v: 1,
+            id: format!("{session}/{index}"),
+            session: session.into(),
+            index,
+            api: Api::Chat,
+            stream: false,
+            started_ms: 0,
+            finished_ms: 0,
+            upstream: "u".into(),
+            upstream_id: None,
+            model: None,
+            request: json!({"messages": []}),
+            upstream_request: json!({}),
+            response: json!({}),
+            usage: None,
+            tokens: Tokens {
+                source: TokenSource::None,
+                prompt: vec![],
+                completions: vec![],
+            },
+            branch: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn recovers_torn_tail_and_skips_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, rec0) = Store::open(dir.path()).unwrap();
+        assert!(rec0.records.is_empty());
+        for i in 0..3 {
+            store.append(&rec("a", i)).await.unwrap();
+        }
+        store.append(&rec("b", 0)).await.unwrap();
+        assert_eq!(store.session("a").unwrap().unwrap().len(), 3);
+        store.close();
+        // A duplicated line and a torn last line, as a crash could leave them.
+        let path = dir.path().join(LOG_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let first_line_end = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+        let dup = bytes[..first_line_end].to_vec();
+        bytes.extend_from_slice(&dup);
+        bytes.extend_from_slice(b"{\"v\":1,\"id\":\"a/3\",\"sess");
+        std::fs::write(&path, &bytes).unwrap();
+        let (store, rec1) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec1.records.len(), 4);
+        assert_eq!(rec1.duplicates_skipped, 1);
+        assert!(rec1.truncated_bytes > 0);
+        assert_eq!(store.len(), 4);
+        store.append(&rec("a", 3)).await.unwrap();
+        let a = store.session("a").unwrap().unwrap();
+        assert_eq!(
+            a.iter().map(|r| r.index).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
+        store.close();
+        let (_, rec2) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec2.records.len(), 5);
+        assert_eq!(rec2.truncated_bytes, 0);
+    }
+}

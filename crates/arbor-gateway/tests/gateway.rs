@@ -502,3 +502,62 @@ async fn compaction_makes_a_branch_and_tree_paths_reproduce_calls() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_always_answered_with_a_stream() {
+    let json_only = StandinConfig {
+        ignore_stream: true,
+        ..Default::default()
+    };
+    let env = Env::with(vec![json_only], |_| {}).await;
+    let body = json!({"stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let r = env
+        .client
+        .post(env.url("/s/j/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let evs = sse_events(&r.text().await.unwrap());
+    assert_eq!(evs.last().unwrap().1, "[DONE]");
+    let text: String = evs[..evs.len() - 1]
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(&e.1).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    let calls = env.calls("j").await;
+    assert_eq!(
+        calls[0]["response"]["choices"][0]["message"]["content"],
+        text
+    );
+    check_standin_tokens(&calls[0]);
+    let body = json!({"model": "m", "max_tokens": 9, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let (_, sse) = env.post_stream("/s/j/v1/messages", &body).await;
+    assert_eq!(
+        sse_events(&sse).last().unwrap().0.as_deref(),
+        Some("message_stop")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_stream_timeout_ends_the_stream_with_an_error() {
+    let slow = StandinConfig {
+        chunk_delay: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let env = Env::with(vec![slow], |c| {
+        c.idle_stream_timeout = Duration::from_millis(100)
+    })
+    .await;
+    let body = json!({"stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let (s, sse) = env.post_stream("/s/i/v1/chat/completions", &body).await;
+    assert_eq!(s, 200);
+    let last = sse_events(&sse).pop().unwrap();
+    assert!(last.1.contains("idle"), "{sse}");
+    assert!(env.gw.store().is_empty());
+}
