@@ -1,0 +1,2 @@
+//! Policies that are not real models.
+pub mod scripted;
