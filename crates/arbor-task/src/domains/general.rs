@@ -1,0 +1,258 @@
+//! `general`: instruction following with checkable constraints, and short
+//! reasoning questions with exact or numeric answers. No tools are needed:
+//! the agent's final response is saved to `/workspace/answer.txt`.
+
+use rand::Rng;
+use rand::rngs::StdRng;
+use serde_json::json;
+
+use super::{checker, pick, word};
+use crate::model::{Environment, FileSpec, Solution, Task};
+use crate::verify::{AnswerMatchSpec, MatchMode, VerifierSpec};
+
+const ANSWER: &str = "/workspace/answer.txt";
+const NOTE: &str = "Your final response is saved to /workspace/answer.txt and checked there.";
+
+fn task(instruction: String, verifier: VerifierSpec, answer: String) -> Task {
+    let mut t = Task {
+        id: String::new(),
+        domain: "general".into(),
+        instruction: format!("{instruction}\n\n{NOTE}"),
+        environment: Environment::default(),
+        verifier,
+        oracle: Some(Solution {
+            files: vec![FileSpec::text(ANSWER, answer)],
+            ..Solution::default()
+        }),
+        metadata: Default::default(),
+    };
+    t.metadata.insert("answer_path".into(), json!(ANSWER));
+    t
+}
+
+fn answer_match(expected: String, mode: MatchMode) -> VerifierSpec {
+    VerifierSpec::AnswerMatch(AnswerMatchSpec {
+        path: ANSWER.into(),
+        expected,
+        alternatives: Vec::new(),
+        mode,
+        tolerance: Some(1e-6),
+    })
+}
+
+pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
+    let d = difficulty as usize;
+    match rng.gen_range(0..5) {
+        0 | 1 => constrained_text(rng, d),
+        2 => arithmetic(rng, d),
+        3 => sort_numbers(rng, d),
+        _ => count_letters(rng, d),
+    }
+}
+
+fn constrained_text(rng: &mut StdRng, d: usize) -> Task {
+    let topic = pick(
+        rng,
+        &[
+            "tea",
+            "rivers",
+            "bicycles",
+            "libraries",
+            "winter",
+            "bees",
+            "maps",
+            "bridges",
+            "gardens",
+            "clocks",
+        ],
+    );
+    let n = rng.gen_range(3..=3 + d);
+    let keywords: Vec<String> = (0..1 + d / 2).map(|_| word(rng, 2)).collect();
+    let case = rng.gen_range(0..3); // 0 none, 1 lower, 2 upper
+    let use_prefix = rng.gen_bool(0.6);
+    let prefix = pick(rng, &["- ", "* ", "> "]).to_string();
+    let first_word = (!use_prefix)
+        .then(|| pick(rng, &["Today", "Often", "Honestly", "First", "Imagine"]).to_string());
+    let last = (d >= 2 && rng.gen_bool(0.6)).then(|| format!("END-{}", word(rng, 1)));
+    let forbid_comma = d >= 3 && rng.gen_bool(0.5);
+    let max_len = 70 + rng.gen_range(0..30);
+
+    let apply_case = |s: &str| match case {
+        1 => s.to_lowercase(),
+        2 => s.to_uppercase(),
+        _ => s.to_string(),
+    };
+    let mut reqs = vec![format!("Write exactly {n} lines about {topic}.")];
+    let mut spec = json!({"t": "text", "path": ANSWER, "line_count": n, "max_line_len": max_len});
+    let body_lines = if last.is_some() { n - 1 } else { n };
+    if use_prefix {
+        reqs.push(format!(
+            "{} start with `{prefix}`.",
+            if last.is_some() {
+                "Every line except the last must"
+            } else {
+                "Every line must"
+            }
+        ));
+        spec["prefix"] = json!(apply_case(&prefix));
+        spec["prefix_lines"] = json!(body_lines);
+    }
+    if let Some(w) = &first_word {
+        let w = apply_case(w);
+        reqs.push(format!("The response must begin with the word `{w}`."));
+        spec["first_word"] = json!(w);
+    }
+    reqs.push(format!(
+        "Mention each of these words at least once: {}.",
+        keywords
+            .iter()
+            .map(|k| format!("`{}`", apply_case(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    spec["contains"] = json!(keywords.iter().map(|k| apply_case(k)).collect::<Vec<_>>());
+    match case {
+        1 => {
+            reqs.push("Use only lowercase letters.".into());
+            spec["lowercase"] = json!(true);
+        }
+        2 => {
+            reqs.push("Use only uppercase letters.".into());
+            spec["uppercase"] = json!(true);
+        }
+        _ => {}
+    }
+    reqs.push(format!("No line may be longer than {max_len} characters."));
+    if let Some(l) = &last {
+        let l = apply_case(l);
+        reqs.push(format!("The last line must be exactly `{l}`."));
+        spec["last_line"] = json!(l);
+    }
+    if forbid_comma {
+        reqs.push("Do not use any commas.".into());
+        spec["forbid"] = json!([","]);
+    }
+
+    let mut lines = Vec::new();
+    for i in 0..body_lines {
+        let kw = keywords
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| keywords.join(" and "));
+        let mut l = String::new();
+        if use_prefix {
+            l.push_str(&prefix);
+        }
+        if i == 0 {
+            if let Some(w) = &first_word {
+                l.push_str(w);
+                l.push(' ');
+            }
+        }
+        l.push_str(&format!("{topic} note {} mentions {kw}", i + 1));
+        lines.push(apply_case(&l));
+    }
+    // Keywords beyond the body lines go on the first line (bounded length).
+    if keywords.len() > body_lines {
+        let extra = keywords[body_lines..].join(" ");
+        if let Some(first) = lines.first_mut() {
+            first.push(' ');
+            first.push_str(&apply_case(&extra));
+        }
+    }
+    if let Some(l) = &last {
+        lines.push(apply_case(l));
+    }
+    let answer = lines.join("\n") + "\n";
+    task(
+        format!(
+            "Follow every instruction below.\n\n{}",
+            reqs.iter()
+                .map(|r| format!("- {r}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+        checker(json!([spec])),
+        answer,
+    )
+}
+
+fn arithmetic(rng: &mut StdRng, d: usize) -> Task {
+    let who = super::name(rng);
+    let item = pick(rng, &["rolls", "lamps", "books", "jars", "kites", "cups"]);
+    let trays = rng.gen_range(2..=6 + d);
+    let per = rng.gen_range(3..=12);
+    let sold = rng.gen_range(1..trays * per);
+    let mut q = format!("{who} makes {trays} boxes of {per} {item} each and sells {sold} of them.");
+    let mut ans = (trays * per - sold) as i64;
+    if d >= 2 {
+        let broken = rng.gen_range(0..=ans.min(5));
+        q.push_str(&format!(" Then {broken} of the remaining {item} break."));
+        ans -= broken;
+    }
+    if d >= 3 {
+        let price = rng.gen_range(2..=15);
+        q.push_str(&format!(
+            " The rest are sold at {price} coins each. How many coins does {who} receive for them?"
+        ));
+        ans *= price;
+        if d >= 5 {
+            let fee = rng.gen_range(1..=9);
+            q.push_str(&format!(
+                " (A market fee of {fee} coins is then paid; give the amount left after the fee.)"
+            ));
+            ans -= fee;
+        }
+    } else {
+        q.push_str(&format!(" How many {item} are left?"));
+    }
+    task(
+        format!("{q}\n\nAnswer with just the number."),
+        answer_match(ans.to_string(), MatchMode::Numeric),
+        format!("{ans}\n"),
+    )
+}
+
+fn sort_numbers(rng: &mut StdRng, d: usize) -> Task {
+    let n = 4 + 2 * d;
+    let xs: Vec<i64> = (0..n).map(|_| rng.gen_range(-50..200)).collect();
+    let desc = d >= 3 && rng.gen_bool(0.5);
+    let mut s = xs.clone();
+    s.sort();
+    if desc {
+        s.reverse();
+    }
+    let shown = xs
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let want = s
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    task(
+        format!(
+            "Sort these numbers in {} order and answer with them separated by single spaces, nothing else: {shown}",
+            if desc { "descending" } else { "ascending" }
+        ),
+        answer_match(want.clone(), MatchMode::Exact),
+        format!("{want}\n"),
+    )
+}
+
+fn count_letters(rng: &mut StdRng, d: usize) -> Task {
+    let words: Vec<String> = (0..2 + d).map(|_| word(rng, 3)).collect();
+    let text = words.join(" ");
+    let letters: Vec<char> = text.chars().filter(|c| c.is_ascii_lowercase()).collect();
+    let letter = letters[rng.gen_range(0..letters.len())];
+    let n = text.chars().filter(|c| *c == letter).count();
+    task(
+        format!(
+            "How many times does the letter `{letter}` occur in the text `{text}`? Answer with just the number."
+        ),
+        answer_match(n.to_string(), MatchMode::Numeric),
+        format!("{n}\n"),
+    )
+}
