@@ -33,7 +33,8 @@ fn main() -> anyhow::Result<()> {
     let model = Qwen3Model::new(opts.model.clone(), 0)?;
     let mut opt = AdamWTrainer::new(model.vars(), 1e-4, 0.0)?;
     eprintln!("T = {}, pairs = {}", b.len(), b.mask.visible_pairs());
-    for _ in 0..4 {
+    let attn_only = std::env::args().any(|a| a == "attn");
+    for _ in 0..if attn_only { 0 } else { 4 } {
         let t0 = Instant::now();
         let (lp, _) = model.token_logprobs(&b, &ForwardOptions::default())?;
         let loss = weighted_nll(&lp, &w)?;
@@ -67,7 +68,11 @@ fn main() -> anyhow::Result<()> {
         .unwrap()
     };
     let (q, k, v) = (mk(hq), mk(hkv), mk(hkv));
-    for _ in 0..3 {
+    let iters: usize = std::env::var("ATTN_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if attn_only { 10 } else { 3 });
+    for _ in 0..iters {
         let t0 = Instant::now();
         let o = arbor_model::ops::tree_attention(&q, &k, &v, &b.mask, 0.125)?;
         let s = o.sum_all()?;

@@ -167,13 +167,13 @@ fn train_step(
     let mut total: Option<GradStore> = None;
     let mut loss_sum = 0f32;
     for (b, w) in batches {
-        let (lp, _) = model.token_logprobs(
-            b,
-            &ForwardOptions {
-                train: true,
-                ..ForwardOptions::default()
-            },
-        )?;
+        // Only tokens with a loss weight need the LM head (same rule in both modes).
+        let wanted: Vec<bool> = w.iter().map(|&x| x != 0.0).collect();
+        let opts = ForwardOptions {
+            train: true,
+            ..ForwardOptions::default()
+        };
+        let (lp, _) = model.token_logprobs_where(b, &opts, Some(&wanted))?;
         let loss = weighted_nll(&lp, w)?;
         loss_sum += loss.to_scalar::<f32>()?;
         let g = loss.backward()?;

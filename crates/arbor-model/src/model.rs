@@ -636,24 +636,47 @@ impl Qwen3Model {
         batch: &TreeBatch,
         opts: &ForwardOptions,
     ) -> Result<(Tensor, AuxStats)> {
-        let (hidden, aux) = self.forward_hidden(batch, opts)?;
+        self.token_logprobs_where(batch, opts, None)
+    }
+
+    /// [`Self::token_logprobs`] computing the LM head only for tokens with `wanted[t]` (e.g. a
+    /// non-zero loss weight); the others get 0. Prompt tokens usually carry no loss, and on a
+    /// `[T, vocab]` head skipping them is a large share of the step.
+    pub fn token_logprobs_where(
+        &self,
+        batch: &TreeBatch,
+        opts: &ForwardOptions,
+        wanted: Option<&[bool]>,
+    ) -> Result<(Tensor, AuxStats)> {
         let t = batch.len();
+        if let Some(w) = wanted
+            && w.len() != t
+        {
+            return Err(ModelError::Input(format!(
+                "{} wanted flags for {t} tokens",
+                w.len()
+            )));
+        }
+        let (hidden, aux) = self.forward_hidden(batch, opts)?;
         let parent = batch.mask.parent();
-        let src: Vec<u32> = parent
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| if p >= 0 { p as u32 } else { i as u32 })
+        let rows: Vec<u32> = (0..t as u32)
+            .filter(|&i| parent[i as usize] >= 0 && wanted.is_none_or(|w| w[i as usize]))
             .collect();
-        let valid: Vec<f32> = parent
-            .iter()
-            .map(|&p| if p >= 0 { 1.0 } else { 0.0 })
-            .collect();
-        let src = Tensor::from_vec(src, t, &self.device)?;
-        let h = hidden.index_select(&src, 0)?;
+        if rows.is_empty() {
+            return Ok((Tensor::zeros(t, DType::F32, &self.device)?, aux));
+        }
+        let n = rows.len();
+        let src: Vec<u32> = rows.iter().map(|&i| parent[i as usize] as u32).collect();
+        let targets: Vec<u32> = rows.iter().map(|&i| batch.input_ids[i as usize]).collect();
+        let h = hidden.index_select(&Tensor::from_vec(src, n, &self.device)?, 0)?;
         let logits = linear(&h, &self.lm_head)?;
-        let lp = ops::token_logprobs(&logits, &batch.input_ids)?;
-        let lp = lp.mul(&Tensor::from_vec(valid, t, &self.device)?)?;
-        Ok((lp, aux))
+        let lp = ops::token_logprobs(&logits, &targets)?;
+        if n == t {
+            return Ok((lp, aux));
+        }
+        let idx = Tensor::from_vec(rows, n, &self.device)?;
+        let full = Tensor::zeros(t, DType::F32, &self.device)?.index_add(&idx, &lp, 0)?;
+        Ok((full, aux))
     }
 
     /// Next-token logits `[T, vocab]` at every token of a packed tree (no gradient needed).

@@ -164,3 +164,32 @@ fn adamw_steps_reduce_the_loss_and_router_noise_is_seeded() {
     assert_eq!(a, a2);
     assert_ne!(a, c);
 }
+
+#[test]
+fn logprobs_for_selected_tokens_match_the_full_computation() {
+    let m = Qwen3Model::new(cfg(), 4).unwrap();
+    let b = TreeBatch::new(
+        vec![1, 2, 3, 4, 5, 6],
+        vec![0, 1, 2, 3, 2, 3],
+        vec![-1, 0, 1, 2, 1, 4],
+        vec![6, 6, 4, 4, 6, 6],
+    )
+    .unwrap();
+    let wanted = [false, true, false, true, true, false];
+    let full = m
+        .token_logprobs(&b, &ForwardOptions::default())
+        .unwrap()
+        .0
+        .to_vec1::<f32>()
+        .unwrap();
+    let part = m
+        .token_logprobs_where(&b, &ForwardOptions::default(), Some(&wanted))
+        .unwrap()
+        .0
+        .to_vec1::<f32>()
+        .unwrap();
+    for i in 0..6 {
+        let expect = if wanted[i] { full[i] } else { 0.0 };
+        assert!((part[i] - expect).abs() < 1e-6);
+    }
+}

@@ -11,6 +11,9 @@
 //! the per-(head, query) logsumexp for the backward, which recomputes probabilities from it instead
 //! of storing them.
 
+// Kernels index several parallel per-lane arrays by the same lane index.
+#![allow(clippy::needless_range_loop)]
+
 use std::sync::{Arc, Mutex};
 
 use candle::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
@@ -194,6 +197,12 @@ impl TreeMask {
         }
     }
 
+    /// [`Self::for_each_run`] for the sibling kernel module.
+    #[inline(always)]
+    pub(crate) fn for_each_run_pub(&self, i: usize, f: impl FnMut(usize, usize)) {
+        self.for_each_run(i, f)
+    }
+
     /// A dense `[T, T]` additive mask (0 visible, -inf hidden) for the reference implementation.
     /// Costs `T * T` memory: tests only.
     pub fn dense_bias(&self, device: &candle::Device) -> Result<Tensor> {
@@ -287,6 +296,17 @@ impl TreeAttention {
     }
 }
 
+/// Whether to use the gemm-blocked kernels (default) or the register-tile kernels
+/// (`ARBOR_TREE_ATTENTION=tile`, kept as an independent implementation for cross-checks).
+fn use_gemm_kernels() -> bool {
+    static GEMM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GEMM.get_or_init(|| {
+        std::env::var("ARBOR_TREE_ATTENTION")
+            .map(|v| v != "tile")
+            .unwrap_or(true)
+    })
+}
+
 /// Keys scored together: a tile of 16 f32 lanes stays in registers (two AVX2 vectors).
 const TILE: usize = 16;
 
@@ -306,17 +326,76 @@ fn transpose_padded(x: &[f32], h: usize, t: usize, d: usize) -> Vec<f32> {
     out
 }
 
-/// `out[x] = sum_d a[d] * bt[d * stride + j0 + x]` for a tile of keys starting at `j0`.
+/// Queries processed together: they share every key tile, so each key row loaded from cache feeds
+/// `QB` queries (4 x 16 scores fit in eight AVX2 registers).
+const QB: usize = 4;
+
+/// `sc[b][x] = sum_d a[b * d + dd] * bt[dd * stride + j0 + x]` for `QB` query rows.
 #[inline(always)]
-fn tile_scores(a: &[f32], bt: &[f32], stride: usize, j0: usize) -> [f32; TILE] {
-    let mut sc = [0f32; TILE];
-    for (dd, &ad) in a.iter().enumerate() {
+fn tile_scores_qb(a: &[f32], d: usize, bt: &[f32], stride: usize, j0: usize) -> [[f32; TILE]; QB] {
+    let mut sc = [[0f32; TILE]; QB];
+    for dd in 0..d {
         let row = &bt[dd * stride + j0..dd * stride + j0 + TILE];
-        for x in 0..TILE {
-            sc[x] += ad * row[x];
+        for b in 0..QB {
+            let ab = a[b * d + dd];
+            for x in 0..TILE {
+                sc[b][x] += ab * row[x];
+            }
         }
     }
     sc
+}
+
+/// `y[dd] += sum_b c[b] * xs[b * d + dd]` (one pass over `y` for `QB` sources).
+#[inline(always)]
+fn axpy_qb(c0: [f32; QB], xs: &[f32], d: usize, y: &mut [f32]) {
+    let (x0, rest) = xs.split_at(d);
+    let (x1, rest) = rest.split_at(d);
+    let (x2, x3) = rest.split_at(d);
+    // Zipped iterators: no bounds checks, so the loop vectorises.
+    for ((((yv, a), b), c), e) in y.iter_mut().zip(x0).zip(x1).zip(x2).zip(&x3[..d]) {
+        *yv += c0[0] * a + c0[1] * b + c0[2] * c + c0[3] * e;
+    }
+}
+
+/// `ys[b * d + dd] += c[b] * x[dd]` for the `QB` rows of `ys` (one pass over `x`).
+#[inline(always)]
+fn axpy_rows(c: [f32; QB], x: &[f32], d: usize, ys: &mut [f32]) {
+    let (y0, rest) = ys.split_at_mut(d);
+    let (y1, rest) = rest.split_at_mut(d);
+    let (y2, y3) = rest.split_at_mut(d);
+    for ((((xv, a), b), cc), e) in x.iter().zip(y0).zip(y1).zip(y2).zip(&mut y3[..d]) {
+        *a += c[0] * xv;
+        *b += c[1] * xv;
+        *cc += c[2] * xv;
+        *e += c[3] * xv;
+    }
+}
+
+/// Splits queries `q0..q1` into blocks of at most `QB` consecutive tokens of one contiguous run
+/// (each token the parent of the next), so a block shares all ancestor runs.
+fn query_blocks(mask: &TreeMask, q0: usize, q1: usize, out: &mut Vec<(usize, usize)>) {
+    out.clear();
+    let mut i = q0;
+    while i < q1 {
+        let mut n = 1;
+        while n < QB && i + n < q1 && mask.parent[i + n] == (i + n - 1) as i32 {
+            n += 1;
+        }
+        out.push((i, n));
+        i += n;
+    }
+}
+
+/// Number of keys of the tile at `j0` (of `n` keys) visible to query `i` in the query's own run
+/// (keys `<= i`); all `n` in an ancestor run.
+#[inline(always)]
+fn visible_in_tile(own: bool, i: usize, j0: usize, n: usize) -> usize {
+    if own {
+        n.min((i + 1).saturating_sub(j0))
+    } else {
+        n
+    }
 }
 
 impl CustomOp3 for TreeAttention {
@@ -342,71 +421,118 @@ impl CustomOp3 for TreeAttention {
         let group = hq / hkv;
         let mask = &*self.mask;
         let scale = self.scale;
-        // Parallel over (head, query block); each task owns disjoint output rows.
-        const QB: usize = 64;
-        let mut tasks: Vec<(usize, usize, &mut [f32], &mut [f32])> = Vec::new();
-        for (h, (oh, lh)) in out.chunks_mut(t * d).zip(lse.chunks_mut(t)).enumerate() {
-            for (b, (o, l)) in oh.chunks_mut(QB * d).zip(lh.chunks_mut(QB)).enumerate() {
-                tasks.push((h, b * QB, o, l));
-            }
-        }
-        let tp = t + TILE;
-        let kt = transpose_padded(k, hkv, t, d);
-        tasks.into_par_iter().for_each(|(h, q0, o, l)| {
-            simd::dispatch(|| {
-                let kh = h / group;
-                let ktb = &kt[kh * d * tp..(kh + 1) * d * tp];
-                let vbase = &v[kh * t * d..(kh + 1) * t * d];
-                let mut acc = vec![0f32; d];
-                let mut qs = vec![0f32; d];
-                for (r, lr) in l.iter_mut().enumerate() {
-                    let i = q0 + r;
-                    let qi = &q[(h * t + i) * d..(h * t + i + 1) * d];
-                    for (a, b) in qs.iter_mut().zip(qi) {
-                        *a = b * scale;
-                    }
-                    acc.iter_mut().for_each(|a| *a = 0.0);
-                    let mut m = f32::NEG_INFINITY;
-                    let mut sum = 0f32;
-                    mask.for_each_run(i, |s, e| {
-                        let mut j0 = s;
-                        while j0 <= e {
-                            let n = (e + 1 - j0).min(TILE);
-                            let mut sc = tile_scores(&qs, ktb, tp, j0);
-                            let mut bmax = f32::NEG_INFINITY;
-                            for &x in &sc[..n] {
-                                bmax = bmax.max(x);
-                            }
-                            if bmax > m {
-                                let corr = if m == f32::NEG_INFINITY {
-                                    0.0
-                                } else {
-                                    simd::exp_approx(m - bmax)
-                                };
-                                sum *= corr;
-                                simd::scale(corr, &mut acc);
-                                m = bmax;
-                            }
-                            for x in sc.iter_mut() {
-                                *x = simd::exp_approx(*x - m);
-                            }
-                            for (x, &p) in sc[..n].iter().enumerate() {
-                                sum += p;
-                                let j = j0 + x;
-                                simd::axpy(p, &vbase[j * d..(j + 1) * d], &mut acc);
-                            }
-                            j0 += n;
-                        }
-                    });
-                    let inv = 1.0 / sum;
-                    let orow = &mut o[r * d..(r + 1) * d];
-                    for (oo, a) in orow.iter_mut().zip(&acc) {
-                        *oo = a * inv;
-                    }
-                    *lr = m + sum.ln();
+        if use_gemm_kernels() {
+            super::tree_attention_gemm::forward(
+                mask,
+                q,
+                k,
+                v,
+                (hq, hkv, t, d),
+                scale,
+                &mut out,
+                &mut lse,
+            );
+        } else {
+            // Parallel over (head, chunk of queries); each task owns disjoint output rows.
+            const CHUNK: usize = 64;
+            let mut tasks: Vec<(usize, usize, &mut [f32], &mut [f32])> = Vec::new();
+            for (h, (oh, lh)) in out.chunks_mut(t * d).zip(lse.chunks_mut(t)).enumerate() {
+                for (b, (o, l)) in oh
+                    .chunks_mut(CHUNK * d)
+                    .zip(lh.chunks_mut(CHUNK))
+                    .enumerate()
+                {
+                    tasks.push((h, b * CHUNK, o, l));
                 }
-            })
-        });
+            }
+            let tp = t + TILE;
+            let kt = transpose_padded(k, hkv, t, d);
+            tasks.into_par_iter().for_each(|(h, q0, o, l)| {
+                simd::dispatch(|| {
+                    let kh = h / group;
+                    let ktb = &kt[kh * d * tp..(kh + 1) * d * tp];
+                    let vbase = &v[kh * t * d..(kh + 1) * t * d];
+                    let mut acc = vec![0f32; QB * d];
+                    let mut qs = vec![0f32; QB * d];
+                    let mut blocks = Vec::new();
+                    query_blocks(mask, q0, q0 + l.len(), &mut blocks);
+                    for &(i0, nb) in &blocks {
+                        let i_last = i0 + nb - 1;
+                        qs.iter_mut().for_each(|x| *x = 0.0);
+                        for b in 0..nb {
+                            let qi = &q[(h * t + i0 + b) * d..(h * t + i0 + b + 1) * d];
+                            for (a, x) in qs[b * d..(b + 1) * d].iter_mut().zip(qi) {
+                                *a = x * scale;
+                            }
+                        }
+                        acc.iter_mut().for_each(|a| *a = 0.0);
+                        let mut m = [f32::NEG_INFINITY; QB];
+                        let mut sum = [0f32; QB];
+                        mask.for_each_run(i_last, |s, e| {
+                            let own = e == i_last;
+                            let mut j0 = s;
+                            while j0 <= e {
+                                let n = (e + 1 - j0).min(TILE);
+                                let mut sc = tile_scores_qb(&qs, d, ktb, tp, j0);
+                                for b in 0..QB {
+                                    let lim = if b < nb {
+                                        visible_in_tile(own, i0 + b, j0, n)
+                                    } else {
+                                        0
+                                    };
+                                    if lim == 0 {
+                                        sc[b] = [0.0; TILE];
+                                        continue;
+                                    }
+                                    // Branch-free over the whole tile so the loops vectorise.
+                                    let mut bmax = f32::NEG_INFINITY;
+                                    for (x, &v) in sc[b].iter().enumerate() {
+                                        bmax =
+                                            bmax.max(if x < lim { v } else { f32::NEG_INFINITY });
+                                    }
+                                    if bmax > m[b] {
+                                        let corr = if m[b] == f32::NEG_INFINITY {
+                                            0.0
+                                        } else {
+                                            simd::exp_approx(m[b] - bmax)
+                                        };
+                                        sum[b] *= corr;
+                                        simd::scale(corr, &mut acc[b * d..(b + 1) * d]);
+                                        m[b] = bmax;
+                                    }
+                                    let mb = m[b];
+                                    let mut ts = 0f32;
+                                    for (x, v) in sc[b].iter_mut().enumerate() {
+                                        let p = simd::exp_approx(*v - mb);
+                                        *v = if x < lim { p } else { 0.0 };
+                                        ts += *v;
+                                    }
+                                    sum[b] += ts;
+                                }
+                                for x in 0..n {
+                                    let j = j0 + x;
+                                    let vrow = &vbase[j * d..(j + 1) * d];
+                                    let pc = [sc[0][x], sc[1][x], sc[2][x], sc[3][x]];
+                                    axpy_rows(pc, vrow, d, &mut acc);
+                                }
+                                j0 += n;
+                            }
+                        });
+                        for b in 0..nb {
+                            let r = i0 + b - q0;
+                            let inv = 1.0 / sum[b];
+                            for (oo, a) in o[r * d..(r + 1) * d]
+                                .iter_mut()
+                                .zip(&acc[b * d..(b + 1) * d])
+                            {
+                                *oo = a * inv;
+                            }
+                            l[r] = m[b] + sum[b].ln();
+                        }
+                    }
+                })
+            });
+        }
         if let Ok(mut g) = self.lse.lock() {
             *g = Some(lse);
         }
@@ -447,58 +573,105 @@ impl CustomOp3 for TreeAttention {
         });
         // Parallel over KV heads: a KV head owns its dK, dV and the dQ of its query-head group, so
         // tasks never write the same memory.
-        let tp = t + TILE;
-        let kt = transpose_padded(&kv, hkv, t, d);
-        let vt = transpose_padded(&vv, hkv, t, d);
-        dq.par_chunks_mut(group * t * d)
-            .zip(dk.par_chunks_mut(t * d))
-            .zip(dv.par_chunks_mut(t * d))
-            .enumerate()
-            .for_each(|(kh, ((dqg, dkh), dvh))| {
-                simd::dispatch(|| {
-                    let kbase = &kv[kh * t * d..(kh + 1) * t * d];
-                    let ktb = &kt[kh * d * tp..(kh + 1) * d * tp];
-                    let vtb = &vt[kh * d * tp..(kh + 1) * d * tp];
-                    let mut dqi = vec![0f32; d];
-                    let mut qs = vec![0f32; d];
-                    for g in 0..group {
-                        let h = kh * group + g;
-                        for i in 0..t {
-                            let r = (h * t + i) * d;
-                            let qi = &qv[r..r + d];
-                            let doi = &dov[r..r + d];
-                            let li = lse[h * t + i];
-                            let di = delta[h * t + i];
-                            for (a, b) in qs.iter_mut().zip(qi) {
-                                *a = b * scale;
-                            }
-                            dqi.iter_mut().for_each(|x| *x = 0.0);
-                            mask.for_each_run(i, |s, e| {
-                                let mut j0 = s;
-                                while j0 <= e {
-                                    let n = (e + 1 - j0).min(TILE);
-                                    let mut p = tile_scores(&qs, ktb, tp, j0);
-                                    let dp = tile_scores(doi, vtb, tp, j0);
-                                    let mut ds = [0f32; TILE];
-                                    for x in 0..TILE {
-                                        p[x] = simd::exp_approx(p[x] - li);
-                                        ds[x] = p[x] * (dp[x] - di) * scale;
+        if use_gemm_kernels() {
+            super::tree_attention_gemm::backward(
+                mask,
+                &qv,
+                &kv,
+                &vv,
+                &dov,
+                &lse,
+                &delta,
+                (hq, hkv, t, d),
+                scale,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            );
+        } else {
+            let tp = t + TILE;
+            let kt = transpose_padded(&kv, hkv, t, d);
+            let vt = transpose_padded(&vv, hkv, t, d);
+            dq.par_chunks_mut(group * t * d)
+                .zip(dk.par_chunks_mut(t * d))
+                .zip(dv.par_chunks_mut(t * d))
+                .enumerate()
+                .for_each(|(kh, ((dqg, dkh), dvh))| {
+                    simd::dispatch(|| {
+                        let kbase = &kv[kh * t * d..(kh + 1) * t * d];
+                        let ktb = &kt[kh * d * tp..(kh + 1) * d * tp];
+                        let vtb = &vt[kh * d * tp..(kh + 1) * d * tp];
+                        let mut dq = vec![0f32; QB * d];
+                        let mut qs = vec![0f32; QB * d];
+                        let mut qr = vec![0f32; QB * d];
+                        let mut dob = vec![0f32; QB * d];
+                        let mut blocks = Vec::new();
+                        query_blocks(mask, 0, t, &mut blocks);
+                        for g in 0..group {
+                            let h = kh * group + g;
+                            for &(i0, nb) in &blocks {
+                                let i_last = i0 + nb - 1;
+                                qs.iter_mut().for_each(|x| *x = 0.0);
+                                qr.iter_mut().for_each(|x| *x = 0.0);
+                                dob.iter_mut().for_each(|x| *x = 0.0);
+                                dq.iter_mut().for_each(|x| *x = 0.0);
+                                let mut li = [0f32; QB];
+                                let mut di = [0f32; QB];
+                                for b in 0..nb {
+                                    let r = (h * t + i0 + b) * d;
+                                    qr[b * d..(b + 1) * d].copy_from_slice(&qv[r..r + d]);
+                                    dob[b * d..(b + 1) * d].copy_from_slice(&dov[r..r + d]);
+                                    for (a, x) in
+                                        qs[b * d..(b + 1) * d].iter_mut().zip(&qv[r..r + d])
+                                    {
+                                        *a = x * scale;
                                     }
-                                    for x in 0..n {
-                                        let j = j0 + x;
-                                        let kj = &kbase[j * d..(j + 1) * d];
-                                        simd::axpy(p[x], doi, &mut dvh[j * d..(j + 1) * d]);
-                                        simd::axpy(ds[x], kj, &mut dqi);
-                                        simd::axpy(ds[x], qi, &mut dkh[j * d..(j + 1) * d]);
-                                    }
-                                    j0 += n;
+                                    li[b] = lse[h * t + i0 + b];
+                                    di[b] = delta[h * t + i0 + b];
                                 }
-                            });
-                            dqg[(g * t + i) * d..(g * t + i + 1) * d].copy_from_slice(&dqi);
+                                mask.for_each_run(i_last, |s, e| {
+                                    let own = e == i_last;
+                                    let mut j0 = s;
+                                    while j0 <= e {
+                                        let n = (e + 1 - j0).min(TILE);
+                                        let mut p = tile_scores_qb(&qs, d, ktb, tp, j0);
+                                        let dp = tile_scores_qb(&dob, d, vtb, tp, j0);
+                                        let mut ds = [[0f32; TILE]; QB];
+                                        for b in 0..QB {
+                                            let lim = if b < nb {
+                                                visible_in_tile(own, i0 + b, j0, n)
+                                            } else {
+                                                0
+                                            };
+                                            for x in 0..TILE {
+                                                let e = simd::exp_approx(p[b][x] - li[b]);
+                                                let e = if x < lim { e } else { 0.0 };
+                                                p[b][x] = e;
+                                                ds[b][x] = e * (dp[b][x] - di[b]) * scale;
+                                            }
+                                        }
+                                        for x in 0..n {
+                                            let j = j0 + x;
+                                            let kj = &kbase[j * d..(j + 1) * d];
+                                            let pc = [p[0][x], p[1][x], p[2][x], p[3][x]];
+                                            let dc = [ds[0][x], ds[1][x], ds[2][x], ds[3][x]];
+                                            axpy_qb(pc, &dob, d, &mut dvh[j * d..(j + 1) * d]);
+                                            axpy_qb(dc, &qr, d, &mut dkh[j * d..(j + 1) * d]);
+                                            axpy_rows(dc, kj, d, &mut dq);
+                                        }
+                                        j0 += n;
+                                    }
+                                });
+                                for b in 0..nb {
+                                    let i = i0 + b;
+                                    dqg[(g * t + i) * d..(g * t + i + 1) * d]
+                                        .copy_from_slice(&dq[b * d..(b + 1) * d]);
+                                }
+                            }
                         }
-                    }
-                })
-            });
+                    })
+                });
+        }
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, (hq, t, d), dev)?),
