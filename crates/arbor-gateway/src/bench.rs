@@ -36,7 +36,7 @@ impl Default for BenchOptions {
             sessions: 1000,
             calls: 10,
             reply_tokens: 16,
-            chunk_delay: Duration::from_millis(50),
+            chunk_delay: Duration::from_millis(100),
             latency_samples: 500,
             store: None,
         }

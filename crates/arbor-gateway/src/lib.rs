@@ -45,7 +45,7 @@ use crate::tokenize::ChatTokenizer;
 use crate::upstream::UpstreamPool;
 
 /// Configuration of a gateway.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GatewayConfig {
     /// Address to listen on (`127.0.0.1:0` picks a free port).
     pub listen: SocketAddr,
@@ -69,6 +69,26 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     /// Longest silence allowed inside an upstream stream.
     pub idle_stream_timeout: Duration,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("listen", &self.listen)
+            .field("upstreams", &self.upstreams)
+            .field("store", &self.store)
+            .field("tokenizer", &self.tokenizer)
+            .field(
+                "upstream_api_key",
+                &self.upstream_api_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("upstream_token_ids", &self.upstream_token_ids)
+            .field("tool_policy", &self.tool_policy)
+            .field("default_model", &self.default_model)
+            .field("request_timeout", &self.request_timeout)
+            .field("idle_stream_timeout", &self.idle_stream_timeout)
+            .finish()
+    }
 }
 
 impl GatewayConfig {

@@ -341,7 +341,7 @@ pub async fn run_python(script: &str, envs: &[(&str, String)]) -> String {
         .join("tests/py")
         .join(script);
     let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(&path);
+    cmd.arg(&path).env("PYTHONDONTWRITEBYTECODE", "1");
     for (k, v) in envs {
         cmd.env(k, v);
     }
