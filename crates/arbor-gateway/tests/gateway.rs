@@ -561,3 +561,38 @@ async fn idle_stream_timeout_ends_the_stream_with_an_error() {
     assert!(last.1.contains("idle"), "{sse}");
     assert!(env.gw.store().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_recorded_per_choice_and_become_tree_paths() {
+    let env = Env::new().await;
+    let body = json!({"n": 2, "messages": [{"role": "user", "content": "two please"}]});
+    let (s, r) = env.post("/s/n/v1/chat/completions", &body).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["choices"].as_array().unwrap().len(), 2);
+    let calls = env.calls("n").await;
+    let comps = calls[0]["tokens"]["completions"].as_array().unwrap();
+    assert_eq!(comps.len(), 2);
+    assert_ne!(comps[0]["ids"], comps[1]["ids"]);
+    let (_, tree) = env.get("/sessions/n/tree").await;
+    assert_eq!(tree["path_ids"], json!(["n/0", "n/0.1"]));
+    let t: arbor_tree::TrajectoryTree = serde_json::from_value(tree["tree"].clone()).unwrap();
+    assert_eq!(t.roots().len(), 1, "the two choices share their prompt");
+    // count_tokens answers (an estimate without a tokenizer).
+    let (s, v) = env
+        .post(
+            "/s/n/v1/messages/count_tokens",
+            &json!({"model": "m", "messages": [{"role": "user", "content": "hello"}]}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(v["input_tokens"].as_u64().unwrap() > 0);
+    let r = env
+        .client
+        .get(env.url("/v1/models"))
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["data"][0]["type"], "model");
+}
