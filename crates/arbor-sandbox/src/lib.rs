@@ -38,7 +38,8 @@ use async_trait::async_trait;
 
 pub use error::{Result, SandboxError};
 pub use spec::{
-    Bind, BindMode, ExecRequest, ExecResult, Limits, NetworkSpec, SandboxSpec, UnixBridge,
+    Bind, BindMode, ExecRequest, ExecResult, Limits, NetworkSpec, SandboxSpec, TcpBridge,
+    UnixBridge,
 };
 
 /// A live sandbox. Safe to share between tasks; commands may run concurrently.

@@ -119,6 +119,20 @@ pub struct NetworkSpec {
     /// Host Unix sockets made reachable inside as TCP ports on 127.0.0.1
     /// (used to reach the model gateway from agents that only speak TCP).
     pub unix_bridges: Vec<UnixBridge>,
+    /// Host loopback TCP services (e.g. a gateway on `127.0.0.1:8080`) made
+    /// reachable inside as TCP ports on 127.0.0.1. Only loopback targets are
+    /// accepted, so a sandbox can never be used to reach the network.
+    pub tcp_bridges: Vec<TcpBridge>,
+}
+
+/// A host loopback TCP service exposed inside the sandbox on `127.0.0.1:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpBridge {
+    /// Loopback address of the service on the host.
+    pub host_addr: std::net::SocketAddr,
+    /// TCP port on the sandbox's loopback.
+    pub port: u16,
 }
 
 /// A host Unix socket exposed inside the sandbox on `127.0.0.1:port`.

@@ -669,11 +669,23 @@ fn unix_socket_bridge() -> TestResult {
         c.write_all(&buf)?;
         Ok(())
     });
+    // And a host loopback TCP service.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let tcp_addr = tcp.local_addr()?;
+    let tcp_server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = tcp.accept()?;
+        c.write_all(b"tcp-ok")?;
+        Ok(())
+    });
     let spec = SandboxSpec {
         network: arbor_sandbox::NetworkSpec {
             unix_bridges: vec![UnixBridge {
                 host_socket: sock.clone(),
                 port: 18080,
+            }],
+            tcp_bridges: vec![arbor_sandbox::TcpBridge {
+                host_addr: tcp_addr,
+                port: 18081,
             }],
         },
         ..Default::default()
@@ -690,9 +702,41 @@ fn unix_socket_bridge() -> TestResult {
             r.stdout_str(),
             r.stderr_str()
         );
+        let r = sb
+            .exec(ExecRequest::new(["/usr/bin/python3", "-c", "import socket\nc=socket.create_connection(('127.0.0.1',18081),timeout=5)\nprint(c.recv(100).decode())"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        ensure!(
+            r.stdout_str().trim() == "tcp-ok",
+            "tcp bridge: {:?} {}",
+            r.stdout_str(),
+            r.stderr_str()
+        );
         Ok(())
     })?;
     server.join().map_err(|_| "server panicked")??;
+    tcp_server.join().map_err(|_| "tcp server panicked")??;
+    // Non-loopback targets are refused.
+    rt().block_on(async {
+        let spec = SandboxSpec {
+            network: arbor_sandbox::NetworkSpec {
+                tcp_bridges: vec![arbor_sandbox::TcpBridge {
+                    host_addr: "10.0.0.1:80".parse().map_err(|_| "addr")?,
+                    port: 80,
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match backend()?.create(&spec).await {
+            Err(SandboxError::Invalid(_)) => Ok(()),
+            Err(e) => Err(Failed::from(format!("expected Invalid, got {e}"))),
+            Ok(sb) => {
+                let _ = sb.destroy().await;
+                Err("non-loopback bridge accepted".into())
+            }
+        }
+    })?;
     Ok(())
 }
 

@@ -269,15 +269,26 @@ impl LocalBackend {
         });
         let reader = tokio::spawn(read_loop(control.clone()));
         let mut bridges = Vec::new();
-        for b in &spec.network.unix_bridges {
-            match bridge::start(pid, b.port, b.host_socket.clone()) {
+        let targets = spec
+            .network
+            .unix_bridges
+            .iter()
+            .map(|b| (b.port, bridge::Target::Unix(b.host_socket.clone())))
+            .chain(
+                spec.network
+                    .tcp_bridges
+                    .iter()
+                    .map(|b| (b.port, bridge::Target::Tcp(b.host_addr))),
+            );
+        for (port, target) in targets {
+            match bridge::start(pid, port, target) {
                 Ok(h) => bridges.push(h),
                 Err(e) => {
                     reader.abort();
                     for h in bridges {
                         h.abort();
                     }
-                    return Err(SandboxError::io(format!("bridge to port {}", b.port), e));
+                    return Err(SandboxError::io(format!("bridge on port {port}"), e));
                 }
             }
         }
@@ -365,6 +376,14 @@ fn validate(spec: &SandboxSpec) -> Result<()> {
             return Err(SandboxError::Invalid(format!(
                 "bind target {:?} must be absolute",
                 b.target
+            )));
+        }
+    }
+    for b in &spec.network.tcp_bridges {
+        if !b.host_addr.ip().is_loopback() {
+            return Err(SandboxError::Invalid(format!(
+                "tcp bridge target {} is not a loopback address",
+                b.host_addr
             )));
         }
     }
