@@ -15,6 +15,17 @@ echo "==> installing Python packages used by client-compatibility tests"
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     -r scripts/test-requirements.txt
 
+echo "==> agent virtualenv for black-box scaffold tests (target/agent-venv)"
+# Built on Debian's /usr/bin/python3 so its standard library is visible inside
+# sandboxes, whose default rootfs shows the host's /usr.
+if ! /usr/bin/python3 -m venv --help >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq python3-venv
+fi
+if [ ! -x target/agent-venv/bin/python ]; then
+    /usr/bin/python3 -m venv target/agent-venv
+fi
+target/agent-venv/bin/pip install --quiet --disable-pip-version-check -r scripts/agent-requirements.txt
+
 echo "==> cargo test --workspace"
 cargo test --workspace
 

@@ -101,6 +101,21 @@ impl ChatClient {
         }
     }
 
+    /// The endpoint's base URL (ends with `/v1`).
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The key sent as bearer token (in arbor, the gateway session).
+    pub fn api_key(&self) -> &str {
+        &self.api_key
+    }
+
+    /// The model name sent with requests.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
     /// Cap completion length per call.
     pub fn with_max_tokens(mut self, n: Option<u32>) -> Self {
         self.max_tokens = n;

@@ -2,6 +2,7 @@
 //! context management, and the record of each turn.
 
 pub mod bash;
+pub mod blackbox;
 mod editor;
 pub mod tools;
 
@@ -120,6 +121,10 @@ pub enum StopReason {
     StepLimit,
     /// The token budget ran out.
     TokenLimit,
+    /// A black-box agent process ended by itself with this exit code.
+    Exited { code: i32 },
+    /// A black-box agent process was killed at its time limit.
+    TimedOut,
 }
 
 /// One turn: a model call and the action it led to.
