@@ -166,6 +166,9 @@ pub fn load_task_file(path: &Path) -> Result<Task> {
 /// Deserialize a task from a JSON value, naming the field at fault, then
 /// resolve relative host paths against `base` and validate.
 pub fn task_from_value(v: Value, file: &str, base: &Path) -> Result<Task> {
+    if let Some(ver) = v.get("verifier") {
+        precheck_verifier(ver, file, "verifier")?;
+    }
     let mut task: Task = deserialize_at(v, file)?;
     resolve_paths(&mut task, base);
     validate(&task, file)?;
@@ -193,6 +196,79 @@ pub(crate) fn deserialize_at<T: serde::de::DeserializeOwned>(v: Value, file: &st
     })
 }
 
+/// Internally tagged enums lose the path of a bad field inside them, so
+/// each verifier is checked on its own first: its `kind`, then its fields
+/// against the variant's struct.
+fn precheck_verifier(v: &Value, file: &str, field: &str) -> Result<()> {
+    use crate::verify::{AnswerMatchSpec, CommandSpec, CompositeSpec, JudgeSpec, TestSuiteSpec};
+    let Some(obj) = v.as_object() else {
+        return Err(TaskError::invalid(file, field, "must be a table/object"));
+    };
+    let kind = match obj.get("kind") {
+        Some(Value::String(k)) => k.as_str(),
+        Some(_) => {
+            return Err(TaskError::invalid(
+                file,
+                format!("{field}.kind"),
+                "must be a string",
+            ));
+        }
+        None => return Err(TaskError::invalid(file, format!("{field}.kind"), "missing")),
+    };
+    let mut inner = obj.clone();
+    inner.remove("kind");
+    let inner = Value::Object(inner);
+    let prefix = |e: TaskError| match e {
+        TaskError::Invalid {
+            file,
+            field: f,
+            message,
+        } => TaskError::Invalid {
+            file,
+            field: if f == "." {
+                field.to_string()
+            } else {
+                format!("{field}.{f}")
+            },
+            message,
+        },
+        other => other,
+    };
+    match kind {
+        "exit_status" | "reward_file" => deserialize_at::<CommandSpec>(inner, file)
+            .map(|_| ())
+            .map_err(prefix),
+        "test_suite" => deserialize_at::<TestSuiteSpec>(inner, file)
+            .map(|_| ())
+            .map_err(prefix),
+        "answer_match" => deserialize_at::<AnswerMatchSpec>(inner, file)
+            .map(|_| ())
+            .map_err(prefix),
+        "llm_judge" => deserialize_at::<JudgeSpec>(inner, file)
+            .map(|_| ())
+            .map_err(prefix),
+        "composite" => {
+            if let Some(Value::Array(parts)) = obj.get("parts") {
+                for (i, p) in parts.iter().enumerate() {
+                    if let Some(pv) = p.get("verifier") {
+                        precheck_verifier(pv, file, &format!("{field}.parts[{i}].verifier"))?;
+                    }
+                }
+            }
+            deserialize_at::<CompositeSpec>(inner, file)
+                .map(|_| ())
+                .map_err(prefix)
+        }
+        other => Err(TaskError::invalid(
+            file,
+            format!("{field}.kind"),
+            format!(
+                "unknown verifier kind `{other}` (exit_status, reward_file, test_suite, answer_match, llm_judge, composite)"
+            ),
+        )),
+    }
+}
+
 fn resolve_paths(task: &mut Task, base: &Path) {
     let fix = |p: &mut PathBuf| {
         if p.is_relative() {
@@ -201,10 +277,10 @@ fn resolve_paths(task: &mut Task, base: &Path) {
     };
     let fix_files = |files: Vec<&mut FileSpec>| {
         for f in files {
-            if let Some(s) = f.source.as_mut() {
-                if s.is_relative() {
-                    *s = base.join(&*s);
-                }
+            if let Some(s) = f.source.as_mut()
+                && s.is_relative()
+            {
+                *s = base.join(&*s);
             }
         }
     };

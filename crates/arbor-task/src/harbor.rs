@@ -171,25 +171,25 @@ pub fn load_task_dir(dir: &Path) -> Result<Task> {
         ("verifier.timeout_sec", t.verifier.timeout_sec),
         ("agent.timeout_sec", t.agent.timeout_sec),
     ] {
-        if let Some(x) = v {
-            if !x.is_finite() || x <= 0.0 {
-                return Err(TaskError::invalid(
-                    &file,
-                    field,
-                    "must be a positive number",
-                ));
-            }
-        }
-    }
-    let e = &t.environment;
-    if let Some(c) = e.cpus {
-        if !c.is_finite() || c <= 0.0 {
+        if let Some(x) = v
+            && (!x.is_finite() || x <= 0.0)
+        {
             return Err(TaskError::invalid(
                 &file,
-                "environment.cpus",
+                field,
                 "must be a positive number",
             ));
         }
+    }
+    let e = &t.environment;
+    if let Some(c) = e.cpus
+        && (!c.is_finite() || c <= 0.0)
+    {
+        return Err(TaskError::invalid(
+            &file,
+            "environment.cpus",
+            "must be a positive number",
+        ));
     }
     let memory_mb = match (&e.memory_mb, &e.memory) {
         (Some(m), _) => Some(*m),

@@ -32,10 +32,11 @@ pub fn sandbox_spec(task: &Task) -> SandboxSpec {
     if let Some(m) = env.resources.memory_mb {
         spec.limits.memory_mb = m.max(64);
     }
-    if let Some(c) = env.resources.cpus {
-        if c.is_finite() && c > 0.0 {
-            spec.limits.cpus = c;
-        }
+    if let Some(c) = env.resources.cpus
+        && c.is_finite()
+        && c > 0.0
+    {
+        spec.limits.cpus = c;
     }
     if let Some(s) = env.resources.storage_mb {
         spec.limits.workspace_mb = s.max(64);
@@ -309,10 +310,10 @@ pub async fn run_solution(
         Err(e) => return Ok(VerifierResult::infra(format!("preparing the task: {e}"))),
     };
     let res = async {
-        if let Some(sol) = solution {
-            if let Err(e) = apply_solution(sb.as_ref(), task, sol).await {
-                return VerifierResult::infra(format!("applying the solution: {e}"));
-            }
+        if let Some(sol) = solution
+            && let Err(e) = apply_solution(sb.as_ref(), task, sol).await
+        {
+            return VerifierResult::infra(format!("applying the solution: {e}"));
         }
         verify::grade(task, sb.as_ref(), Some(backend), grade_opts).await
     }

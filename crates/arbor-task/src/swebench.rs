@@ -289,10 +289,11 @@ pub fn diff_files(patch: &str) -> Vec<(String, bool)> {
             if let Some(i) = current {
                 out[i].1 = false;
             }
-        } else if let Some(p) = line.strip_prefix("+++ b/") {
-            if current.is_none() && !out.iter().any(|(f, _)| f == p) {
-                out.push((p.trim().to_string(), true));
-            }
+        } else if let Some(p) = line.strip_prefix("+++ b/")
+            && current.is_none()
+            && !out.iter().any(|(f, _)| f == p)
+        {
+            out.push((p.trim().to_string(), true));
         }
     }
     out

@@ -143,11 +143,11 @@ fn constrained_text(rng: &mut StdRng, d: usize) -> Task {
         if use_prefix {
             l.push_str(&prefix);
         }
-        if i == 0 {
-            if let Some(w) = &first_word {
-                l.push_str(w);
-                l.push(' ');
-            }
+        if i == 0
+            && let Some(w) = &first_word
+        {
+            l.push_str(w);
+            l.push(' ');
         }
         l.push_str(&format!("{topic} note {} mentions {kw}", i + 1));
         lines.push(apply_case(&l));

@@ -89,7 +89,7 @@ pub fn hash_str(s: &str) -> u64 {
 
 fn split_of(hash: u64) -> &'static str {
     // Mix so the split is independent of the id's leading digits.
-    if (hash.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15) % 5 == 0 {
+    if (hash.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15).is_multiple_of(5) {
         "heldout"
     } else {
         "train"

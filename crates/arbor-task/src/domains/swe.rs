@@ -51,13 +51,16 @@ fn ints(rng: &mut StdRng, n: usize, lo: i64, hi: i64) -> Vec<i64> {
     (0..n).map(|_| rng.gen_range(lo..=hi)).collect()
 }
 
+/// (exposing cases, agreeing cases).
+type Cases = (Vec<(String, String, String)>, Vec<(String, String)>);
+
 /// Collect cases until there are enough of each kind (bounded).
 fn cases(
     rng: &mut StdRng,
     mut sample: impl FnMut(&mut StdRng) -> (String, String, String),
     want_exposing: usize,
     want_agreeing: usize,
-) -> (Vec<(String, String, String)>, Vec<(String, String)>) {
+) -> Cases {
     let mut ex: Vec<(String, String, String)> = Vec::new();
     let mut ag: Vec<(String, String)> = Vec::new();
     for _ in 0..400 {
@@ -342,11 +345,12 @@ fn family(rng: &mut StdRng, which: usize) -> Func {
                         let g = (s[mid - 1] + s[mid]) as f64 / 2.0;
                         (format!("{g:?}"), s[mid].to_string())
                     };
-                    let bad_cmp = if s.len() % 2 == 0 && (s[mid - 1] + s[mid]) == 2 * s[mid] {
-                        good.clone()
-                    } else {
-                        bad
-                    };
+                    let bad_cmp =
+                        if s.len().is_multiple_of(2) && (s[mid - 1] + s[mid]) == 2 * s[mid] {
+                            good.clone()
+                        } else {
+                            bad
+                        };
                     (py_list(&xs), good, bad_cmp)
                 },
                 3,
@@ -659,14 +663,14 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
                 f.name, f.name
             ));
         }
-        if d <= 2 {
-            if let Some((args, want, _)) = f.exposing.last() {
-                shown += 1;
-                visible.push_str(&format!(
-                    "    def test_{}_{shown}(self):\n        self.assertEqual({}({args}), {want})\n\n",
-                    f.name, f.name
-                ));
-            }
+        if d <= 2
+            && let Some((args, want, _)) = f.exposing.last()
+        {
+            shown += 1;
+            visible.push_str(&format!(
+                "    def test_{}_{shown}(self):\n        self.assertEqual({}({args}), {want})\n\n",
+                f.name, f.name
+            ));
         }
         if shown == 0 {
             visible.push_str("    pass\n");

@@ -340,7 +340,7 @@ fn top_words(rng: &mut StdRng, d: usize) -> Task {
         .join("\n")
         + "\n";
     let mut ranked: Vec<(usize, &String)> = counts.iter().copied().zip(&vocab).collect();
-    ranked.sort_by(|a, b| b.0.cmp(&a.0));
+    ranked.sort_by_key(|r| std::cmp::Reverse(r.0));
     let want: Vec<String> = ranked.iter().take(k).map(|(_, w)| (*w).clone()).collect();
     task(
         format!(

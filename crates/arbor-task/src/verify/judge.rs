@@ -65,17 +65,17 @@ pub fn parse_score(content: &str) -> Result<f64, String> {
     }
     for start in candidates {
         let mut de = serde_json::Deserializer::from_str(&content[start..]).into_iter::<Value>();
-        if let Some(Ok(Value::Object(obj))) = de.next() {
-            if let Some(s) = obj.get("score") {
-                let x = s
-                    .as_f64()
-                    .or_else(|| s.as_str().and_then(|t| t.trim().parse().ok()))
-                    .ok_or_else(|| format!("`score` is not a number: {s}"))?;
-                if !(0.0..=1.0).contains(&x) {
-                    return Err(format!("score {x} is outside [0, 1]"));
-                }
-                return Ok(x);
+        if let Some(Ok(Value::Object(obj))) = de.next()
+            && let Some(s) = obj.get("score")
+        {
+            let x = s
+                .as_f64()
+                .or_else(|| s.as_str().and_then(|t| t.trim().parse().ok()))
+                .ok_or_else(|| format!("`score` is not a number: {s}"))?;
+            if !(0.0..=1.0).contains(&x) {
+                return Err(format!("score {x} is outside [0, 1]"));
             }
+            return Ok(x);
         }
     }
     let shown: String = content.chars().take(200).collect();

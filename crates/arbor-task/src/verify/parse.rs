@@ -104,12 +104,11 @@ pub fn parse_pytest(log: &str) -> TestReport {
             continue;
         }
         // Verbose form: `tests/test_x.py::test_a PASSED    [ 50%]`.
-        if first.contains("::") {
-            if let Some(w) = line.split_whitespace().nth(1) {
-                if let Some(status) = TestStatus::from_word(w) {
-                    r.insert(first.to_string(), status, Vec::new());
-                }
-            }
+        if first.contains("::")
+            && let Some(w) = line.split_whitespace().nth(1)
+            && let Some(status) = TestStatus::from_word(w)
+        {
+            r.insert(first.to_string(), status, Vec::new());
         }
     }
     r
