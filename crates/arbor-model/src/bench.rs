@@ -188,6 +188,19 @@ fn train_step(
     Ok(loss_sum)
 }
 
+/// CPU time (user + system) of this process in seconds, from `/proc/self/stat` (Linux); `None`
+/// elsewhere. Less sensitive than wall time to other processes competing for the cores.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every mainstream Linux configuration.
+    Some((utime + stime) / 100.0)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -245,6 +258,7 @@ pub fn tree_bench(opts: TreeBenchOptions) -> anyhow::Result<serde_json::Value> {
         let tree_batches = vec![(tree_batch, tree_w)];
 
         let mut times = [Vec::new(), Vec::new()];
+        let mut cpu = [0f64; 2];
         let mut first_loss = [0f32; 2];
         for (mode, batches) in [(0usize, &lin.batches), (1usize, &tree_batches)] {
             bar.set_message(format!(
@@ -255,7 +269,11 @@ pub fn tree_bench(opts: TreeBenchOptions) -> anyhow::Result<serde_json::Value> {
             // Same initial weights in both modes: the first losses must agree.
             let model = Qwen3Model::new(opts.model.clone(), opts.seed)?;
             let mut opt = AdamWTrainer::new(model.vars(), opts.lr, 0.0)?;
+            let mut cpu0 = None;
             for s in 0..opts.warmup + opts.steps {
+                if s == opts.warmup {
+                    cpu0 = process_cpu_seconds();
+                }
                 let t0 = Instant::now();
                 let loss = train_step(&model, &mut opt, batches)?;
                 let dt = t0.elapsed().as_secs_f64();
@@ -266,6 +284,9 @@ pub fn tree_bench(opts: TreeBenchOptions) -> anyhow::Result<serde_json::Value> {
                     times[mode].push(dt);
                 }
                 bar.inc(1);
+            }
+            if let (Some(a), Some(b)) = (cpu0, process_cpu_seconds()) {
+                cpu[mode] = (b - a) / opts.steps as f64;
             }
         }
         let lin_t = median(&mut times[0]);
@@ -294,17 +315,24 @@ pub fn tree_bench(opts: TreeBenchOptions) -> anyhow::Result<serde_json::Value> {
             "attention_pairs_linear": lin.pairs,
             "attention_pair_ratio": lin.pairs as f64 / tree_pairs as f64,
             "first_step_loss_rel_diff": loss_rel,
+            // CPU-time based figures (process user+system time per step): robust to other
+            // processes competing for the cores, but they include threads' spin-waiting.
+            "tree_step_cpu_s": cpu[1],
+            "linear_step_cpu_s": cpu[0],
+            "cpu_measured_speedup": if cpu[1] > 0.0 { cpu[0] / cpu[1] } else { f64::NAN },
+            "cpu_efficiency": if cpu[1] > 0.0 { cpu[0] / cpu[1] / ideal } else { f64::NAN },
             "model": opts.model,
         }));
         // Per-case summary on stderr even when the bar is hidden (not a terminal).
         bar.suspend(|| eprintln!(
-            "{shape:?} POR {:.3}: flat {} unique {} ideal {:.2}x measured {:.2}x efficiency {:.2} ({:.0} tok/s tree, {:.0} tok/s linear)",
+            "{shape:?} POR {:.3}: flat {} unique {} ideal {:.2}x measured {:.2}x efficiency {:.2} (cpu-time {:.2}) ({:.0} tok/s tree, {:.0} tok/s linear)",
             stats.por,
             stats.flat_tokens,
             stats.unique_tokens,
             ideal,
             measured,
             measured / ideal,
+            cpu[0] / cpu[1] / ideal,
             stats.flat_tokens as f64 / tree_t,
             stats.flat_tokens as f64 / lin_t
         ));

@@ -737,7 +737,7 @@ impl Qwen3Model {
 fn mlp_forward(m: &Mlp, x: &Tensor) -> Result<Tensor> {
     let g = linear(x, &m.gate)?;
     let u = linear(x, &m.up)?;
-    Ok(linear(&(candle_nn::ops::silu(&g)? * u)?, &m.down)?)
+    Ok(linear(&ops::swiglu(&g, &u)?, &m.down)?)
 }
 
 /// Causal attention of `n` new queries (positions `start..start+n`) over `L = start + n` cached

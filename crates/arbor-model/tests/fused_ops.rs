@@ -3,7 +3,7 @@
 
 mod common;
 
-use arbor_model::ops::{RopeTables, rms_norm, rope, token_logprobs};
+use arbor_model::ops::{RopeTables, rms_norm, rope, swiglu, token_logprobs};
 use candle::{D, Device, Tensor};
 use common::{rand_var, rel_err};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -126,4 +126,31 @@ fn token_logprobs_match_log_softmax_gather() {
     let e = rel_err(ga.get(&x).unwrap(), gb.get(&x).unwrap());
     assert!(e <= 1e-4, "logprob grad rel err {e}");
     assert!(token_logprobs(&x, &[0]).is_err());
+}
+
+#[test]
+fn swiglu_matches_composed() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let g = rand_var(&[33, 70], 6.0, &mut rng);
+    let u = rand_var(&[33, 70], 2.0, &mut rng);
+    let r = rand_var(&[33, 70], 1.0, &mut rng);
+    let a = swiglu(&g, &u).unwrap();
+    let b = (candle_nn::ops::silu(&g).unwrap() * u.as_tensor()).unwrap();
+    assert!(rel_err(&a, &b) <= 1e-5);
+    let ga = (a * r.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gb = (b * r.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&g, &u] {
+        let e = rel_err(ga.get(v).unwrap(), gb.get(v).unwrap());
+        assert!(e <= 1e-4, "swiglu grad rel err {e}");
+    }
 }

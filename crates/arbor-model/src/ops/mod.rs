@@ -5,5 +5,5 @@ mod simd;
 pub mod tree_attention;
 mod tree_attention_gemm;
 
-pub use fused::{RopeTables, rms_norm, rope, token_logprobs};
+pub use fused::{RopeTables, rms_norm, rope, swiglu, token_logprobs};
 pub use tree_attention::{TreeMask, tree_attention, tree_attention_reference};
