@@ -144,25 +144,89 @@ async fn complete(State(scripts): State<Scripts>, Json(req): Json<Value>) -> Res
             "stop",
         )
     };
-    let prompt_chars: usize = messages.iter().map(|m| m.to_string().len()).sum();
-    let usage = json!({"prompt_tokens": prompt_chars / 4 + 1, "completion_tokens": message.to_string().len() / 4 + 1,
-                       "total_tokens": (prompt_chars + message.to_string().len()) / 4 + 2});
+    // Token ids: bytes of a ChatML-like rendering, so each call's prompt
+    // extends the previous prompt + completion exactly as with a real
+    // tokenizer; a scripted reply is certain, so every logprob is 0.
+    let prompt_ids = render_prompt(messages);
+    let completion_ids: Vec<u32> = completion_text(&message).bytes().map(u32::from).collect();
+    let logprobs: Vec<Value> = completion_ids
+        .iter()
+        .map(|&b| json!({"token": format!("<0x{b:02X}>"), "logprob": 0.0, "bytes": [b], "top_logprobs": []}))
+        .collect();
+    let usage = json!({"prompt_tokens": prompt_ids.len(), "completion_tokens": completion_ids.len(),
+                       "total_tokens": prompt_ids.len() + completion_ids.len()});
+    let tokens = TokenInfo {
+        prompt_ids,
+        completion_ids,
+        logprobs,
+    };
     let model = req.get("model").and_then(Value::as_str).unwrap_or(NAME);
     let id = format!("chatcmpl-scripted-{step}");
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        return stream(&id, model, message, finish, usage);
+        return stream(&id, model, message, finish, usage, tokens);
     }
     Json(json!({
         "id": id, "object": "chat.completion", "created": 0, "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "prompt_token_ids": tokens.prompt_ids,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                     "token_ids": tokens.completion_ids, "logprobs": {"content": tokens.logprobs}}],
         "usage": usage,
     }))
     .into_response()
 }
 
+/// Token ids and logprobs of one reply.
+struct TokenInfo {
+    prompt_ids: Vec<u32>,
+    completion_ids: Vec<u32>,
+    logprobs: Vec<Value>,
+}
+
+/// The text of a message as the byte "tokenizer" sees it: content, then
+/// each tool call as `<tool_call>name arguments</tool_call>`, then an end marker.
+fn completion_text(m: &Value) -> String {
+    let mut out = m.get("content").and_then(content_text).unwrap_or_default();
+    for c in m
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let f = &c["function"];
+        out.push_str(&format!(
+            "<tool_call>{} {}</tool_call>",
+            f["name"].as_str().unwrap_or_default(),
+            f["arguments"].as_str().unwrap_or_default()
+        ));
+    }
+    out.push_str("<|end|>\n");
+    out
+}
+
+/// Bytes of every message with a role header, then the assistant header.
+fn render_prompt(messages: &[Value]) -> Vec<u32> {
+    let mut text = String::new();
+    for m in messages {
+        text.push_str(&format!(
+            "<|{}|>\n",
+            m.get("role").and_then(Value::as_str).unwrap_or("user")
+        ));
+        text.push_str(&completion_text(m));
+    }
+    text.push_str("<|assistant|>\n");
+    text.bytes().map(u32::from).collect()
+}
+
 /// The same reply as a stream: one delta with the whole message, then the
 /// finish chunk, a usage chunk and `[DONE]`.
-fn stream(id: &str, model: &str, message: Value, finish: &str, usage: Value) -> Response {
+fn stream(
+    id: &str,
+    model: &str,
+    message: Value,
+    finish: &str,
+    usage: Value,
+    tokens: TokenInfo,
+) -> Response {
     let mut delta = message.clone();
     if let Some(calls) = delta.get_mut("tool_calls").and_then(Value::as_array_mut) {
         for (i, c) in calls.iter_mut().enumerate() {
