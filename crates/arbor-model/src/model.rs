@@ -703,7 +703,7 @@ impl Qwen3Model {
         let mut x = self.embed.index_select(&ids, 0)?.detach();
         let eps = self.cfg.rms_norm_eps as f32;
         let hd = self.cfg.head_dim();
-        let (hq, hkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
+        let hq = self.cfg.num_attention_heads;
         let opts = ForwardOptions::default();
         for (li, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_norm, eps)?;
@@ -718,7 +718,6 @@ impl Qwen3Model {
             let o = cached_attention(&qh, &kc, &vc, start, 1.0 / (hd as f32).sqrt())?;
             cache.layers[li] = Some((kc, vc));
             let o = o.transpose(0, 1)?.contiguous()?.reshape((n, hq * hd))?;
-            let _ = hkv;
             x = (x + linear(&o, &layer.attn.o)?)?;
             let h = ops::rms_norm(&x, &layer.post_norm, eps)?;
             let f = match &layer.ffn {
