@@ -119,17 +119,27 @@ async fn grade_in(task: &Task, sb: &dyn Sandbox, opts: &GradeOptions) -> Verifie
         .await
     {
         Ok(r) if r.success() => {}
+        // The final state cannot even run `rm`/`mkdir` (the agent broke
+        // its own sandbox, or filled its storage): the agent's failure.
         Ok(r) => {
-            return VerifierResult::infra(format!(
-                "emptying /tests and /logs/verifier failed: {}",
-                tail(&r.stderr_str())
-            ));
+            return VerifierResult::score(
+                false,
+                json!({ "reason": format!(
+                    "the final state is unusable for grading: emptying /tests and /logs/verifier failed: {}",
+                    tail(&r.stderr_str())
+                ) }),
+            );
         }
         Err(e) => return exec_failure("emptying /tests", e),
     }
     let files: Vec<_> = task.verifier.files().into_iter().cloned().collect();
     if let Err(e) = upload_files(sb, &task.environment.workdir, &files).await {
-        return VerifierResult::infra(format!("uploading verifier files: {e}"));
+        let msg = format!("uploading verifier files: {e}");
+        return if e.is_infrastructure() {
+            VerifierResult::infra(msg)
+        } else {
+            VerifierResult::score(false, json!({ "reason": msg }))
+        };
     }
     let ctx = Ctx { task, sb, opts };
     Box::pin(ctx.run(&task.verifier)).await
