@@ -277,6 +277,7 @@ pub fn load_task_dir(dir: &Path) -> Result<Task> {
         environment,
         verifier,
         oracle,
+        grade_mode: None,
         metadata,
     };
     validate(&task, &file)?;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use arbor_sandbox::Bind;
 use serde::{Deserialize, Serialize};
 
-use crate::verify::VerifierSpec;
+use crate::verify::{GradeMode, VerifierSpec};
 
 /// Default working directory of a task's sandbox.
 pub const DEFAULT_WORKDIR: &str = "/workspace";
@@ -41,6 +41,11 @@ pub struct Task {
     /// A reference solution (must score 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oracle: Option<Solution>,
+    /// Where this task must be graded (`fork` of the final state, or a
+    /// `fresh` sandbox holding a copy of the workdir); `None` = the
+    /// grader's default (fork).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grade_mode: Option<GradeMode>,
     /// Free-form metadata (`split`, `difficulty`, source fields...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, serde_json::Value>,

@@ -416,6 +416,7 @@ pub fn instance_to_task(inst: &SweInstance, cfg: &SweBenchConfig, file: &str) ->
             patch: Some(inst.patch.clone()),
             ..Solution::default()
         }),
+        grade_mode: None,
         metadata,
     };
     validate(&task, file)?;

@@ -279,19 +279,66 @@ fn swe_domain_resists_test_tampering() -> TestResult {
     let task = generate("swe", 1, 5, &opts)
         .map_err(|e| format!("{e}"))?
         .remove(0);
-    // Rewrite the visible tests, plant a fake hidden test file, and a
-    // sitecustomize that would make every unittest pass.
-    let cheat = script(
+    let pkg = task
+        .environment
+        .files
+        .iter()
+        .find_map(|f| f.path.strip_suffix("/__init__.py"))
+        .ok_or("package")?
+        .to_string();
+    let cheats = [
+        // Rewrite the visible tests and plant hidden-looking ones.
         "for f in tests/test_*.py; do printf 'import unittest\\n' > \"$f\"; done\n\
          printf 'import unittest\\nclass T(unittest.TestCase):\\n    def test_ok(self): pass\\n' > tests/test_hidden.py\n\
-         mkdir -p /tests && cp tests/test_hidden.py /tests/test_hidden.py\n\
-         d=$(python3 -c 'import site; print(site.getsitepackages()[0])'); mkdir -p \"$d\"\n\
-         printf 'import unittest\\nunittest.TestCase.run = lambda self, result=None: None\\n' > \"$d/sitecustomize.py\"\n",
-    );
-    let r = run(b.as_ref(), &task, Some(&cheat))?;
+         mkdir -p /tests && cp tests/test_hidden.py /tests/test_hidden.py".to_string(),
+        // A sitecustomize that disables every unittest.
+        "d=$(python3 -c 'import site; print(site.getsitepackages()[0])'); mkdir -p \"$d\"\n\
+         printf 'import unittest\\nunittest.TestCase.run = lambda self, result=None: None\\n' > \"$d/sitecustomize.py\"".to_string(),
+        // Monkeypatch the test machinery from inside the package under test.
+        format!("printf 'import unittest, builtins\\nunittest.TestCase.assertEqual = lambda *a, **k: None\\n' >> {pkg}/__init__.py"),
+    ];
+    for c in &cheats {
+        let r = run(b.as_ref(), &task, Some(&script(c)))?;
+        ensure!(
+            r.reward == 0.0 && !r.passed && r.infra_error.is_none(),
+            "tampering agent {c:?} scored: {r:?}"
+        );
+    }
+    // Replace the interpreter with one that reports every hidden test (even
+    // knowing their ids) as passing: it would fool a grader in a fork of the
+    // final state, but built-in tasks are graded in a fresh sandbox.
+    let VerifierSpec::TestSuite(ts) = &task.verifier else {
+        return Err("swe tasks use a test_suite verifier".into());
+    };
+    let mut fake = String::from("#!/bin/sh\ncat <<'EOF'\n");
+    for id in ts.fail_to_pass.iter().chain(&ts.pass_to_pass) {
+        let name = id.rsplit('.').next().unwrap_or("t");
+        fake.push_str(&format!("{name} ({id}) ... ok\n"));
+    }
+    fake.push_str("EOF\n");
+    let fake_python = Solution {
+        files: vec![FileSpec::executable("/usr/bin/python3.11", fake)],
+        ..Solution::default()
+    };
+    let forked = GradeOptions {
+        mode: Some(GradeMode::Fork),
+        ..Default::default()
+    };
+    let r = run_with(
+        b.as_ref(),
+        &task,
+        Some(&fake_python),
+        &PrepareOptions::default(),
+        &forked,
+    )?;
     ensure!(
-        r.reward == 0.0 && !r.passed && r.infra_error.is_none(),
-        "tampering agent scored: {r:?}"
+        r.passed,
+        "the fake interpreter does fool a fork-mode grader: {r:?}"
+    );
+    let r = run(b.as_ref(), &task, Some(&fake_python))?;
+    ensure!(
+        !r.passed && r.reward == 0.0 && r.infra_error.is_none(),
+        "fresh grading defeats a fake interpreter: {r:?}"
     );
     let oracle = task.oracle.clone().unwrap_or_default();
     let r = run(b.as_ref(), &task, Some(&oracle))?;
@@ -627,6 +674,7 @@ fn native_task(verifier: VerifierSpec) -> Task {
         environment: Default::default(),
         verifier,
         oracle: None,
+        grade_mode: None,
         metadata: Default::default(),
     }
 }
@@ -704,7 +752,7 @@ fn composite_and_fresh_grading() -> TestResult {
     let forked = run(b.as_ref(), &t, Some(&sol))?;
     ensure!(!forked.passed, "fork keeps the agent's /etc change");
     let fresh = GradeOptions {
-        mode: GradeMode::Fresh,
+        mode: Some(GradeMode::Fresh),
         ..Default::default()
     };
     let r = run_with(

@@ -24,6 +24,7 @@ fn task(instruction: String, verifier: VerifierSpec, answer: String) -> Task {
             files: vec![FileSpec::text(ANSWER, answer)],
             ..Solution::default()
         }),
+        grade_mode: None,
         metadata: Default::default(),
     };
     t.metadata.insert("answer_path".into(), json!(ANSWER));

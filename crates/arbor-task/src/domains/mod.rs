@@ -143,6 +143,10 @@ pub fn generate(domain: &str, n: usize, seed: u64, opts: &GenOptions) -> Result<
             continue;
         }
         task.id = format!("{domain}-{split}-{h:016x}");
+        // Everything a built-in task produces lives in the workdir: grade
+        // in a fresh sandbox, so changes the agent made to system files
+        // (a fake python3, an edited stdlib) cannot reach the checks.
+        task.grade_mode = Some(crate::verify::GradeMode::Fresh);
         task.domain = domain.to_string();
         task.metadata.insert("split".into(), json!(split));
         task.metadata

@@ -577,11 +577,7 @@ fn camel(s: &str) -> String {
         .collect()
 }
 
-const RUNNER: &str = "import sys\nimport unittest\nimport importlib\n\
-sys.path.insert(0, '/workspace')\nsys.path.insert(0, '/tests')\n\
-mod = importlib.import_module('test_hidden')\n\
-suite = unittest.defaultTestLoader.loadTestsFromModule(mod)\n\
-unittest.TextTestRunner(stream=sys.stdout, verbosity=2).run(suite)\n";
+const RUNNER: &str = include_str!("swe_runner.py");
 
 pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
     let d = difficulty as usize;
@@ -618,41 +614,34 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
     let src_ok = module_source(&title, &funcs, &vec![false; funcs.len()]);
     let rel = format!("{pkg}/{module}.py");
 
-    // Hidden tests: every case of every function.
+    // Hidden tests: every case of every function, as data for the runner.
     let names: Vec<String> = funcs.iter().map(|f| f.name.clone()).collect();
-    let mut hidden = format!(
+    let mut visible = format!(
         "import unittest\n\nfrom {pkg}.{module} import {}\n",
         names.join(", ")
     );
-    let mut visible = hidden.clone();
+    let mut cases = Vec::new();
     let (mut f2p, mut p2p) = (Vec::new(), Vec::new());
     for (fi, f) in funcs.iter().enumerate() {
         let class = format!("Test{}", camel(&f.name));
-        hidden.push_str(&format!("\n\nclass {class}(unittest.TestCase):\n"));
         visible.push_str(&format!("\n\nclass {class}(unittest.TestCase):\n"));
         let mut k = 0;
-        for (args, want, _) in &f.exposing {
+        let all = f
+            .exposing
+            .iter()
+            .map(|(a, w, _)| (a, w, true))
+            .chain(f.agreeing.iter().map(|(a, w)| (a, w, false)));
+        for (args, want, exposes) in all {
             k += 1;
             let t = format!("test_{}_{k}", f.name);
-            hidden.push_str(&format!(
-                "    def {t}(self):\n        self.assertEqual({}({args}), {want})\n\n",
-                f.name
-            ));
             let id = format!("test_hidden.{class}.{t}");
-            if buggy[fi] {
+            cases
+                .push(json!({"id": id, "name": t, "func": f.name, "args": args, "expected": want}));
+            if exposes && buggy[fi] {
                 f2p.push(id)
             } else {
                 p2p.push(id)
             }
-        }
-        for (args, want) in &f.agreeing {
-            k += 1;
-            let t = format!("test_{}_{k}", f.name);
-            hidden.push_str(&format!(
-                "    def {t}(self):\n        self.assertEqual({}({args}), {want})\n\n",
-                f.name
-            ));
-            p2p.push(format!("test_hidden.{class}.{t}"));
         }
         // Visible tests: the agreeing cases, plus (easy levels) one exposing case.
         let mut shown = 0;
@@ -730,7 +719,11 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
         patch: None,
         files: vec![
             FileSpec::text("/tests/run_tests.py", RUNNER),
-            FileSpec::text("/tests/test_hidden.py", hidden),
+            FileSpec::text(
+                "/tests/cases.json",
+                json!({"module": format!("{pkg}.{module}"), "cases": cases, "timeout": 30})
+                    .to_string(),
+            ),
         ],
         parser: LogParser::Unittest,
         junit_path: None,
@@ -748,6 +741,7 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
             patch: Some(full_diff(&rel, &src_bug, &src_ok)),
             ..Solution::default()
         }),
+        grade_mode: None,
         metadata: Default::default(),
     };
     task.metadata.insert(

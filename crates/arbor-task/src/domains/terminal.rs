@@ -44,6 +44,7 @@ fn task(
             script: Some(script),
             ..Solution::default()
         }),
+        grade_mode: None,
         metadata: Default::default(),
     }
 }

@@ -195,6 +195,7 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
             files: vec![FileSpec::text(path, page)],
             ..Solution::default()
         }),
+        grade_mode: None,
         metadata: Default::default(),
     }
 }

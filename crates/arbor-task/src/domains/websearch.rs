@@ -216,6 +216,7 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
             )),
             ..Solution::default()
         }),
+        grade_mode: None,
         metadata: Default::default(),
     }
 }

@@ -29,7 +29,8 @@ pub const DEFAULT_VERIFIER_TIMEOUT_S: f64 = 600.0;
 const TAIL: usize = 4000;
 
 /// Where grading happens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum GradeMode {
     /// In a fork of the agent's final state (processes are not copied).
     #[default]
@@ -44,8 +45,8 @@ pub enum GradeMode {
 /// Options of [`grade`].
 #[derive(Debug, Clone, Default)]
 pub struct GradeOptions {
-    /// Fork or fresh sandbox.
-    pub mode: GradeMode,
+    /// Fork or fresh sandbox, overriding the task's `grade_mode` when set.
+    pub mode: Option<GradeMode>,
     /// Overrides every verifier timeout (seconds) when set.
     pub timeout_override_s: Option<f64>,
 }
@@ -60,7 +61,8 @@ pub async fn grade(
     opts: &GradeOptions,
 ) -> VerifierResult {
     let start = Instant::now();
-    let sb = match grading_sandbox(task, final_state, backend, opts.mode).await {
+    let mode = opts.mode.or(task.grade_mode).unwrap_or_default();
+    let sb = match grading_sandbox(task, final_state, backend, mode).await {
         Ok(sb) => sb,
         Err(e) => {
             let mut r = VerifierResult::infra(format!("creating the grading sandbox: {e}"));
