@@ -1,9 +1,11 @@
-//! `swe`: a small Python package with planted bugs and hidden unittest
-//! tests that expose them. The fix is an edit; the oracle is the patch.
+//! `swe`: a small Python package with planted bugs and hidden tests that
+//! expose them. The fix is an edit; the oracle is the patch.
 //!
-//! Self-contained: tests use only the standard library's `unittest` and run
-//! under the host's `/usr/bin/python3` in the default rootfs (pytest is not
-//! needed and nothing is installed at task time).
+//! Self-contained: visible tests use only the standard library's `unittest`,
+//! and everything runs under the host's `/usr/bin/python3` in the default
+//! rootfs (pytest is not needed and nothing is installed at task time).
+//! Hidden cases are evaluated out of process by `swe_runner.py`, which
+//! reports them in `unittest -v` format for the `test_suite` verifier.
 
 use rand::Rng;
 use rand::rngs::StdRng;
