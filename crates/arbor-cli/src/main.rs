@@ -23,6 +23,12 @@ enum Command {
     /// Isolated sandboxes: run a command, clean up after crashes, benchmark.
     #[command(subcommand)]
     Sandbox(cmd::sandbox::Command),
+    /// Task sets: generate built-in domains, list sources, validate oracles and verifiers.
+    #[command(subcommand)]
+    Task(cmd::task::Command),
+    /// The model gateway: OpenAI/Anthropic-compatible endpoints that record every call as tokens.
+    #[command(subcommand)]
+    Gateway(arbor_gateway::cli::Cmd),
     /// Trajectory trees: prefix-sharing statistics and packing into training micro-batches.
     #[command(subcommand)]
     Tree(cmd::tree::Command),
@@ -60,6 +66,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Quickstart(a) => cmd::quickstart::run(a).await,
             Command::Sandbox(c) => cmd::sandbox::run(c).await,
             Command::Tree(c) => cmd::tree::run(c),
+            Command::Task(c) => cmd::task::run(c).await,
+            Command::Gateway(c) => arbor_gateway::cli::run(c).await.map(|()| 0),
         }
     })
 }

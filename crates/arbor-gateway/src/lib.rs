@@ -13,6 +13,7 @@
 pub mod anthropic;
 pub mod bench;
 pub mod chat;
+pub mod cli;
 pub mod error;
 pub mod metrics;
 pub mod record;

@@ -1,4 +1,5 @@
 //! One module per command group.
 pub mod quickstart;
 pub mod sandbox;
+pub mod task;
 pub mod tree;

@@ -12,6 +12,25 @@ pub enum Command {
     Stats(StatsArgs),
     /// Pack trajectories into safetensors micro-batches of at most BUDGET tokens.
     Pack(PackArgs),
+    /// Train the same model on trees and on separate paths; prints one JSON object
+    /// with measured vs ideal speedup per POR.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Print JSON (the only output format; accepted for clarity).
+    #[arg(long)]
+    json: bool,
+    /// Target POR values.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.75,0.85")]
+    pors: Vec<f64>,
+    /// Timed optimiser steps per mode (median reported).
+    #[arg(long, default_value_t = 2)]
+    steps: usize,
+    /// Unique tokens per tree batch.
+    #[arg(long, default_value_t = 2048)]
+    unique_tokens: usize,
 }
 
 #[derive(Args)]
@@ -46,6 +65,17 @@ pub struct PackArgs {
 
 pub fn run(cmd: Command) -> Result<i32> {
     match cmd {
+        Command::Bench(a) => {
+            let _ = a.json;
+            let opts = arbor_model::bench::TreeBenchOptions {
+                pors: a.pors,
+                steps: a.steps,
+                unique_tokens: a.unique_tokens,
+                ..Default::default()
+            };
+            let report = arbor_model::bench::tree_bench(opts)?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
         Command::Stats(a) => {
             let stats = arbor_tree::stats(&a.source)
                 .with_context(|| format!("reading {}", a.source.display()))?;
