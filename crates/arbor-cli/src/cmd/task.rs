@@ -62,8 +62,12 @@ pub struct ListArgs {
 
 #[derive(Args)]
 pub struct CheckArgs {
-    #[command(flatten)]
-    src: SourceArgs,
+    /// Task sources (each as for `list`); their tasks are checked together.
+    #[arg(required = true)]
+    sources: Vec<PathBuf>,
+    /// SWE-bench config for SWE-bench sources.
+    #[arg(long)]
+    swebench_config: Option<PathBuf>,
     /// Print JSON (the only output format; accepted for clarity).
     #[arg(long)]
     json: bool,
@@ -100,6 +104,11 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::List(a) => {
             let tasks = arbor_task::list(&a.src.source, &open_opts(&a.src))
                 .with_context(|| format!("reading {}", a.src.source.display()))?;
+            anyhow::ensure!(
+                !tasks.is_empty(),
+                "no tasks found in {}",
+                a.src.source.display()
+            );
             for t in &tasks {
                 if a.json {
                     println!("{}", serde_json::to_string(t)?);
@@ -119,8 +128,16 @@ pub async fn run(cmd: Command) -> Result<i32> {
         }
         Command::Check(a) => {
             let _ = a.json;
-            let tasks = arbor_task::load(&a.src.source, &open_opts(&a.src))
-                .with_context(|| format!("reading {}", a.src.source.display()))?;
+            let open = OpenOptions {
+                swebench_config: a.swebench_config.clone(),
+            };
+            let mut tasks = Vec::new();
+            for source in &a.sources {
+                let found = arbor_task::load(source, &open)
+                    .with_context(|| format!("reading {}", source.display()))?;
+                anyhow::ensure!(!found.is_empty(), "no tasks found in {}", source.display());
+                tasks.extend(found);
+            }
             let backend =
                 LocalBackend::with_defaults().context("starting the local sandbox backend")?;
             let bar = ProgressBar::new(tasks.len() as u64).with_style(
