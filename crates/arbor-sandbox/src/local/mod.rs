@@ -73,10 +73,13 @@ impl Default for LocalConfig {
     }
 }
 
-/// Locate the init program: `ARBOR_SANDBOX_INIT_BIN`; else the running
-/// executable if it declared [`allow_self_as_init`] (always the same version
-/// as the supervisor); else `arbor-sandbox-init` next to the running
-/// executable or one level up (test binaries live in `target/*/deps`).
+/// Locate the init program:
+/// 1. `ARBOR_SANDBOX_INIT_BIN`;
+/// 2. if the running executable declared [`allow_self_as_init`] (the `arbor`
+///    CLI does): `arbor-init` beside it (same package, so same version, and
+///    small), else the executable itself;
+/// 3. otherwise `arbor-sandbox-init` beside the running executable or one
+///    level up (test binaries live in `target/*/deps`).
 pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
@@ -86,7 +89,8 @@ pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     let exe = std::env::current_exe().map_err(|e| SandboxError::io("current executable", e))?;
     if SELF_IS_INIT.load(Ordering::Relaxed) {
-        return Ok(exe);
+        let sibling = exe.with_file_name("arbor-init");
+        return Ok(if sibling.is_file() { sibling } else { exe });
     }
     let mut dir = exe.parent();
     for _ in 0..2 {
