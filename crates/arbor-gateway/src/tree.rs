@@ -81,3 +81,34 @@ pub fn session_tree(session: &str, calls: &[CallRecord]) -> Value {
         Err(e) => json!({"session": session, "error": e.to_string(), "skipped": skipped}),
     }
 }
+
+/// Every session recorded in a store directory, as sequences (read-only; a
+/// torn last line from a crash is skipped, as the store's recovery would).
+/// Used by `arbor tree stats|pack` on a gateway store.
+pub fn store_sequences(dir: &std::path::Path) -> Result<Vec<Sequence>, crate::GatewayError> {
+    let path = dir.join(crate::store::LOG_FILE);
+    let bytes = std::fs::read(&path).map_err(|source| crate::GatewayError::Path {
+        path: path.clone(),
+        source,
+    })?;
+    let mut order: Vec<String> = Vec::new();
+    let mut sessions: std::collections::HashMap<String, Vec<CallRecord>> =
+        std::collections::HashMap::new();
+    for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let Ok(rec) = serde_json::from_slice::<CallRecord>(line) else {
+            continue;
+        };
+        if !sessions.contains_key(&rec.session) {
+            order.push(rec.session.clone());
+        }
+        sessions.entry(rec.session.clone()).or_default().push(rec);
+    }
+    let mut out = Vec::new();
+    for s in order {
+        if let Some(mut calls) = sessions.remove(&s) {
+            calls.sort_by_key(|c| c.index);
+            out.extend(session_sequences(&calls).0);
+        }
+    }
+    Ok(out)
+}

@@ -1,9 +1,9 @@
 //! `arbor tree ...`: trajectory trees, their reuse, and pack files.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use arbor_tree::{LossNormalization, OversizePolicy, PackOptions, PackStrategy};
+use arbor_tree::{LossNormalization, OversizePolicy, PackOptions, PackStrategy, TrajectoryTree};
 use clap::{Args, Subcommand};
 
 #[derive(Subcommand)]
@@ -35,7 +35,8 @@ pub struct BenchArgs {
 
 #[derive(Args)]
 pub struct StatsArgs {
-    /// A JSONL file of sequences, a directory of them, or a tree JSON (e.g. a gateway session tree).
+    /// A JSONL file of sequences, a directory of them, a tree JSON (e.g. a gateway session tree),
+    /// or a gateway store directory.
     source: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -63,6 +64,22 @@ pub struct PackArgs {
     oversize: OversizePolicy,
 }
 
+/// Sources are arbor-tree's own (sequence JSONL, directories of them, tree
+/// JSON) or a gateway store directory (`calls.jsonl`), converted here.
+fn load_tree(source: &Path) -> Result<TrajectoryTree> {
+    let seqs = if source.join(arbor_gateway::store::LOG_FILE).is_file() {
+        arbor_gateway::tree::store_sequences(source)?
+    } else {
+        arbor_tree::load_sequences(source)?
+    };
+    anyhow::ensure!(
+        !seqs.is_empty(),
+        "no trajectories with token ids in {}",
+        source.display()
+    );
+    Ok(TrajectoryTree::from_sequences(&seqs)?)
+}
+
 pub fn run(cmd: Command) -> Result<i32> {
     match cmd {
         Command::Bench(a) => {
@@ -77,8 +94,9 @@ pub fn run(cmd: Command) -> Result<i32> {
             println!("{}", serde_json::to_string(&report)?);
         }
         Command::Stats(a) => {
-            let stats = arbor_tree::stats(&a.source)
-                .with_context(|| format!("reading {}", a.source.display()))?;
+            let stats = load_tree(&a.source)
+                .with_context(|| format!("reading {}", a.source.display()))?
+                .stats();
             if a.json {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -90,8 +108,10 @@ pub fn run(cmd: Command) -> Result<i32> {
             opts.strategy = a.strategy;
             opts.normalization = a.normalization;
             opts.oversize = a.oversize;
-            let summary = arbor_tree::pack_to_dir_with(&a.source, &opts, &a.out)
-                .with_context(|| format!("packing {}", a.source.display()))?;
+            let tree =
+                load_tree(&a.source).with_context(|| format!("reading {}", a.source.display()))?;
+            let summary = arbor_tree::write_packs(&tree, &opts, &a.out)
+                .with_context(|| format!("packing into {}", a.out.display()))?;
             eprintln!("{}", summary.stats);
             eprintln!("wrote {} packs to {}", summary.files.len(), a.out.display());
             println!("{}", serde_json::to_string(&summary)?);
