@@ -237,11 +237,14 @@ fn stream(
         json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
                "choices": choices, "usage": usage})
     };
+    let mut first = chunk(
+        json!([{"index": 0, "delta": delta, "finish_reason": null,
+                "token_ids": tokens.completion_ids, "logprobs": {"content": tokens.logprobs}}]),
+        Value::Null,
+    );
+    first["prompt_token_ids"] = json!(tokens.prompt_ids);
     let events = [
-        chunk(
-            json!([{"index": 0, "delta": delta, "finish_reason": null}]),
-            Value::Null,
-        ),
+        first,
         chunk(
             json!([{"index": 0, "delta": {}, "finish_reason": finish}]),
             Value::Null,
