@@ -2,7 +2,7 @@
 //! fenced block; its output comes back as the next user message; the
 //! episode ends when the agent runs `submit` or hits a limit.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arbor_sandbox::Sandbox;
 use async_trait::async_trait;
@@ -76,13 +76,9 @@ impl Scaffold for BashScaffold {
                 tally.outcome.stop = StopReason::TokenLimit;
                 return Ok(tally.outcome);
             }
-            tally.begin();
-            let rewritten = cfg.context.apply(&mut history);
-            let t = Instant::now();
-            let reply = model.complete(&history, None, turn).await?;
-            let model_time = t.elapsed();
-            tally.outcome.prompt_tokens += reply.prompt_tokens;
-            tally.outcome.completion_tokens += reply.completion_tokens;
+            let (reply, model_time, rewritten) = tally
+                .call_model(cfg, model, &mut history, None, turn)
+                .await?;
             let text = reply.message.content.clone().unwrap_or_default();
             history.push(ChatMessage::text("assistant", text.clone()));
             let Some(command) = parse_command(&text) else {

@@ -254,9 +254,24 @@ impl Tally {
         }
     }
 
-    /// Start timing a turn.
-    pub fn begin(&mut self) {
+    /// Start a turn: apply the context policy, call the model, count its
+    /// tokens. Returns the reply, the time in the call, and whether the
+    /// history was rewritten first.
+    pub async fn call_model(
+        &mut self,
+        cfg: &ScaffoldConfig,
+        model: &ChatClient,
+        history: &mut [ChatMessage],
+        tools: Option<&serde_json::Value>,
+        turn: u32,
+    ) -> Result<(crate::client::ChatResponse, Duration, bool), AgentError> {
         self.started = Instant::now();
+        let rewritten = cfg.context.apply(history);
+        let t = Instant::now();
+        let reply = model.complete(history, tools, turn).await?;
+        self.outcome.prompt_tokens += reply.prompt_tokens;
+        self.outcome.completion_tokens += reply.completion_tokens;
+        Ok((reply, t.elapsed(), rewritten))
     }
 
     pub fn record(&mut self, action: String, model: Duration, act: Duration, rewritten: bool) {

@@ -83,13 +83,9 @@ impl Scaffold for ToolsScaffold {
                 tally.outcome.stop = StopReason::TokenLimit;
                 return Ok(tally.outcome);
             }
-            tally.begin();
-            let rewritten = cfg.context.apply(&mut history);
-            let t = Instant::now();
-            let reply = model.complete(&history, Some(&tools), turn).await?;
-            let model_time = t.elapsed();
-            tally.outcome.prompt_tokens += reply.prompt_tokens;
-            tally.outcome.completion_tokens += reply.completion_tokens;
+            let (reply, model_time, rewritten) = tally
+                .call_model(cfg, model, &mut history, Some(&tools), turn)
+                .await?;
             let calls = reply.message.tool_calls.clone();
             history.push(reply.message);
             if calls.is_empty() {
