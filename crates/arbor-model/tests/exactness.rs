@@ -374,3 +374,41 @@ fn split_across_packs_dense_and_moe() {
         }
     }
 }
+
+/// A real recorded session: an agent (the `bash` scaffold in a sandbox, through the gateway,
+/// scripted-oracle policy, history truncation) whose calls branch where the history was
+/// rewritten. Produced by `cargo run -p arbor-agent --example record_session`; token ids are
+/// bytes, folded into the test vocabulary (the folding is applied to every path alike, so the
+/// tree and the paths see the same sequences).
+fn recorded_session() -> Vec<Sequence> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/recorded_session.jsonl");
+    let mut seqs = arbor_tree::read_jsonl(&path).unwrap();
+    assert!(seqs.len() >= 3, "fixture has {} calls", seqs.len());
+    let tree = TrajectoryTree::from_sequences(&seqs).unwrap();
+    assert!(tree.stats().nodes > 1, "the recorded session must branch");
+    for (i, s) in seqs.iter_mut().enumerate() {
+        for t in &mut s.tokens {
+            *t %= VOCAB as u32;
+        }
+        s.advantage = Some([0.7, -0.4, 1.0, -0.9, 0.2][i % 5]);
+    }
+    seqs
+}
+
+#[test]
+fn recorded_session_tree_dense_and_moe() {
+    let seqs = recorded_session();
+    let (d, m) = (dense(), moe());
+    for loss in [Loss::TokenMean, Loss::SequenceMean, Loss::ClippedPg] {
+        compare(&d, &seqs, loss, "recorded session dense");
+        compare(&m, &seqs, loss, "recorded session moe");
+    }
+    compare_with(
+        &d,
+        &seqs,
+        Loss::ClippedPg,
+        "recorded session packed",
+        Some(600),
+    );
+}
