@@ -964,7 +964,7 @@ fn main() {
         match backend() {
             Ok(b) => {
                 let leaks = gc::leaks(b.state_root(), b.cgroups());
-                if leaks.total() + leaks.state_dirs != 0 {
+                if !leaks.is_clean() {
                     eprintln!("LEAK CHECK FAILED: {leaks:?}");
                     std::process::exit(101);
                 }

@@ -147,7 +147,7 @@ fn gc_cmd(a: GcArgs) -> Result<i32> {
     if a.check {
         let l = gc::leaks(backend.state_root(), backend.cgroups());
         println!("{}", serde_json::to_string(&l)?);
-        return Ok(if l.total() + l.state_dirs == 0 { 0 } else { 1 });
+        return Ok(if l.is_clean() { 0 } else { 1 });
     }
     let report = gc::gc(backend.state_root(), backend.cgroups(), a.all);
     println!("{}", serde_json::to_string(&report)?);

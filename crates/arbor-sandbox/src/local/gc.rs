@@ -66,6 +66,11 @@ impl Leaks {
     pub fn total(&self) -> usize {
         self.processes + self.mounts + self.cgroups
     }
+
+    /// Nothing at all is left, state directories included.
+    pub fn is_clean(&self) -> bool {
+        self.total() + self.state_dirs == 0
+    }
 }
 
 fn alive(pid: i32, start: u64) -> bool {
