@@ -260,7 +260,7 @@ fn mem_available_kb() -> u64 {
 fn tree_rss_kb(dirs: &[std::path::PathBuf]) -> u64 {
     let mut pids = std::collections::HashSet::new();
     for d in dirs {
-        collect(d, &mut pids);
+        gc::collect_procs(d, &mut pids);
     }
     pids.into_iter()
         .filter_map(|p| {
@@ -270,13 +270,4 @@ fn tree_rss_kb(dirs: &[std::path::PathBuf]) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .sum()
-}
-
-fn collect(d: &std::path::Path, out: &mut std::collections::HashSet<i32>) {
-    out.extend(crate::local::cgroup::procs(d));
-    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            collect(&e.path(), out);
-        }
-    }
 }

@@ -8,7 +8,7 @@
 //! cannot stall the control channel.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
@@ -163,9 +163,4 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
     }
     let msg = serde_json::from_slice(&buf[..len])?;
     Ok((msg, fds))
-}
-
-/// Raw descriptor numbers of owned descriptors, for [`send`].
-pub fn raw_fds(fds: &[&OwnedFd]) -> Vec<RawFd> {
-    fds.iter().map(|f| f.as_raw_fd()).collect()
 }

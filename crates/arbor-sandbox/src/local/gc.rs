@@ -207,7 +207,8 @@ pub fn leaks(state_root: &Path, cgroups: &Cgroups) -> Leaks {
     l
 }
 
-fn collect_procs(dir: &Path, out: &mut std::collections::HashSet<i32>) {
+/// Pids in a group directory and all its child groups.
+pub(crate) fn collect_procs(dir: &Path, out: &mut std::collections::HashSet<i32>) {
     out.extend(cgroup::procs(dir));
     for e in fs::read_dir(dir).into_iter().flatten().flatten() {
         if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
