@@ -1,0 +1,1 @@
+//! Run reports (being written; see the report helper's brief).
