@@ -41,23 +41,40 @@
 //! multi-turn paths; both layouts go through the same code. Per-token expert log-probabilities
 //! for distillation are computed on the same tree by [`RlBatch::set_expert`].
 //!
+//! A path's weight `c_k` is public: to average per episode rather than per call (a gateway
+//! session has one path per call), set `weight = 1 / (E * calls of the path's episode)` for the
+//! `E` episodes of the step before calling [`rl_loss`].
+//!
+//! One optimizer step over the packs of a tree (the pack losses add up to the step's loss; the
+//! MoE load-balancing term is formed once from the merged statistics):
+//!
 //! ```no_run
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use arbor_model::{AuxStats, Qwen3Model, train::AdamWTrainer};
 //! use arbor_train::{RlBatch, RlConfig, RlStats, rl_loss};
-//! # let (model, tree): (arbor_model::Qwen3Model, arbor_tree::TrajectoryTree) = todo!();
-//! let (_, packs) = arbor_tree::pack_tree(&tree, &arbor_tree::PackOptions::new(4096))?;
-//! let cfg = RlConfig::default();
-//! let mut stats = RlStats::default();
-//! let mut aux = arbor_model::AuxStats::default();
-//! let mut grads = None;
-//! for pack in &packs {
-//!     let out = rl_loss(&model, &RlBatch::from_pack(pack)?, &cfg)?;
-//!     stats.merge(&out.stats);
-//!     aux.merge(out.aux)?;
-//!     let g = out.loss.backward()?; // accumulate over packs, then one optimizer step
-//!     # grads = Some(g);
+//! use arbor_tree::{PackOptions, TrajectoryTree, pack_tree};
+//!
+//! fn step(model: &Qwen3Model, expert: Option<&Qwen3Model>, tree: &TrajectoryTree,
+//!         opt: &mut AdamWTrainer, cfg: &RlConfig) -> Result<RlStats, Box<dyn std::error::Error>> {
+//!     let (_, packs) = pack_tree(tree, &PackOptions::new(4096))?;
+//!     let (mut stats, mut aux, mut total) = (RlStats::default(), AuxStats::default(), None);
+//!     for pack in &packs {
+//!         let mut batch = RlBatch::from_pack(pack)?;
+//!         if let Some(e) = expert {
+//!             batch.set_expert(e)?; // distillation toward the domain expert
+//!         }
+//!         let out = rl_loss(model, &batch, cfg)?;
+//!         stats.merge(&out.stats);
+//!         aux.merge(out.aux)?;
+//!         total = Some(match total { None => out.loss, Some(t) => (t + out.loss)? });
+//!     }
+//!     let mut loss = total.ok_or("no packs")?;
+//!     if let Some(a) = aux.loss()? {
+//!         loss = (loss + (a * model.config().router_aux_loss_coef)?)?;
+//!     }
+//!     opt.backward_step(&loss)?;
+//!     // log stats.masked_fraction(), stats.iw_single.variance(), stats.iw_mcla.variance(), ...
+//!     Ok(stats)
 //! }
-//! # Ok(()) }
 //! ```
 
 pub mod loss;
