@@ -241,3 +241,24 @@ fn bad_inputs_are_errors() {
     p.turns = vec![0, 0];
     assert!(distill_loss(lp.as_tensor(), &[0.0], &[p], None).is_err());
 }
+
+/// `RlBatch` refuses a path without an advantage (an unscored rollout must not train as 0) and a
+/// step size smaller than the batch.
+#[test]
+fn rl_batch_needs_advantages_and_a_step_size() {
+    use arbor_train::{RlBatch, TrainError};
+    use arbor_tree::{Sequence, TrajectoryTree};
+    let mut a = Sequence::new("a", vec![1, 2, 3]);
+    a.advantage = Some(0.5);
+    let b = Sequence::new("b", vec![1, 2, 4]);
+    let tree = TrajectoryTree::from_sequences(&[a.clone(), b]).unwrap();
+    match RlBatch::from_flat(&tree.flatten(), 2) {
+        Err(TrainError::MissingAdvantage { path }) => assert_eq!(path, "b"),
+        other => panic!("expected a missing advantage, got {other:?}"),
+    }
+    let tree = TrajectoryTree::from_sequences(&[a]).unwrap();
+    assert!(RlBatch::from_flat(&tree.flatten(), 0).is_err());
+    let batch = RlBatch::from_flat(&tree.flatten(), 4).unwrap();
+    assert_eq!(batch.paths[0].weight, 0.25);
+    assert_eq!(batch.wanted(), vec![true, true, true]);
+}
