@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run the main job on the embedded defaults (currently: a guided sandbox demo).
     Quickstart(cmd::quickstart::Args),
+    /// Run an experiment (tasks x scaffolds x samples against a policy), or resume one.
+    Run(cmd::run::RunArgs),
     /// Isolated sandboxes: run a command, clean up after crashes, benchmark.
     #[command(subcommand)]
     Sandbox(cmd::sandbox::Command),
@@ -64,6 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     rt.block_on(async {
         match cli.command {
             Command::Quickstart(a) => cmd::quickstart::run(a).await,
+            Command::Run(a) => cmd::run::run(a).await,
             Command::Sandbox(c) => cmd::sandbox::run(c).await,
             Command::Tree(c) => cmd::tree::run(c),
             Command::Task(c) => cmd::task::run(c).await,

@@ -4,10 +4,28 @@
 //! become a scored, recorded rollout; thousands run at once; a run survives
 //! crashes; external trainers ask for rollouts over HTTP.
 //!
+//! - [`experiment`]: the experiment file (TOML).
+//! - [`runner`]: the orchestrator (`arbor run`): plan, bounded concurrency,
+//!   retries, failure classes, resume.
+//! - [`store`]: the run directory, written crash-safely.
 //! - [`record`]: one finished rollout (a line of `results.jsonl`).
+//! - [`oracle`]: the `scripted-oracle` policy's scripts from task oracles.
+//! - [`live`]: counting live sandboxes.
+//! - [`summary`]: the end-of-run JSON object.
 //! - [`report`]: Markdown reports with plots from a run directory.
 
+pub mod error;
+pub mod experiment;
+pub mod live;
+pub mod oracle;
 pub mod record;
 pub mod report;
+pub mod runner;
+pub mod store;
+pub mod summary;
 
+pub use error::RolloutError;
+pub use experiment::Experiment;
 pub use record::{Failure, RolloutKey, RolloutResult, Status};
+pub use runner::{Progress, RunOptions, run};
+pub use summary::Summary;

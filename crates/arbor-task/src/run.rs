@@ -64,6 +64,17 @@ pub async fn prepare(
     task: &Task,
     opts: &PrepareOptions,
 ) -> Result<Box<dyn Sandbox>> {
+    prepare_with_spec(backend, task, &sandbox_spec(task), opts).await
+}
+
+/// [`prepare`] with a caller-adjusted spec (e.g. [`sandbox_spec`] plus a
+/// network bridge to the model gateway for a black-box agent).
+pub async fn prepare_with_spec(
+    backend: &dyn Backend,
+    task: &Task,
+    spec: &SandboxSpec,
+    opts: &PrepareOptions,
+) -> Result<Box<dyn Sandbox>> {
     if let Some(reason) = task.environment.needs_oci() {
         if !opts.allow_default_rootfs {
             return Err(TaskError::NeedsOci {
@@ -76,7 +87,7 @@ pub async fn prepare(
     if task.environment.allow_internet {
         tracing::debug!(task = %task.id, "task asks for internet access; local sandboxes have none");
     }
-    let sb = backend.create(&sandbox_spec(task)).await?;
+    let sb = backend.create(spec).await?;
     match populate(sb.as_ref(), task).await {
         Ok(()) => Ok(sb),
         Err(e) => {

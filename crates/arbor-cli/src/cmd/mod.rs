@@ -1,5 +1,6 @@
 //! One module per command group.
 pub mod quickstart;
+pub mod run;
 pub mod sandbox;
 pub mod task;
 pub mod tree;

@@ -1,0 +1,288 @@
+//! An experiment: one TOML file that says which tasks, which scaffolds,
+//! which policy, how many samples, how much at once, and where results go.
+//!
+//! ```toml
+//! name = "oracle-all"
+//! output = "runs/oracle-all"     # relative to the current directory
+//! samples = 1                    # per task and scaffold
+//! concurrency = 64
+//! infra_retries = 2
+//!
+//! [[datasets]]                   # a task source (native, SWE-bench, Harbor) ...
+//! path = "tasks/terminal"
+//! [[datasets]]                   # ... or a built-in generator
+//! domain = "terminal"
+//! n = 20
+//! seed = 7
+//!
+//! [[scaffolds]]
+//! kind = "bash"
+//! max_steps = 20
+//! [[scaffolds]]
+//! kind = "tools"
+//!
+//! [policy]
+//! kind = "scripted-oracle"       # or "upstream" with base_url/model
+//! ```
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use arbor_agent::ScaffoldConfig;
+use arbor_agent::scaffold::blackbox::BlackBoxConfig;
+use arbor_task::verify::GradeMode;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RolloutError};
+
+/// A whole experiment file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Name in reports.
+    pub name: String,
+    /// Run directory (results, trajectories, report). `arbor run --out` overrides.
+    pub output: PathBuf,
+    /// Where tasks come from.
+    pub datasets: Vec<DatasetSpec>,
+    /// Scaffolds; every task is rolled out under each.
+    pub scaffolds: Vec<ScaffoldSpec>,
+    /// The model behind the gateway.
+    pub policy: PolicySpec,
+    /// Samples per task and scaffold.
+    #[serde(default = "one")]
+    pub samples: u32,
+    /// Rollouts in flight at once (each holds a sandbox).
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Extra attempts after an infrastructure failure (sandbox died, upstream
+    /// unreachable, verifier infrastructure error).
+    #[serde(default = "two")]
+    pub infra_retries: u32,
+    /// Time limits.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Verifier overrides.
+    #[serde(default)]
+    pub verifier: VerifierOverrides,
+    /// Sandboxes kept warm for tasks whose environment matches (0 = no pool).
+    #[serde(default)]
+    pub warm_pool: usize,
+    /// Run tasks that ask for a container image on the default rootfs.
+    #[serde(default)]
+    pub allow_default_rootfs: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+fn two() -> u32 {
+    2
+}
+fn default_concurrency() -> usize {
+    16
+}
+
+/// A task source: either `path` (native task files or JSONL, a SWE-bench
+/// JSONL, a Harbor folder) or `domain` + `n` (a built-in generator, as
+/// `arbor task gen`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// A task source on disk.
+    pub path: Option<PathBuf>,
+    /// A built-in domain (`swe`, `terminal`, `webcoding`, `websearch`, `general`).
+    pub domain: Option<String>,
+    /// Tasks to generate (with `domain`).
+    pub n: Option<usize>,
+    /// Generator seed (with `domain`).
+    pub seed: u64,
+    /// `train`, `heldout` or `any` (with `domain`; default `any`).
+    pub split: Option<String>,
+    /// 1..=5 (with `domain`; default 2).
+    pub difficulty: Option<u32>,
+    /// Keep only the first `limit` tasks of the source.
+    pub limit: Option<usize>,
+}
+
+impl DatasetSpec {
+    fn validate(&self) -> std::result::Result<(), String> {
+        match (&self.path, &self.domain) {
+            (Some(_), Some(_)) => Err("a dataset has both `path` and `domain`; use one".into()),
+            (None, None) => Err("a dataset needs `path` or `domain`".into()),
+            (Some(_), None) => {
+                if self.n.is_some() || self.split.is_some() || self.difficulty.is_some() {
+                    Err("`n`, `split` and `difficulty` go with `domain`, not `path`".into())
+                } else {
+                    Ok(())
+                }
+            }
+            (None, Some(d)) => {
+                if !arbor_task::domains::DOMAINS.contains(&d.as_str()) {
+                    return Err(format!(
+                        "unknown domain `{d}` (one of: {})",
+                        arbor_task::domains::DOMAINS.join(", ")
+                    ));
+                }
+                match self.n {
+                    Some(n) if n > 0 => Ok(()),
+                    _ => Err(format!("dataset `{d}` needs `n` (tasks to generate) > 0")),
+                }
+            }
+        }
+    }
+}
+
+/// A scaffold, by kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ScaffoldSpec {
+    /// One shell command per turn in a fenced block.
+    Bash(ScaffoldConfig),
+    /// OpenAI function calling: bash, editor, submit.
+    Tools(ScaffoldConfig),
+    /// Any agent program inside the sandbox.
+    Blackbox(BlackBoxConfig),
+}
+
+impl ScaffoldSpec {
+    /// The name used in results and reports.
+    pub fn name(&self) -> &str {
+        match self {
+            ScaffoldSpec::Bash(_) => "bash",
+            ScaffoldSpec::Tools(_) => "tools",
+            ScaffoldSpec::Blackbox(b) => &b.name,
+        }
+    }
+}
+
+/// The policy behind the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum PolicySpec {
+    /// Replays each task's oracle through the scaffold's protocol. Tests and
+    /// loads the infrastructure; says nothing about a model.
+    ScriptedOracle,
+    /// OpenAI-compatible servers (vLLM, SGLang, a hosted API).
+    Upstream {
+        /// Base URLs including `/v1`; the gateway balances and fails over.
+        base_urls: Vec<String>,
+        /// Model name sent in requests.
+        model: String,
+        /// Environment variable holding the API key, if the upstream needs one.
+        #[serde(default)]
+        api_key_env: Option<String>,
+        /// Cap on completion tokens per call.
+        #[serde(default)]
+        max_tokens: Option<u32>,
+    },
+}
+
+impl PolicySpec {
+    /// The label in results and reports.
+    pub fn label(&self) -> String {
+        match self {
+            PolicySpec::ScriptedOracle => arbor_agent::policy::scripted::NAME.to_string(),
+            PolicySpec::Upstream { model, .. } => format!("upstream:{model}"),
+        }
+    }
+}
+
+/// Time limits, seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Whole agent episode (a task's own `agent_timeout_s` wins when set).
+    pub agent_s: f64,
+    /// One model call.
+    pub model_call_s: f64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            agent_s: 1800.0,
+            model_call_s: 600.0,
+        }
+    }
+}
+
+/// Overrides of the tasks' verifier settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VerifierOverrides {
+    /// `fork` or `fresh`, for every task.
+    pub mode: Option<GradeMode>,
+    /// Timeout of every verifier command, seconds.
+    pub timeout_s: Option<f64>,
+}
+
+impl Experiment {
+    /// Parse and check an experiment file. Relative dataset paths are resolved
+    /// against the file's folder; `output` against the current directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RolloutError::io(format!("reading {}", path.display()), e))?;
+        let mut exp = Self::parse(&text).map_err(|m| RolloutError::Experiment {
+            file: path.display().to_string(),
+            message: m,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for d in &mut exp.datasets {
+            if let Some(p) = &mut d.path
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(exp)
+    }
+
+    /// Parse TOML text and validate it; errors name the field at fault.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let exp: Experiment = toml::from_str(text).map_err(|e| e.to_string())?;
+        exp.validate()?;
+        Ok(exp)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.datasets.is_empty() {
+            return Err("`datasets` is empty: add at least one [[datasets]] table".into());
+        }
+        if self.scaffolds.is_empty() {
+            return Err("`scaffolds` is empty: add at least one [[scaffolds]] table".into());
+        }
+        let mut names = BTreeSet::new();
+        for s in &self.scaffolds {
+            if !names.insert(s.name()) {
+                return Err(format!(
+                    "two scaffolds are named `{}`; give black-box scaffolds distinct names",
+                    s.name()
+                ));
+            }
+            if let ScaffoldSpec::Bash(c) | ScaffoldSpec::Tools(c) = s
+                && c.max_steps == 0
+            {
+                return Err(format!("scaffold `{}`: max_steps must be > 0", s.name()));
+            }
+        }
+        if self.samples == 0 {
+            return Err("`samples` must be at least 1".into());
+        }
+        if self.concurrency == 0 {
+            return Err("`concurrency` must be at least 1".into());
+        }
+        if !(self.timeouts.agent_s > 0.0 && self.timeouts.model_call_s > 0.0) {
+            return Err("timeouts must be positive".into());
+        }
+        if let PolicySpec::Upstream { base_urls, .. } = &self.policy
+            && base_urls.is_empty()
+        {
+            return Err("policy `upstream` needs at least one entry in `base_urls`".into());
+        }
+        for (i, d) in self.datasets.iter().enumerate() {
+            d.validate().map_err(|m| format!("datasets[{i}]: {m}"))?;
+        }
+        Ok(())
+    }
+}
