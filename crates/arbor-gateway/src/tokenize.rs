@@ -1,5 +1,8 @@
 //! Tokenization with the model's `tokenizer.json` and its Jinja chat template, rendered the way
-//! Hugging Face `transformers`' `apply_chat_template` renders it.
+//! Hugging Face `transformers`' `apply_chat_template` renders it; [`byte_chat`] is arbor's own
+//! byte-level format (scripted oracle, embedded policy).
+
+pub mod byte_chat;
 
 use std::path::Path;
 
