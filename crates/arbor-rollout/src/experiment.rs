@@ -245,7 +245,8 @@ impl Experiment {
         Ok(exp)
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
+    /// Check consistency; errors name the field at fault.
+    pub fn validate(&self) -> std::result::Result<(), String> {
         if self.datasets.is_empty() {
             return Err("`datasets` is empty: add at least one [[datasets]] table".into());
         }

@@ -12,6 +12,7 @@
 //! - [`oracle`]: the `scripted-oracle` policy's scripts from task oracles.
 //! - [`live`]: counting live sandboxes.
 //! - [`summary`]: the end-of-run JSON object.
+//! - [`server`]: the env server (`arbor serve`) for external trainers.
 //! - [`report`]: Markdown reports with plots from a run directory.
 
 pub mod error;
@@ -21,6 +22,7 @@ pub mod oracle;
 pub mod record;
 pub mod report;
 pub mod runner;
+pub mod server;
 pub mod store;
 pub mod summary;
 

@@ -45,9 +45,15 @@ pub struct RolloutKey {
 }
 
 impl RolloutKey {
-    /// The gateway session id of attempt `attempt` (URL-safe, unique per attempt,
-    /// so a retried or resumed rollout never appends to a dead attempt's session).
+    /// The gateway session id of attempt `attempt` (URL-safe, unique per
+    /// attempt, so a retried or resumed rollout never appends to a dead
+    /// attempt's session).
     pub fn session(&self, attempt: u32) -> String {
+        format!("{}{attempt}", self.session_prefix())
+    }
+
+    /// Every attempt's session id is this prefix and the attempt number.
+    pub fn session_prefix(&self) -> String {
         let clean = |s: &str| -> String {
             s.chars()
                 .map(|c| {
@@ -60,7 +66,7 @@ impl RolloutKey {
                 .collect()
         };
         format!(
-            "{}.{}.s{}.a{attempt}",
+            "{}.{}.s{}.a",
             clean(&self.task_id),
             clean(&self.scaffold),
             self.sample
@@ -93,7 +99,8 @@ pub struct RolloutResult {
     /// Verifier reward (0 for agent failures and infrastructure errors).
     pub reward: f64,
     pub passed: bool,
-    /// Attempts made (1 + infrastructure retries).
+    /// Number of the final attempt: 1 + infrastructure retries + attempts
+    /// lost with a killed invocation (those left a gateway session).
     pub attempts: u32,
     /// Gateway session of the final attempt: its calls are the trajectory.
     pub session: String,

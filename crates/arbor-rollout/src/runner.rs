@@ -64,6 +64,9 @@ pub struct Progress {
 /// A progress callback.
 pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
+/// A callback receiving each recorded result.
+pub type ResultFn = Arc<dyn Fn(&RolloutResult) + Send + Sync>;
+
 /// How to run an experiment.
 #[derive(Clone, Default)]
 pub struct RunOptions {
@@ -75,6 +78,8 @@ pub struct RunOptions {
     pub concurrency: Option<usize>,
     /// Called after every recorded result.
     pub on_progress: Option<ProgressFn>,
+    /// Called with every result right after it is recorded.
+    pub on_result: Option<ResultFn>,
     /// Set to stop launching rollouts (those in flight finish and are recorded).
     pub stop: Option<Arc<AtomicBool>>,
     /// Sandbox backend (default: the local namespace backend).
@@ -143,6 +148,10 @@ struct Ctx {
     retries: AtomicU64,
     /// Per-step figures of this invocation: (overhead, model call, action), ms.
     steps: Mutex<Vec<(f64, f64, f64)>>,
+    /// Highest attempt number whose gateway session already exists, per
+    /// session prefix (attempts of a killed invocation): new attempts
+    /// number after them, so no session mixes two attempts.
+    used_attempts: HashMap<String, u32>,
 }
 
 /// The outcome of one attempt.
@@ -211,11 +220,17 @@ impl Ctx {
         scaffold: &ScaffoldSpec,
         key: RolloutKey,
     ) -> RolloutResult {
-        let max_attempts = self.exp.infra_retries + 1;
-        let mut attempt = 1;
+        let first = self
+            .used_attempts
+            .get(&key.session_prefix())
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let last = first + self.exp.infra_retries;
+        let mut attempt = first;
         loop {
             let a = self.attempt(task, scaffold, &key, attempt).await;
-            if !a.infra || attempt >= max_attempts {
+            if !a.infra || attempt >= last {
                 return a.result;
             }
             self.retries.fetch_add(1, Ordering::Relaxed);
@@ -496,6 +511,15 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
         }
     }
 
+    let mut used_attempts: HashMap<String, u32> = HashMap::new();
+    for (session, _) in gateway.store().sessions() {
+        if let Some((prefix, n)) = session.rsplit_once(".a")
+            && let Ok(n) = n.parse::<u32>()
+        {
+            let e = used_attempts.entry(format!("{prefix}.a")).or_insert(0);
+            *e = (*e).max(n);
+        }
+    }
     let ctx = Arc::new(Ctx {
         backend,
         gateway: gateway.addr,
@@ -512,6 +536,7 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
         },
         retries: AtomicU64::new(0),
         steps: Mutex::new(Vec::new()),
+        used_attempts,
     });
 
     let mut progress = Progress {
@@ -577,6 +602,9 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
         count(&mut progress, &r);
         progress.done += 1;
         progress.live_sandboxes = live.live();
+        if let Some(cb) = &opts.on_result {
+            cb(&r);
+        }
         all.push(r);
         if let Some(cb) = &opts.on_progress {
             cb(&progress);

@@ -2,5 +2,6 @@
 pub mod quickstart;
 pub mod run;
 pub mod sandbox;
+pub mod serve;
 pub mod task;
 pub mod tree;

@@ -85,14 +85,13 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             on_progress: Some(on_progress),
             stop: Some(stop.clone()),
             backend: None,
+            on_result: None,
         },
     )
     .await?;
     bar.finish_and_clear();
     let dir = PathBuf::from(&summary.run_dir);
-    if !a.no_report {
-        eprintln!("(reports: not wired yet in this commit)");
-    }
+    let _ = a.no_report; // reports: wired in the next commit
     if summary.policy == arbor_agent::policy::scripted::NAME {
         eprintln!(
             "note: scripted-oracle replays reference solutions; it tests the infrastructure, not a model"

@@ -89,6 +89,14 @@ pub fn gc(state_root: &Path, cgroups: &Cgroups, all: bool) -> GcReport {
         let state: Option<StateFile> = fs::read(dir.join("state.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
+        if state.is_none() && !all && (young(&dir) || !dir.exists()) {
+            // Being created (state.json not written yet) or being destroyed
+            // by a live process right now: not garbage. A crash leaves it
+            // for a later gc once it is older than the grace period.
+            report.sandboxes_kept += 1;
+            known.push(id);
+            continue;
+        }
         if let Some(s) = &state
             && !all
             && s.supervisor_pid != std::process::id() as i32
@@ -125,11 +133,14 @@ pub fn gc(state_root: &Path, cgroups: &Cgroups, all: bool) -> GcReport {
             report.processes_killed += count_procs(&d);
             match cgroup::remove_group(&d, true) {
                 Ok(()) => report.cgroups_removed += 1,
+                Err(e) if !d.exists() => tracing::debug!("cgroup already gone: {e}"),
                 Err(e) => report.errors.push(e.to_string()),
             }
         }
         match fs::remove_dir_all(&dir) {
             Ok(()) => report.sandboxes_removed += 1,
+            // Its owner removed it meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => report.errors.push(format!("{}: {e}", dir.display())),
         }
     }
@@ -140,17 +151,33 @@ pub fn gc(state_root: &Path, cgroups: &Cgroups, all: bool) -> GcReport {
                 continue;
             }
             let name = entry.file_name().to_string_lossy().into_owned();
-            if known.contains(&name) {
+            if known.contains(&name) || (!all && young(&entry.path())) {
+                // A young cgroup may belong to a sandbox being created whose
+                // state directory was not there when we listed.
                 continue;
             }
             report.processes_killed += count_procs(&entry.path());
             match cgroup::remove_group(&entry.path(), true) {
                 Ok(()) => report.cgroups_removed += 1,
+                Err(e) if !entry.path().exists() => tracing::debug!("cgroup already gone: {e}"),
                 Err(e) => report.errors.push(e.to_string()),
             }
         }
     }
     report
+}
+
+/// How long a sandbox directory or cgroup without a state file is presumed
+/// to be in the middle of creation (or destruction) by a live process.
+const GRACE: Duration = Duration::from_secs(30);
+
+/// Modified within [`GRACE`] (a missing path counts as not young).
+fn young(path: &Path) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < GRACE)
 }
 
 fn cgroup_dirs_named(cgroups: &Cgroups, id: &str) -> Vec<PathBuf> {
