@@ -19,6 +19,7 @@ pub mod error;
 pub mod experiment;
 pub mod live;
 pub mod oracle;
+pub mod plot;
 pub mod record;
 pub mod report;
 pub mod runner;
