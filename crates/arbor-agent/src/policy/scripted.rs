@@ -3,10 +3,30 @@
 //! (a fenced ```bash block, or a `bash` tool call), then submits.
 //!
 //! It is stateless: the task is recognised by the conversation's first user
-//! message (the instruction) and the step by the number of assistant
-//! messages so far, so retries and resumed runs replay identically. It
-//! exists to test and load the infrastructure; results produced with it say
-//! nothing about a model.
+//! message and the step by the number of assistant messages so far, so
+//! retries and resumed runs replay identically. It exists to test and load
+//! the infrastructure; results produced with it say nothing about a model.
+//!
+//! # Finding the task
+//!
+//! arbor's own scaffolds send the instruction itself as the first user
+//! message, but third-party agents wrap it in a prompt template (e.g.
+//! mini-swe-agent's `Please solve this issue: {{task}}` followed by its
+//! rules). So the lookup is: the script registered under exactly the first
+//! user message if there is one; otherwise the script whose instruction is
+//! the *longest* registered instruction contained in that message (the most
+//! specific one: with `"Fix a"` and `"Fix a bug"` both registered, a prompt
+//! quoting `"Fix a bug"` gets the latter). Two different instructions of
+//! that same greatest length both contained in the message are ambiguous and
+//! answered with 409 rather than guessed.
+//!
+//! # Ending the episode
+//!
+//! After its commands a script ends the episode the way the agent expects
+//! ([`Script::submit_command`]): by default with the word `submit` in a
+//! fenced block (or a `submit` tool call), which arbor's scaffolds read; or
+//! with an ordinary command, for agents that finish when a command prints a
+//! sentinel (mini-swe-agent: `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,7 +43,55 @@ use tokio::task::JoinHandle;
 /// Name used in reports.
 pub const NAME: &str = "scripted-oracle";
 
-type Scripts = Arc<RwLock<HashMap<String, Vec<String>>>>;
+type Scripts = Arc<RwLock<HashMap<String, Script>>>;
+
+/// What the policy replays for one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Script {
+    /// Shell commands, one per model call.
+    pub commands: Vec<String>,
+    /// How the episode ends once the commands are used up. `None`: the word
+    /// `submit` in a fenced block, or a `submit` tool call (arbor's
+    /// scaffolds). `Some(cmd)`: `cmd` sent as one more ordinary action (a
+    /// fenced block or a `bash` tool call), for agents that stop on a
+    /// command's output. Repeated if the agent keeps asking.
+    pub submit_command: Option<String>,
+    /// Info string of the fenced block in text replies (` ```bash `). Agents
+    /// parse their own fence: mini-swe-agent's text mode wants
+    /// `mswea_bash_command`.
+    pub fence: String,
+}
+
+impl Script {
+    /// `commands`, then `submit`, in ` ```bash ` blocks (what [`ScriptedPolicy::register`] uses).
+    pub fn new(commands: Vec<String>) -> Self {
+        Script {
+            commands,
+            submit_command: None,
+            fence: "bash".to_string(),
+        }
+    }
+
+    /// End with `command` as an ordinary action instead of `submit`.
+    pub fn with_submit_command(mut self, command: impl Into<String>) -> Self {
+        self.submit_command = Some(command.into());
+        self
+    }
+
+    /// Use ` ```{fence} ` blocks in text replies.
+    pub fn with_fence(mut self, fence: impl Into<String>) -> Self {
+        self.fence = fence.into();
+        self
+    }
+
+    /// The action of step `step` (0-based): a command, or `None` for `submit`.
+    fn action(&self, step: usize) -> Option<&str> {
+        self.commands
+            .get(step)
+            .or(self.submit_command.as_ref())
+            .map(String::as_str)
+    }
+}
 
 /// A running scripted policy server.
 pub struct ScriptedPolicy {
@@ -60,10 +128,29 @@ impl ScriptedPolicy {
     }
 
     /// Replay `commands` (then submit) for conversations whose first user
-    /// message is `instruction`.
+    /// message is `instruction` (or quotes it: see the module docs).
     pub fn register(&self, instruction: &str, commands: Vec<String>) {
+        self.register_script(instruction, Script::new(commands));
+    }
+
+    /// Replay `commands`, then end with `submit_command` run as an ordinary
+    /// command (e.g. mini-swe-agent's `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`).
+    pub fn register_with_submit(
+        &self,
+        instruction: &str,
+        commands: Vec<String>,
+        submit_command: &str,
+    ) {
+        self.register_script(
+            instruction,
+            Script::new(commands).with_submit_command(submit_command),
+        );
+    }
+
+    /// Replay `script` for conversations about `instruction`.
+    pub fn register_script(&self, instruction: &str, script: Script) {
         if let Ok(mut s) = self.scripts.write() {
-            s.insert(instruction.to_string(), commands);
+            s.insert(instruction.to_string(), script);
         }
     }
 }
@@ -105,13 +192,24 @@ async fn complete(State(scripts): State<Scripts>, Json(req): Json<Value>) -> Res
         .iter()
         .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
         .count();
-    let command = match scripts.read() {
-        Ok(s) => match s.get(&instruction) {
-            Some(cmds) => cmds.get(step).cloned(),
-            None => {
+    let (command, fence) = match scripts.read() {
+        Ok(s) => match find_script(&s, &instruction) {
+            Lookup::Found(script) => (
+                script.action(step).map(str::to_string),
+                script.fence.clone(),
+            ),
+            Lookup::Missing => {
                 return error(
                     StatusCode::NOT_FOUND,
                     "scripted-oracle has no script for this task".into(),
+                );
+            }
+            Lookup::Ambiguous(a, b) => {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "scripted-oracle: the first user message contains two registered instructions of equal length ({a:?}, {b:?})"
+                    ),
                 );
             }
         },
@@ -140,7 +238,7 @@ async fn complete(State(scripts): State<Scripts>, Json(req): Json<Value>) -> Res
     } else {
         let c = command.as_deref().unwrap_or("submit");
         (
-            json!({"role": "assistant", "content": format!("```bash\n{c}\n```")}),
+            json!({"role": "assistant", "content": format!("```{fence}\n{c}\n```")}),
             "stop",
         )
     };
@@ -173,6 +271,44 @@ async fn complete(State(scripts): State<Scripts>, Json(req): Json<Value>) -> Res
         "usage": usage,
     }))
     .into_response()
+}
+
+/// Result of looking a conversation's task up.
+#[derive(Debug)]
+enum Lookup<'a> {
+    Found(&'a Script),
+    Missing,
+    Ambiguous(&'a str, &'a str),
+}
+
+/// The script for a conversation whose first user message is `first`: an
+/// exact match, else the longest registered instruction contained in it
+/// (see the module docs). Exact matches cost one hash lookup; the scan only
+/// runs for templated prompts.
+fn find_script<'a>(scripts: &'a HashMap<String, Script>, first: &str) -> Lookup<'a> {
+    if let Some(s) = scripts.get(first) {
+        return Lookup::Found(s);
+    }
+    let mut best: Option<(&'a str, &'a Script)> = None;
+    let mut tie: Option<&'a str> = None;
+    for (instruction, script) in scripts {
+        if instruction.is_empty() || !first.contains(instruction.as_str()) {
+            continue;
+        }
+        match best {
+            Some((b, _)) if b.len() > instruction.len() => {}
+            Some((b, _)) if b.len() == instruction.len() => tie = Some(instruction),
+            _ => {
+                best = Some((instruction, script));
+                tie = None;
+            }
+        }
+    }
+    match (best, tie) {
+        (Some((b, _)), Some(t)) => Lookup::Ambiguous(b, t),
+        (Some((_, s)), None) => Lookup::Found(s),
+        (None, _) => Lookup::Missing,
+    }
 }
 
 /// Token ids and logprobs of one reply.
@@ -275,5 +411,60 @@ fn content_text(c: &Value) -> Option<String> {
                 .join(""),
         ),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(instructions: &[&str]) -> HashMap<String, Script> {
+        instructions
+            .iter()
+            .map(|i| (i.to_string(), Script::new(vec![format!("echo {i}")])))
+            .collect()
+    }
+
+    fn found(t: &HashMap<String, Script>, first: &str) -> Option<String> {
+        match find_script(t, first) {
+            Lookup::Found(s) => Some(s.commands[0].clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn exact_match_then_longest_contained_instruction() {
+        let t = table(&["Fix a", "Fix a bug", "Other task"]);
+        assert_eq!(found(&t, "Fix a").as_deref(), Some("echo Fix a"));
+        // A templated prompt quoting the instruction finds the most specific one.
+        assert_eq!(
+            found(&t, "Please solve this issue: Fix a bug\n\nRules...").as_deref(),
+            Some("echo Fix a bug")
+        );
+        assert_eq!(
+            found(&t, "Please solve: Fix a typo").as_deref(),
+            Some("echo Fix a")
+        );
+        assert!(matches!(find_script(&t, "unrelated"), Lookup::Missing));
+    }
+
+    #[test]
+    fn equal_length_matches_are_ambiguous() {
+        let t = table(&["task A", "task B"]);
+        assert!(matches!(
+            find_script(&t, "do task A and task B"),
+            Lookup::Ambiguous(..)
+        ));
+        // An exact match is never ambiguous.
+        assert!(matches!(find_script(&t, "task A"), Lookup::Found(_)));
+    }
+
+    #[test]
+    fn submit_command_follows_the_commands_and_repeats() {
+        let s = Script::new(vec!["ls".into()]).with_submit_command("echo DONE");
+        assert_eq!(s.action(0), Some("ls"));
+        assert_eq!(s.action(1), Some("echo DONE"));
+        assert_eq!(s.action(5), Some("echo DONE"));
+        assert_eq!(Script::new(vec!["ls".into()]).action(1), None);
     }
 }
