@@ -126,6 +126,7 @@ fn oracle_all_example_passes_and_trees_reproduce_calls() {
             );
         }
     }
+    assert!(out.path().join("report.md").exists(), "report written");
 }
 
 fn write_experiment(dir: &Path, n: usize) -> PathBuf {

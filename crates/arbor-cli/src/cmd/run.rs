@@ -91,7 +91,12 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     .await?;
     bar.finish_and_clear();
     let dir = PathBuf::from(&summary.run_dir);
-    let _ = a.no_report; // reports: wired in the next commit
+    if !a.no_report {
+        match arbor_rollout::report::write_report(&dir) {
+            Ok(p) => eprintln!("report: {}", p.display()),
+            Err(e) => eprintln!("warning: writing the report failed: {e:#}"),
+        }
+    }
     if summary.policy == arbor_agent::policy::scripted::NAME {
         eprintln!(
             "note: scripted-oracle replays reference solutions; it tests the infrastructure, not a model"

@@ -115,6 +115,23 @@ struct Shared {
     cgroups: Cgroups,
 }
 
+/// Raise this process's soft open-file limit to its hard limit: each live
+/// sandbox holds a few descriptors (pidfd, control socket, bridges), and the
+/// common default soft limit of 1024 would cap density far below what the
+/// host can run. Commands inside get their own limit from the spec.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!("reading RLIMIT_NOFILE: {e}"),
+    }
+}
+
 /// Creates sandboxes on this machine.
 #[derive(Clone)]
 pub struct LocalBackend {
@@ -131,6 +148,7 @@ impl LocalBackend {
             ));
         }
         let init_path = find_init(config.init_program.as_deref())?;
+        raise_fd_limit();
         prepare_state_root(&config.state_root)?;
         let cgroups = Cgroups::detect().map_err(|e| SandboxError::io("cgroups", e))?;
         cgroups
@@ -779,6 +797,12 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 
 /// Read a pipe to EOF (or until told to stop), keeping at most `cap` bytes
 /// and discarding the rest, so a flood costs no memory.
+///
+/// On `stop` (the command exited but a process it left behind still holds
+/// the pipe), whatever is already buffered in the pipe is drained first:
+/// everything the command itself wrote is in the buffer by the time it
+/// exits, so stopping never loses its output, however late this task gets
+/// scheduled on a loaded host. Only later writes by leftovers are dropped.
 async fn read_capped(fd: OwnedFd, cap: usize, mut stop: watch::Receiver<bool>) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
     let mut truncated = false;
@@ -789,19 +813,32 @@ async fn read_capped(fd: OwnedFd, cap: usize, mut stop: watch::Receiver<bool>) -
         return (out, truncated);
     };
     let mut chunk = vec![0u8; 64 * 1024];
+    let mut keep = |out: &mut Vec<u8>, data: &[u8]| {
+        let room = cap.saturating_sub(out.len());
+        if data.len() > room {
+            truncated = true;
+        }
+        out.extend_from_slice(&data[..data.len().min(room)]);
+    };
     loop {
         tokio::select! {
             r = rx.read(&mut chunk) => match r {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let room = cap.saturating_sub(out.len());
-                    if n > room {
-                        truncated = true;
-                    }
-                    out.extend_from_slice(&chunk[..n.min(room)]);
-                }
+                Ok(n) => keep(&mut out, &chunk[..n]),
             },
-            _ = stop.changed() => break,
+            _ = stop.changed() => {
+                // Plain non-blocking read(2): tokio's `try_read` would skip
+                // the syscall while the reactor has not yet marked the pipe
+                // readable, which is exactly the late case.
+                use std::os::fd::AsFd;
+                loop {
+                    match nix::unistd::read(rx.as_fd(), &mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => keep(&mut out, &chunk[..n]),
+                    }
+                }
+                break;
+            }
         }
     }
     (out, truncated)
