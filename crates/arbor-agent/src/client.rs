@@ -69,6 +69,9 @@ pub struct ChatResponse {
     pub finish_reason: Option<String>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Time the policy behind the gateway took, as the gateway reports it
+    /// (`x-arbor-upstream-ms`); `None` when the endpoint is not an arbor gateway.
+    pub upstream_ms: Option<f64>,
 }
 
 /// Client for one endpoint (in arbor, a gateway session URL).
@@ -159,6 +162,11 @@ impl ChatClient {
             .await
             .map_err(|e| AgentError::Model(format!("request: {e}")))?;
         let status = resp.status();
+        let upstream_ms = resp
+            .headers()
+            .get("x-arbor-upstream-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<f64>().ok());
         let text = resp
             .text()
             .await
@@ -194,6 +202,7 @@ impl ChatClient {
                 .map(String::from),
             prompt_tokens: n("prompt_tokens"),
             completion_tokens: n("completion_tokens"),
+            upstream_ms,
         })
     }
 }

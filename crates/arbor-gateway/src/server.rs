@@ -146,6 +146,10 @@ fn upstream_error(api: Api, f: UpstreamFailure) -> ApiError {
     }
 }
 
+/// Response header of non-streaming calls: milliseconds spent waiting for
+/// the upstream's complete answer.
+pub const UPSTREAM_MS_HEADER: &str = "x-arbor-upstream-ms";
+
 async fn call(
     State(state): St,
     api: Api,
@@ -204,6 +208,7 @@ async fn run_call(
             ));
         }
     };
+    let t_upstream = Instant::now();
     let opened = state
         .pool
         .open(&session, &upstream_request, info.stream, &state.metrics)
@@ -249,6 +254,7 @@ async fn run_call(
                 acc.finish()
             }
         };
+        let upstream_ms = t_upstream.elapsed().as_secs_f64() * 1e3;
         let caller = match api {
             Api::Chat => {
                 let mut r = full.clone();
@@ -276,7 +282,13 @@ async fn run_call(
                 )
             })?;
         state.metrics.request_seconds[api_index(api)].observe(t0.elapsed());
-        return Ok(axum::Json(caller).into_response());
+        let mut resp = axum::Json(caller).into_response();
+        // How long the upstream (the policy) took, so callers can tell the
+        // policy's time from the gateway's own (parsing, recording, fsync).
+        if let Ok(v) = HeaderValue::from_str(&format!("{upstream_ms:.3}")) {
+            resp.headers_mut().insert(UPSTREAM_MS_HEADER, v);
+        }
+        return Ok(resp);
     }
     let sink: Box<dyn StreamSink> = match api {
         Api::Chat => Box::new(ChatSink {

@@ -24,8 +24,40 @@ fn q(s: &str) -> String {
     arbor_agent::scaffold::blackbox::shell_quote(s)
 }
 
-/// Commands that write `data` to `dest`: the first truncates, the rest append.
+/// Heredoc delimiter for text files.
+const EOF_MARK: &str = "ARBOR_EOF";
+
+/// Text a quoted heredoc reproduces byte for byte: UTF-8 ending in a
+/// newline, no delimiter line, no NUL, and no fence that would cut the
+/// bash scaffold's ```bash block short.
+fn heredoc_safe(data: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(data).ok()?;
+    let ok = text.ends_with('\n')
+        && text.len() <= CHUNK
+        && !text.contains('\0')
+        && !text.contains("```")
+        && !text.lines().any(|l| l == EOF_MARK);
+    ok.then_some(text)
+}
+
+/// Commands that write `data` to `dest`. Text goes in a heredoc, readable
+/// as an agent would type it (and learnable by a model trained on these
+/// trajectories); anything else in base64 chunks (the first truncates,
+/// the rest append).
 fn write_bytes(dest: &str, data: &[u8], mode: u32, out: &mut Vec<String>) {
+    if let Some(text) = heredoc_safe(data) {
+        let dir = Path::new(dest)
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "/".into());
+        out.push(format!(
+            "mkdir -p {d} && cat > {f} <<'{EOF_MARK}' && chmod {mode:o} {f}\n{text}{EOF_MARK}",
+            d = q(&dir),
+            f = q(dest)
+        ));
+        return;
+    }
     let b64 = STANDARD.encode(data);
     let dir = Path::new(dest)
         .parent()

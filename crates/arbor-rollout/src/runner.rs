@@ -148,6 +148,8 @@ struct Ctx {
     retries: AtomicU64,
     /// Per-step figures of this invocation: (overhead, model call, action), ms.
     steps: Mutex<Vec<(f64, f64, f64)>>,
+    /// The gateway's store (black-box rollouts count their calls there).
+    store: arbor_gateway::Store,
     /// Highest attempt number whose gateway session already exists, per
     /// session prefix (attempts of a killed invocation): new attempts
     /// number after them, so no session mixes two attempts.
@@ -332,7 +334,11 @@ impl Ctx {
             }
             Ok(Ok(o)) => o,
         };
-        self.fill_episode(&mut r, &outcome);
+        self.fill_episode(
+            &mut r,
+            &outcome,
+            !matches!(scaffold_spec, ScaffoldSpec::Blackbox(_)),
+        );
 
         let graded =
             verify::grade(task, sb.as_ref(), Some(self.backend.as_ref()), &self.grade).await;
@@ -357,25 +363,39 @@ impl Ctx {
         }
     }
 
-    fn fill_episode(&self, r: &mut RolloutResult, o: &EpisodeOutcome) {
+    fn fill_episode(&self, r: &mut RolloutResult, o: &EpisodeOutcome, white_box: bool) {
         r.stop = serde_json::to_value(&o.stop).ok();
         r.turns = o.turns.len() as u32;
         r.prompt_tokens = o.prompt_tokens;
         r.completion_tokens = o.completion_tokens;
         r.format_errors = o.format_errors;
-        let mut overhead: Vec<f64> = o.turns.iter().map(|t| t.overhead_ms).collect();
+        if !white_box {
+            // A black-box agent's loop is opaque: its steps are the calls
+            // the gateway recorded; there is no per-step timing.
+            r.turns = self.store.session_len(&r.session) as u32;
+            r.timing = StepTiming::default();
+            return;
+        }
+        // Per step, the time not spent in the policy or the command: the
+        // scaffold's own work plus the model call minus the policy's part
+        // (HTTP, gateway parsing, tokenization, durable recording).
+        let steps: Vec<(f64, f64, f64)> = o
+            .turns
+            .iter()
+            .map(|t| {
+                let gateway = t.policy_ms.map_or(0.0, |p| (t.model_ms - p).max(0.0));
+                (t.overhead_ms + gateway, t.model_ms, t.action_ms)
+            })
+            .collect();
+        let mut overhead: Vec<f64> = steps.iter().map(|s| s.0).collect();
         r.timing = StepTiming {
             p50_overhead_ms: quantile(&mut overhead.clone(), 0.5),
             overhead_ms: std::mem::take(&mut overhead),
             model_ms: o.turns.iter().map(|t| t.model_ms).sum(),
             action_ms: o.turns.iter().map(|t| t.action_ms).sum(),
         };
-        if let Ok(mut steps) = self.steps.lock() {
-            steps.extend(
-                o.turns
-                    .iter()
-                    .map(|t| (t.overhead_ms, t.model_ms, t.action_ms)),
-            );
+        if let Ok(mut all) = self.steps.lock() {
+            all.extend(steps);
         }
     }
 }
@@ -536,6 +556,7 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
         },
         retries: AtomicU64::new(0),
         steps: Mutex::new(Vec::new()),
+        store: gateway.store().clone(),
         used_attempts,
     });
 

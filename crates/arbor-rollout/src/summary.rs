@@ -29,8 +29,10 @@ pub struct Summary {
     pub new_rollouts: usize,
     /// Rollouts finished per minute of this invocation's wall time.
     pub rollouts_per_min: f64,
-    /// Per agent step: time not spent in the model call or executing the
-    /// action (scaffold and orchestration overhead), median and p99.
+    /// Per agent step: time spent neither in the policy nor executing the
+    /// action: the scaffold's own work plus the model call's HTTP, gateway
+    /// and durable-recording time (the gateway reports the policy's part),
+    /// median and p99. White-box scaffolds only.
     pub p50_step_overhead_ms: f64,
     pub p99_step_overhead_ms: f64,
     /// Per agent step: the model call as the scaffold sees it (gateway,

@@ -141,6 +141,7 @@ impl Scaffold for BlackBoxScaffold {
                 action_ms: elapsed.as_secs_f64() * 1e3,
                 overhead_ms: 0.0,
                 context_rewritten: false,
+                policy_ms: None,
             }],
             prompt_tokens: 0,
             completion_tokens: 0,

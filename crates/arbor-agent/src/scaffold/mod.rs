@@ -139,6 +139,10 @@ pub struct Turn {
     pub action_ms: f64,
     /// Time in neither (scaffold overhead).
     pub overhead_ms: f64,
+    /// Of `model_ms`, the part the gateway reports as spent in the policy
+    /// itself (the rest is HTTP, gateway work and durable recording).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_ms: Option<f64>,
     /// The context policy rewrote history before this call.
     pub context_rewritten: bool,
 }
@@ -238,6 +242,8 @@ pub(crate) async fn run_command(
 pub(crate) struct Tally {
     pub outcome: EpisodeOutcome,
     started: Instant,
+    /// Policy time of the current turn's model call, if reported.
+    policy_ms: Option<f64>,
 }
 
 impl Tally {
@@ -251,6 +257,7 @@ impl Tally {
                 format_errors: 0,
             },
             started: Instant::now(),
+            policy_ms: None,
         }
     }
 
@@ -269,6 +276,7 @@ impl Tally {
         let rewritten = cfg.context.apply(history);
         let t = Instant::now();
         let reply = model.complete(history, tools, turn).await?;
+        self.policy_ms = reply.upstream_ms;
         self.outcome.prompt_tokens += reply.prompt_tokens;
         self.outcome.completion_tokens += reply.completion_tokens;
         Ok((reply, t.elapsed(), rewritten))
@@ -284,6 +292,7 @@ impl Tally {
             action_ms: act.as_secs_f64() * 1e3,
             overhead_ms: total.saturating_sub(model + act).as_secs_f64() * 1e3,
             context_rewritten: rewritten,
+            policy_ms: self.policy_ms.take(),
         });
     }
 
