@@ -197,43 +197,60 @@ impl LocalBackend {
         let id = new_id();
         let dir = sh.state_root.join("sb").join(&id);
         let private_dir = dir.join("fs");
-        std::fs::create_dir_all(&private_dir)
-            .map_err(|e| SandboxError::io("create state dir", e))?;
-        let mut guard = StartGuard {
-            dir: dir.clone(),
-            cgroup: None,
-            init: None,
+        // Directories, cgroups (cgroupfs writes take a kernel-wide lock) and
+        // the fork of this possibly large process all block: keep them off
+        // the async workers, which also serve the gateway and the policy.
+        let (mut guard, cg, pid, sock) = {
+            let sh = self.shared.clone();
+            let (id, dir, private_dir, limits) = (
+                id.clone(),
+                dir.clone(),
+                private_dir.clone(),
+                spec.limits.clone(),
+            );
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                std::fs::create_dir_all(&private_dir)
+                    .map_err(|e| SandboxError::io("create state dir", e))?;
+                let mut guard = StartGuard {
+                    dir: dir.clone(),
+                    cgroup: None,
+                    init: None,
+                };
+                let cg = sh
+                    .cgroups
+                    .create(&id, &limits)
+                    .map_err(|e| SandboxError::io("create cgroups", e))?;
+                guard.cgroup = Some(cg.clone());
+                let spawned = spawn::spawn_init(&sh.init_path).map_err(|e| {
+                    SandboxError::io(format!("start init {}", sh.init_path.display()), e)
+                })?;
+                let pid = spawned.pid;
+                guard.init = Some(spawned.pidfd);
+                // Attach before init receives its config: it forks nothing until then.
+                cg.attach(pid)
+                    .map_err(|e| SandboxError::io("attach init to cgroups", e))?;
+                let state = StateFile {
+                    id: id.clone(),
+                    supervisor_pid: std::process::id() as i32,
+                    supervisor_start: spawn::process_start_time(std::process::id() as i32)
+                        .unwrap_or(0),
+                    init_pid: pid,
+                    init_start: spawn::process_start_time(pid).unwrap_or(0),
+                    cgroups: cg.dirs().to_vec(),
+                };
+                state
+                    .write(&dir)
+                    .map_err(|e| SandboxError::io("write state file", e))?;
+                Ok((guard, cg, pid, spawned.sock))
+            })
+            .await
+            .map_err(|e| SandboxError::Setup(format!("sandbox start task: {e}")))??
         };
 
-        let cg = sh
-            .cgroups
-            .create(&id, &spec.limits)
-            .map_err(|e| SandboxError::io("create cgroups", e))?;
-        guard.cgroup = Some(cg.clone());
-
-        let spawned = spawn::spawn_init(&sh.init_path)
-            .map_err(|e| SandboxError::io(format!("start init {}", sh.init_path.display()), e))?;
-        let pid = spawned.pid;
-        guard.init = Some(spawned.pidfd);
-        // Attach before init receives its config: it forks nothing until then.
-        cg.attach(pid)
-            .map_err(|e| SandboxError::io("attach init to cgroups", e))?;
-        let state = StateFile {
-            id: id.clone(),
-            supervisor_pid: std::process::id() as i32,
-            supervisor_start: spawn::process_start_time(std::process::id() as i32).unwrap_or(0),
-            init_pid: pid,
-            init_start: spawn::process_start_time(pid).unwrap_or(0),
-            cgroups: cg.dirs().to_vec(),
-        };
-        state
-            .write(&dir)
-            .map_err(|e| SandboxError::io("write state file", e))?;
-
-        set_nonblocking(&spawned.sock).map_err(|e| SandboxError::io("control socket", e))?;
+        set_nonblocking(&sock).map_err(|e| SandboxError::io("control socket", e))?;
         // SAFETY: OwnedFd keeps the descriptor open and unchanged for the
         // AsyncFd's whole life.
-        let sock = unsafe { AsyncFd::register(spawned.sock) }
+        let sock = unsafe { AsyncFd::register(sock) }
             .map_err(|e| SandboxError::io("control socket", io::Error::other(e.to_string())))?;
         let mut env: Vec<(String, String)> = vec![
             (
