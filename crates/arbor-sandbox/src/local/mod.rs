@@ -677,11 +677,16 @@ impl LocalSandbox {
             Some(_) => Some(pipe()?),
             None => None,
         };
-        let (exec_cg, procs) = inner
-            .cgroup
-            .exec_group(id)
-            .map_err(|e| SandboxError::io("command cgroup", e))?;
-        let exec_cg = ExecGroupGuard(exec_cg);
+        // cgroupfs mkdir/rmdir contend on a kernel-wide lock when thousands
+        // of sandboxes churn: never on the async workers.
+        let (exec_cg, procs) = {
+            let cg = inner.cgroup.clone();
+            tokio::task::spawn_blocking(move || cg.exec_group(id))
+                .await
+                .map_err(|e| SandboxError::Setup(format!("command cgroup task: {e}")))?
+                .map_err(|e| SandboxError::io("command cgroup", e))?
+        };
+        let exec_cg = ExecGroupGuard(Some(exec_cg));
         let (tx, rx) = oneshot::channel();
         inner
             .control
@@ -723,7 +728,7 @@ impl LocalSandbox {
         let (exit, timed_out) = tokio::select! {
             r = &mut rx => (r, false),
             _ = tokio::time::sleep(timeout) => {
-                let dir = exec_cg.0.dir.clone();
+                let dir = exec_cg.dir();
                 let v2 = matches!(inner.backend.shared.cgroups, Cgroups::V2 { .. });
                 let _ = tokio::task::spawn_blocking(move || cgroup::kill_group(&dir, v2)).await;
                 (rx.await, true)
@@ -799,12 +804,25 @@ impl LocalSandbox {
     }
 }
 
-/// Removes a command's cgroup when the command is done (if it is empty).
-struct ExecGroupGuard(ExecCgroup);
+/// Removes a command's cgroup when the command is done (if it is empty),
+/// on the blocking pool when a runtime is there (see `run_child`).
+struct ExecGroupGuard(Option<ExecCgroup>);
+
+impl ExecGroupGuard {
+    fn dir(&self) -> PathBuf {
+        self.0.as_ref().map(|c| c.dir.clone()).unwrap_or_default()
+    }
+}
 
 impl Drop for ExecGroupGuard {
     fn drop(&mut self) {
-        self.0.release();
+        let Some(cg) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(move || cg.release());
+            }
+            Err(_) => cg.release(),
+        }
     }
 }
 
