@@ -176,6 +176,18 @@ pub enum PolicySpec {
         #[serde(default)]
         max_tokens: Option<u32>,
     },
+    /// An `arbor-model` checkpoint served in-process (`arbor policy serve`
+    /// does the same standalone), sampling at the requests' temperature.
+    Embedded {
+        /// Checkpoint directory (`config.json` + `model.safetensors`).
+        checkpoint: PathBuf,
+        /// Cap on completion tokens per call (default 256).
+        #[serde(default)]
+        max_tokens: Option<u32>,
+        /// Generations running at once (default: the number of CPUs).
+        #[serde(default)]
+        max_concurrency: Option<usize>,
+    },
 }
 
 impl PolicySpec {
@@ -184,6 +196,7 @@ impl PolicySpec {
         match self {
             PolicySpec::ScriptedOracle => arbor_agent::policy::scripted::NAME.to_string(),
             PolicySpec::Upstream { model, .. } => format!("upstream:{model}"),
+            PolicySpec::Embedded { checkpoint, .. } => format!("embedded:{}", checkpoint.display()),
         }
     }
 }
@@ -228,6 +241,12 @@ impl Experiment {
             message: m,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if let PolicySpec::Embedded { checkpoint, .. } = &mut exp.policy
+            && checkpoint.is_relative()
+            && !checkpoint.exists()
+        {
+            *checkpoint = base.join(&*checkpoint);
+        }
         for d in &mut exp.datasets {
             if let Some(p) = &mut d.path
                 && p.is_relative()

@@ -421,7 +421,7 @@ async fn destroy(sb: &dyn Sandbox, task: &Task) {
 async fn start_policy(
     exp: &Experiment,
     tasks: &[Task],
-) -> Result<(Option<ScriptedPolicy>, Vec<String>)> {
+) -> Result<(Option<Box<dyn std::any::Any + Send>>, Vec<String>)> {
     match &exp.policy {
         PolicySpec::ScriptedOracle => {
             let policy = ScriptedPolicy::start(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -448,9 +448,38 @@ async fn start_policy(
                 }
             }
             let url = policy.base_url();
-            Ok((Some(policy), vec![url]))
+            Ok((Some(Box::new(policy)), vec![url]))
         }
         PolicySpec::Upstream { base_urls, .. } => Ok((None, base_urls.clone())),
+        PolicySpec::Embedded {
+            checkpoint,
+            max_tokens,
+            max_concurrency,
+        } => {
+            let dir = checkpoint.clone();
+            let model = tokio::task::spawn_blocking(move || arbor_policy::load_checkpoint(&dir))
+                .await
+                .map_err(|e| RolloutError::Other(format!("loading the checkpoint: {e}")))?
+                .map_err(|e| {
+                    RolloutError::Other(format!("loading checkpoint {}: {e}", checkpoint.display()))
+                })?;
+            let mut opts = arbor_policy::PolicyOptions::default();
+            if let Some(n) = max_tokens {
+                opts.default_max_tokens = *n as usize;
+            }
+            if let Some(c) = max_concurrency {
+                opts.max_concurrency = (*c).max(1);
+            }
+            let policy = arbor_policy::EmbeddedPolicy::start(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                model,
+                opts,
+            )
+            .await
+            .map_err(|e| RolloutError::Other(format!("starting the embedded policy: {e}")))?;
+            let url = policy.base_url();
+            Ok((Some(Box::new(policy)), vec![url]))
+        }
     }
 }
 
@@ -505,6 +534,7 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
             }
             (model.clone(), *max_tokens)
         }
+        PolicySpec::Embedded { max_tokens, .. } => ("arbor-embedded".to_string(), *max_tokens),
     };
     gw_cfg.request_timeout = Duration::from_secs_f64(exp.timeouts.model_call_s);
     let gateway: RunningGateway = arbor_gateway::start(gw_cfg).await?;
