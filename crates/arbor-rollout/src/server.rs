@@ -168,6 +168,8 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": {"message": message.into()}}))).into_response()
 }
 
+// The error is the handler's HTTP answer, built at most once per request.
+#[allow(clippy::result_large_err)]
 fn batch(state: &AppState, id: &str) -> Result<Arc<Batch>, Response> {
     state
         .batches
