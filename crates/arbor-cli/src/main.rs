@@ -33,6 +33,9 @@ enum Command {
     /// The model gateway: OpenAI/Anthropic-compatible endpoints that record every call as tokens.
     #[command(subcommand)]
     Gateway(arbor_gateway::cli::Cmd),
+    /// The embedded policy: serve an arbor-model checkpoint as an OpenAI-compatible upstream.
+    #[command(subcommand)]
+    Policy(cmd::policy::Command),
     /// Trajectory trees: prefix-sharing statistics and packing into training micro-batches.
     #[command(subcommand)]
     Tree(cmd::tree::Command),
@@ -74,6 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Tree(c) => cmd::tree::run(c),
             Command::Task(c) => cmd::task::run(c).await,
             Command::Gateway(c) => arbor_gateway::cli::run(c).await.map(|()| 0),
+            Command::Policy(c) => cmd::policy::run(c).await,
         }
     })
 }

@@ -140,7 +140,7 @@ pub fn load_checkpoint(dir: impl AsRef<Path>) -> Result<Qwen3Model> {
 }
 
 /// The configuration `arbor policy init` writes: a small dense byte-level model (vocabulary 256,
-/// width 64, 2 layers, 4 query / 2 key-value heads, ~0.2 M parameters) that decodes hundreds of
+/// width 64, 2 layers, 4 query / 2 key-value heads, 131 k parameters) that decodes hundreds of
 /// tokens per second on one CPU core.
 pub fn tiny_byte_config() -> Qwen3Config {
     Qwen3Config::tiny(BYTE_VOCAB, 64, 2, 4, 2)
