@@ -113,6 +113,11 @@ struct Shared {
     state_root: PathBuf,
     init_path: PathBuf,
     cgroups: Cgroups,
+    /// Bounds sandbox starts and teardowns in flight. They are kernel work
+    /// (fork, namespaces, cgroupfs, mounts) that serializes on kernel locks:
+    /// beyond a few per core more at once adds no throughput, only hundreds
+    /// of blocked threads that starve everything else in the process.
+    lifecycle: tokio::sync::Semaphore,
 }
 
 /// Raise this process's soft open-file limit to its hard limit: each live
@@ -159,6 +164,9 @@ impl LocalBackend {
                 state_root: config.state_root,
                 init_path,
                 cgroups,
+                lifecycle: tokio::sync::Semaphore::new(
+                    2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
+                ),
             }),
         })
     }
@@ -200,6 +208,13 @@ impl LocalBackend {
         // Directories, cgroups (cgroupfs writes take a kernel-wide lock) and
         // the fork of this possibly large process all block: keep them off
         // the async workers, which also serve the gateway and the policy.
+        // Held until init reports ready: its mounts are kernel work too.
+        let permit = self
+            .shared
+            .lifecycle
+            .acquire()
+            .await
+            .map_err(|e| SandboxError::Setup(format!("sandbox start: {e}")))?;
         let (mut guard, cg, pid, sock) = {
             let sh = self.shared.clone();
             let (id, dir, private_dir, limits) = (
@@ -300,6 +315,8 @@ impl LocalBackend {
                 )));
             }
         };
+
+        drop(permit);
 
         let control = Arc::new(Control {
             sock,
@@ -1006,6 +1023,14 @@ impl Sandbox for LocalSandbox {
             return Ok(());
         }
         let inner = self.inner.clone();
+        let _permit = self
+            .inner
+            .backend
+            .shared
+            .lifecycle
+            .acquire()
+            .await
+            .map_err(|e| SandboxError::Setup(format!("teardown: {e}")))?;
         tokio::task::spawn_blocking(move || inner.teardown())
             .await
             .map_err(|e| SandboxError::Setup(format!("teardown task: {e}")))?
