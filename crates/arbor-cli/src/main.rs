@@ -22,6 +22,8 @@ enum Command {
     Quickstart(cmd::quickstart::Args),
     /// Run an experiment (tasks x scaffolds x samples against a policy), or resume one.
     Run(cmd::run::RunArgs),
+    /// Write a run directory's Markdown report (pass@k, per-domain tables, failures, plots).
+    Report(cmd::report::ReportArgs),
     /// The env server: external trainers submit rollout batches and stream results over HTTP.
     Serve(cmd::serve::ServeArgs),
     /// Isolated sandboxes: run a command, clean up after crashes, benchmark.
@@ -73,6 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Quickstart(a) => cmd::quickstart::run(a).await,
             Command::Run(a) => cmd::run::run(a).await,
             Command::Serve(a) => cmd::serve::run(a).await,
+            Command::Report(a) => cmd::report::run(a),
             Command::Sandbox(c) => cmd::sandbox::run(c).await,
             Command::Tree(c) => cmd::tree::run(c),
             Command::Task(c) => cmd::task::run(c).await,

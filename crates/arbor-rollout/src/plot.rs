@@ -28,11 +28,12 @@ pub enum PlotError {
     /// The chart's data cannot be drawn (mismatched lengths, nothing finite).
     #[error("chart {title:?}: {message}")]
     Invalid { title: String, message: String },
-    /// Writing the SVG file failed.
-    #[error("writing {path}: {source}")]
+    /// Writing the SVG file failed (the cause is in the message, not a
+    /// `source`, so error chains do not print it twice).
+    #[error("writing {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -76,9 +77,9 @@ pub trait Chart {
     /// half a plot while a report is regenerated.
     fn save(&self, path: &Path) -> Result<(), PlotError> {
         let svg = self.to_svg()?;
-        write_atomic(path, svg.as_bytes()).map_err(|source| PlotError::Io {
+        write_atomic(path, svg.as_bytes()).map_err(|error| PlotError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })
     }
 }

@@ -35,27 +35,30 @@ pub const PLOTS_DIR: &str = "plots";
 /// Why a report could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("reading {path}: {source}")]
+    // The cause is in the message and deliberately not a `source`: callers
+    // print these both plainly and as anyhow chains, and neither should lose
+    // or repeat it.
+    #[error("reading {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A line other than the last is not a valid result: the file is
     /// damaged in a way a crash cannot explain, so no report is made from it.
-    #[error("{path}:{line}: not a rollout result: {source}")]
+    #[error("{path}:{line}: not a rollout result: {error}")]
     Parse {
         path: PathBuf,
         line: usize,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error(transparent)]
     Plot(#[from] PlotError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ReportError + '_ {
-    move |source| ReportError::Io {
+    move |error| ReportError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -86,11 +89,11 @@ pub fn load_results(path: impl AsRef<Path>) -> Result<Vec<RolloutResult>, Report
                     "skipping a truncated last line (a crash mid-write)"
                 );
             }
-            Err(source) => {
+            Err(error) => {
                 return Err(ReportError::Parse {
                     path: path.to_path_buf(),
                     line: n,
-                    source,
+                    error,
                 });
             }
         }
@@ -214,7 +217,11 @@ fn charts(results: &[RolloutResult], stats: &Stats) -> Vec<(&'static str, Box<dy
     out.push((
         "pass_rate.svg",
         Box::new(BarChart {
-            title: "pass@1 by domain and scaffold".into(),
+            // One bar group has no legend, so name the scaffold in the title.
+            title: match stats.by_scaffold.as_slice() {
+                [only] => format!("pass@1 by domain (scaffold {})", only.name),
+                _ => "pass@1 by domain and scaffold".into(),
+            },
             x_label: "domain".into(),
             y_label: "pass@1".into(),
             categories: domains,

@@ -1,6 +1,7 @@
 //! One module per command group.
 pub mod policy;
 pub mod quickstart;
+pub mod report;
 pub mod run;
 pub mod sandbox;
 pub mod serve;

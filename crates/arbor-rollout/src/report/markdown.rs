@@ -224,7 +224,7 @@ pub fn render(input: &Input<'_>) -> String {
     let _ = writeln!(
         out,
         "\nModel calls {} and commands {} in total. Per-step overhead (time in a step that is \
-         neither the model call nor the command): p50 {:.1} ms, p99 {:.1} ms over {} steps.",
+         neither the model call nor the command): p50 {:.3} ms, p99 {:.3} ms over {} steps.",
         seconds(s.time.model_s),
         seconds(s.time.action_s),
         s.time.overhead_p50_ms,
