@@ -18,12 +18,12 @@ pub enum RolloutError {
     /// The gateway could not start.
     #[error(transparent)]
     Gateway(#[from] arbor_gateway::error::GatewayError),
-    /// A file operation failed.
-    #[error("{context}: {source}")]
+    /// A file operation failed. (The cause is in the message, not exposed
+    /// as `source`, so `{:#}` chains print it once.)
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Anything else, with its cause.
     #[error("{0}")]
@@ -34,7 +34,7 @@ impl RolloutError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         RolloutError::Io {
             context: context.into(),
-            source,
+            cause: source,
         }
     }
 }
