@@ -41,6 +41,9 @@ enum Command {
     /// Trajectory trees: prefix-sharing statistics and packing into training micro-batches.
     #[command(subcommand)]
     Tree(cmd::tree::Command),
+    /// Training stages on recorded runs: SFT (trees, loss on generated tokens, resumable).
+    #[command(subcommand)]
+    Train(cmd::train::Command),
 }
 
 fn main() {
@@ -78,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Report(a) => cmd::report::run(a),
             Command::Sandbox(c) => cmd::sandbox::run(c).await,
             Command::Tree(c) => cmd::tree::run(c),
+            Command::Train(c) => cmd::train::run(c),
             Command::Task(c) => cmd::task::run(c).await,
             Command::Gateway(c) => arbor_gateway::cli::run(c).await.map(|()| 0),
             Command::Policy(c) => cmd::policy::run(c).await,

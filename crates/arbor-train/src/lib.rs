@@ -8,6 +8,9 @@
 //!   and the importance-weight statistics that show its effect ([`ImportanceStats`]).
 //! - [`rl`]: what a trainer calls: [`RlBatch`] (a flattened tree or pack with per-path RL
 //!   fields), [`rl_loss`] (MCLA + GSPO + IcePop + distillation) and [`sft_loss_on`].
+//! - [`sft`]: the SFT stage ([`train_sft`]): sessions of recorded runs as packed trees, loss on
+//!   generated tokens, AdamW, learning curve, held-out loss, resumable checkpoints
+//!   ([`checkpoint`]).
 //!
 //! Tree logic (flattening, per-path values, packing, loss weights) lives in `arbor-tree`; the
 //! model and its tree-attention forward live in `arbor-model`. This crate only writes losses.
@@ -77,9 +80,11 @@
 //! }
 //! ```
 
+pub mod checkpoint;
 pub mod loss;
 pub mod mcla;
 pub mod rl;
+pub mod sft;
 
 pub use loss::{
     DistillStats, GspoConfig, GspoStats, IcePop, RlPath, RlTerms, distill_loss, gspo_loss,
@@ -87,6 +92,7 @@ pub use loss::{
 };
 pub use mcla::{ImportanceStats, McLogprobs, Mcla, mcla_logprobs};
 pub use rl::{RlBatch, RlConfig, RlOutput, RlStats, rl_loss, sft_loss_on, sft_weights};
+pub use sft::{SftConfig, SftEvent, SftInit, SftReport, SftStepLog, train_sft};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +106,9 @@ pub enum TrainError {
     /// Inputs of a call are inconsistent.
     #[error("invalid input: {0}")]
     Input(String),
+    /// Reading or writing a run directory or checkpoint failed.
+    #[error("i/o: {0}")]
+    Io(String),
     /// An RL path without an advantage (the rollout side did not score it).
     #[error("path {path} has no advantage")]
     MissingAdvantage {

@@ -6,4 +6,5 @@ pub mod run;
 pub mod sandbox;
 pub mod serve;
 pub mod task;
+pub mod train;
 pub mod tree;

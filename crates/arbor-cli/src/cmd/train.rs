@@ -1,0 +1,188 @@
+//! `arbor train ...`: training stages over recorded runs (SFT for now).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use arbor_train::sft::{SftConfig, SftEvent, SftInit, train_sft};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Supervised fine-tuning on the passed rollouts of run directories, trained as trees with
+    /// the loss on model-generated tokens only. Resumable: rerun the same command.
+    Sft(SftArgs),
+}
+
+#[derive(Args)]
+pub struct SftArgs {
+    /// A run directory (`arbor run --out`); repeat for several.
+    #[arg(long = "data", required = true)]
+    data: Vec<PathBuf>,
+    /// Start checkpoint directory, or `tiny` (dense byte-level, width 64, 2 layers, ~0.13 M
+    /// parameters) / `tiny-moe` (same with 4 experts, top-2) for a fresh seeded model.
+    #[arg(long)]
+    init: String,
+    /// Output directory: final checkpoint, sft_log.jsonl, sft_report.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimizer steps (default: --epochs passes over the packs).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Passes over the training packs when --steps is not given.
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Token budget per pack.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Seed (held-out split, pack order, fresh model).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep only these domains (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    domain: Option<Vec<String>>,
+    /// Rollout statuses to keep (comma separated; default passed).
+    #[arg(long, value_delimiter = ',')]
+    status: Option<Vec<String>>,
+    /// A JSON or TOML file with any `SftConfig` fields; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print one JSON object (the report) instead of a progress bar and a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(c: Command) -> Result<i32> {
+    match c {
+        Command::Sft(a) => sft(a),
+    }
+}
+
+fn load_config(path: &PathBuf) -> Result<SftConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let is_json = path.extension().is_some_and(|e| e == "json");
+    if is_json {
+        serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
+    } else {
+        toml::from_str(&text).with_context(|| format!("{}", path.display()))
+    }
+}
+
+fn sft(a: SftArgs) -> Result<i32> {
+    let mut cfg = match &a.config {
+        Some(p) => load_config(p)?,
+        None => SftConfig::default(),
+    };
+    if a.steps.is_some() {
+        cfg.steps = a.steps;
+    }
+    if let Some(e) = a.epochs {
+        cfg.epochs = e;
+    }
+    if let Some(lr) = a.lr {
+        cfg.lr = lr;
+    }
+    if let Some(m) = a.max_tokens {
+        cfg.max_tokens_per_pack = m;
+    }
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    if a.domain.is_some() {
+        cfg.domains = a.domain.clone();
+    }
+    if let Some(s) = &a.status {
+        cfg.statuses = s.clone();
+    }
+    let init = SftInit::parse(&a.init, cfg.seed);
+
+    let bar = if a.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut eval_msg = String::new();
+    let mut progress = |ev: SftEvent<'_>| match ev {
+        SftEvent::Start {
+            total_steps,
+            start_step,
+            train_sessions,
+            eval_sessions,
+            packs,
+        } => {
+            bar.set_length(total_steps as u64);
+            bar.set_position(start_step as u64);
+            bar.println(format!(
+                "sft: {train_sessions} training sessions ({packs} packs), {eval_sessions} held out{}",
+                if start_step > 0 {
+                    format!("; resuming after step {start_step}")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        SftEvent::Eval { step, loss } => {
+            eval_msg = format!(" held-out {loss:.3}");
+            bar.println(format!("held-out loss after {step} steps: {loss:.4}"));
+        }
+        SftEvent::Step(l) => {
+            bar.set_position(l.step as u64);
+            bar.set_message(format!(
+                "loss {:.3} {:.0} tok/s lr {:.1e}{eval_msg}",
+                l.loss, l.tokens_per_s, l.lr
+            ));
+        }
+        SftEvent::AlreadyFinished => {
+            bar.println("sft: already finished in this output directory (nothing to do)");
+        }
+    };
+    let report = train_sft(&init, &a.data, &a.out, &cfg, &mut progress)
+        .with_context(|| format!("SFT into {}", a.out.display()))?;
+    bar.finish_and_clear();
+    if a.json {
+        let v = serde_json::json!({
+            "steps": report.steps,
+            "resumed": report.resumed,
+            "resumed_from": report.resumed_from,
+            "train_sessions": report.train_sessions,
+            "eval_sessions": report.eval_sessions,
+            "first_loss": report.first_loss,
+            "final_train_loss": report.final_loss,
+            "final_train_loss_avg10": report.final_loss_avg,
+            "eval_loss_before": report.eval_loss_before,
+            "eval_loss_after": report.eval_loss_after,
+            "unique_tokens_per_s": report.tokens_per_s,
+            "flat_tokens_per_s": report.flat_tokens_per_s,
+            "train_seconds": report.train_seconds,
+            "seconds": report.wall_seconds,
+            "params": report.params,
+            "checkpoint": report.checkpoint,
+        });
+        println!("{v}");
+    } else {
+        let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
+        println!(
+            "sft: {} steps ({}), train loss {:.4} -> {:.4} (last-10 mean {:.4}), held-out {} -> {}, {:.0} unique tok/s ({:.0} flat-equivalent), {:.1}s; checkpoint {}",
+            report.steps,
+            report.resumed,
+            report.first_loss,
+            report.final_loss,
+            report.final_loss_avg,
+            f(report.eval_loss_before),
+            f(report.eval_loss_after),
+            report.tokens_per_s,
+            report.flat_tokens_per_s,
+            report.wall_seconds,
+            report.checkpoint.display()
+        );
+    }
+    Ok(0)
+}
