@@ -122,6 +122,23 @@ impl Cgroups {
                 "+memory +pids +cpu",
             )?;
         }
+        // All sandboxes together get a small CPU weight against the
+        // supervisor's own threads, so the control plane (gateway, scaffolds,
+        // orchestration) is scheduled ahead of the workloads it drives when
+        // the host is saturated. Sandboxes still share the CPU among
+        // themselves by equal weight, and an idle supervisor takes nothing.
+        // Measured: step overhead p50 23 ms -> 2.6 ms with 1000 rollouts in
+        // flight on 2 cores, same throughput (BENCHMARKS.md).
+        let (file, value) = match self {
+            Cgroups::V1 { cpu, .. } => (cpu.join(SUBTREE).join("cpu.shares"), "64"),
+            Cgroups::V2 { root } => (root.join(SUBTREE).join("cpu.weight"), "6"),
+        };
+        if let Err(e) = write(&file, value) {
+            tracing::warn!(
+                "lowering the sandboxes' CPU weight ({}): {e}",
+                file.display()
+            );
+        }
         Ok(())
     }
 
