@@ -45,12 +45,12 @@ fn heredoc_safe(data: &[u8]) -> Option<&str> {
 /// trajectories); anything else in base64 chunks (the first truncates,
 /// the rest append).
 fn write_bytes(dest: &str, data: &[u8], mode: u32, out: &mut Vec<String>) {
+    let dir = Path::new(dest)
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "/".into());
     if let Some(text) = heredoc_safe(data) {
-        let dir = Path::new(dest)
-            .parent()
-            .map(|p| p.to_string_lossy().into_owned())
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| "/".into());
         out.push(format!(
             "mkdir -p {d} && cat > {f} <<'{EOF_MARK}' && chmod {mode:o} {f}\n{text}{EOF_MARK}",
             d = q(&dir),
@@ -59,11 +59,6 @@ fn write_bytes(dest: &str, data: &[u8], mode: u32, out: &mut Vec<String>) {
         return;
     }
     let b64 = STANDARD.encode(data);
-    let dir = Path::new(dest)
-        .parent()
-        .map(|p| p.to_string_lossy().into_owned())
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "/".into());
     if b64.is_empty() {
         out.push(format!(
             "mkdir -p {} && : > {} && chmod {mode:o} {}",
