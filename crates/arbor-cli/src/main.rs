@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the main job on the embedded defaults (currently: a guided sandbox demo).
+    /// The main job on the embedded defaults: a reduced Specialize-then-Unify pipeline on the
+    /// built-in domains (about 15 minutes on 2 cores); prints the report path and pass rates.
     Quickstart(cmd::quickstart::Args),
     /// Run an experiment (tasks x scaffolds x samples against a policy), or resume one.
     Run(cmd::run::RunArgs),
@@ -41,7 +42,7 @@ enum Command {
     /// Trajectory trees: prefix-sharing statistics and packing into training micro-batches.
     #[command(subcommand)]
     Tree(cmd::tree::Command),
-    /// Training stages on recorded runs: SFT (trees, loss on generated tokens, resumable).
+    /// Training: SFT, RL, on-policy distillation, held-out evaluation, the whole pipeline.
     #[command(subcommand)]
     Train(cmd::train::Command),
 }
@@ -81,7 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Report(a) => cmd::report::run(a),
             Command::Sandbox(c) => cmd::sandbox::run(c).await,
             Command::Tree(c) => cmd::tree::run(c),
-            Command::Train(c) => cmd::train::run(c),
+            Command::Train(c) => cmd::train::run(c).await,
             Command::Task(c) => cmd::task::run(c).await,
             Command::Gateway(c) => arbor_gateway::cli::run(c).await.map(|()| 0),
             Command::Policy(c) => cmd::policy::run(c).await,

@@ -1,11 +1,13 @@
 //! The `scripted-oracle` policy's scripts: a task's reference solution
 //! (files, patch, script) turned into the shell commands an agent would type.
 //!
-//! Everything is carried in base64 inside the command text, so the commands
-//! go through the model protocol (a fenced block or a `bash` tool call) and
-//! the gateway records them like any model's output. Long payloads are split
-//! across several commands: one argument to `bash -c` may not exceed the
-//! kernel's 128 KiB per-string limit.
+//! Everything is carried inside the command text, so the commands go through
+//! the model protocol (a fenced block or a `bash` tool call) and the gateway
+//! records them like any model's output. Text files are written with heredocs
+//! and short scripts are typed as they are (readable, and learnable by a model
+//! trained on these trajectories); binary or long payloads travel in base64,
+//! split across several commands: one argument to `bash -c` may not exceed
+//! the kernel's 128 KiB per-string limit.
 
 use std::path::Path;
 
@@ -121,6 +123,20 @@ fn file_commands(workdir: &str, f: &FileSpec, out: &mut Vec<String>) -> Result<(
     Ok(())
 }
 
+/// Longest script typed inline rather than run from a file.
+const INLINE_SCRIPT_MAX: usize = 4096;
+
+/// `script` when it can be typed as one command: short, no NUL, no fence that would cut the
+/// bash scaffold's block, and no explicit timeout (the file form enforces it).
+fn inline_script(script: &str) -> Option<&str> {
+    let text = script.trim_end();
+    let ok = !text.is_empty()
+        && text.len() <= INLINE_SCRIPT_MAX
+        && !text.contains('\0')
+        && !text.contains("```");
+    ok.then_some(text)
+}
+
 /// The commands that apply `solution` in the task's workdir, in the order
 /// `arbor_task::run::apply_solution` uses: files, patch, script.
 pub fn solution_commands(task: &Task, solution: &Solution) -> Result<Vec<String>> {
@@ -140,6 +156,15 @@ pub fn solution_commands(task: &Task, solution: &Solution) -> Result<Vec<String>
         ));
     }
     if let Some(script) = &solution.script {
+        // A short readable script is typed as it is (the scaffolds run commands with
+        // `bash -c`), so trajectories show the commands a model can learn; anything else
+        // goes through a script file.
+        if solution.timeout_s.is_none()
+            && let Some(text) = inline_script(script)
+        {
+            out.push(format!("cd {}\n{text}", q(workdir)));
+            return Ok(out);
+        }
         let tmp = "/tmp/arbor-oracle.sh";
         write_bytes(tmp, script.as_bytes(), 0o755, &mut out);
         let timeout = solution

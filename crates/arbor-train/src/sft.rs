@@ -547,7 +547,8 @@ fn step_packs(cfg: &SftConfig, n_packs: usize, s: usize) -> (usize, Vec<usize>) 
     (epoch, order[k * per..end].to_vec())
 }
 
-fn read_log(path: &Path) -> Vec<SftStepLog> {
+/// Reads `sft_log.jsonl` (unparsable lines, e.g. a torn last line, are skipped).
+pub fn read_log(path: &Path) -> Vec<SftStepLog> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };

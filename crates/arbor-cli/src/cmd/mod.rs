@@ -1,4 +1,5 @@
 //! One module per command group.
+pub mod pipeline;
 pub mod policy;
 pub mod quickstart;
 pub mod report;

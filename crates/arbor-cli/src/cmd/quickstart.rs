@@ -1,74 +1,74 @@
-//! `arbor quickstart`: the main job on embedded defaults. Until the training
-//! pipeline lands, it demonstrates the sandbox runtime end to end.
+//! `arbor quickstart`: the main job on the embedded defaults. A reduced Specialize-then-Unify
+//! pipeline (`examples/quickstart.toml`, compiled in) on the five built-in domains, with the
+//! same code paths as a full run: scripted-oracle demonstrations, SFT per domain, RL per
+//! domain in real sandboxes with the embedded policy, on-policy distillation into one student,
+//! held-out evaluation. Ends with the report's path and the pass-rate table.
 
-use std::time::Instant;
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, ensure};
-use arbor_sandbox::local::LocalBackend;
-use arbor_sandbox::{Backend, ExecRequest, SandboxSpec};
+use anyhow::{Result, bail};
+use arbor_recipe::PipelineConfig;
+
+use super::pipeline::{QUICKSTART, print_table, results_json, run_with_progress};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Output directory. Rerun to continue an interrupted quickstart; delete it to start over.
+    #[arg(long, default_value = "runs/quickstart")]
+    out: PathBuf,
+    /// Print one JSON object with the pass rates instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Print the embedded pipeline configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+}
 
-pub async fn run(_a: Args) -> Result<i32> {
-    let backend =
-        LocalBackend::with_defaults().context("starting the local sandbox backend (needs root)")?;
-    let t = Instant::now();
-    let sb = backend.create(&SandboxSpec::default()).await?;
-    println!(
-        "created sandbox {} in {:.1} ms",
-        sb.id(),
-        t.elapsed().as_secs_f64() * 1e3
-    );
-
-    let steps: [(&str, &str); 4] = [
-        (
-            "whoami and where",
-            "echo \"$(id -un)@$(hostname) in $(pwd)\"",
-        ),
-        ("processes visible inside", "ps -e --no-headers | wc -l"),
-        (
-            "network interfaces",
-            "ls /sys/class/net 2>/dev/null || cat /proc/net/dev | tail -n +3 | cut -d: -f1",
-        ),
-        (
-            "write a project",
-            "mkdir -p src && printf 'def add(a, b):\\n    return a + b\\n' > src/calc.py && ls -R",
-        ),
-    ];
-    for (what, cmd) in steps {
-        let r = sb.exec(ExecRequest::shell(cmd)).await?;
-        println!("- {what}: {}", r.stdout_str().trim().replace('\n', " "));
+pub async fn run(a: Args) -> Result<i32> {
+    if a.print_config {
+        print!("{QUICKSTART}");
+        return Ok(0);
     }
-    let t = Instant::now();
-    let child = sb.fork().await?;
-    println!(
-        "forked into {} in {:.1} ms",
-        child.id(),
-        t.elapsed().as_secs_f64() * 1e3
+    ensure_python3()?;
+    let cfg = PipelineConfig::parse(QUICKSTART)
+        .map_err(|e| anyhow::anyhow!("built-in quickstart config: {e}"))?;
+    eprintln!(
+        "arbor quickstart: {} domains, output in {} (rerun to continue; `--print-config` shows the settings)",
+        cfg.domains.len(),
+        a.out.display()
     );
-    child
-        .exec(ExecRequest::shell(
-            "echo 'def sub(a, b): return a - b' >> src/calc.py",
-        ))
-        .await?;
-    let parent_len = sb.read_file("/workspace/src/calc.py").await?.len();
-    let child_len = child.read_file("/workspace/src/calc.py").await?.len();
-    println!("parent file {parent_len} bytes, child file {child_len} bytes (independent copies)");
-    ensure!(
-        child_len > parent_len,
-        "fork did not give independent files"
-    );
-    let r = sb
-        .exec(ExecRequest::shell("sleep 100").timeout(std::time::Duration::from_millis(300)))
-        .await?;
-    println!(
-        "timeout: `sleep 100` with a 0.3 s limit returned after {:.2} s (timed_out={})",
-        r.duration.as_secs_f64(),
-        r.timed_out
-    );
-    child.destroy().await?;
-    sb.destroy().await?;
-    println!("destroyed both; nothing left behind.");
+    let res = run_with_progress(&cfg, &a.out, false).await?;
+    if a.json {
+        println!("{}", results_json(&res));
+    } else {
+        print_table(&res);
+        println!("report: {}", res.report.display());
+    }
     Ok(0)
+}
+
+/// The built-in domains' verifiers run `python3` inside the sandboxes, which see the host's
+/// `/usr`: install it when it is missing (Debian/Ubuntu, as root), so the README's one command
+/// works on a fresh machine.
+fn ensure_python3() -> Result<()> {
+    let have = || {
+        std::process::Command::new("python3")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if have() {
+        return Ok(());
+    }
+    eprintln!("python3 is missing (the task verifiers need it): installing it with apt-get");
+    let ok = std::process::Command::new("sh")
+        .args(["-c", "apt-get update -qq && apt-get install -y -qq python3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || !have() {
+        bail!(
+            "python3 is not installed and `apt-get install python3` failed; install python3 and rerun"
+        );
+    }
+    Ok(())
 }

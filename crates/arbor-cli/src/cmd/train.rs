@@ -1,4 +1,5 @@
-//! `arbor train ...`: training stages over recorded runs (SFT for now).
+//! `arbor train ...`: the training stages (SFT over recorded runs; RL, distillation and
+//! held-out evaluation over live rollouts) and the whole pipeline.
 
 use std::path::PathBuf;
 
@@ -12,6 +13,19 @@ pub enum Command {
     /// Supervised fine-tuning on the passed rollouts of run directories, trained as trees with
     /// the loss on model-generated tokens only. Resumable: rerun the same command.
     Sft(SftArgs),
+    /// RL: group sampling with the embedded policy on fresh training tasks, verifier rewards,
+    /// group-relative advantages, turn-level GSPO + IcePop + MCLA updates on packed trees,
+    /// weights swapped into the running policy. Resumable: rerun the same command.
+    Rl(super::pipeline::RlArgs),
+    /// On-policy distillation: the student samples mixed-domain tasks, each domain's expert
+    /// scores its tokens; RL loss plus a per-token reverse-KL term. Resumable.
+    Distill(super::pipeline::DistillArgs),
+    /// Held-out pass rate of a checkpoint on one domain.
+    Eval(super::pipeline::EvalArgs),
+    /// The whole Specialize-then-Unify pipeline: oracle rollouts -> SFT per domain -> RL per
+    /// domain -> on-policy distillation -> held-out evaluation, with a Markdown report.
+    /// Resumable: rerun the same command.
+    Pipeline(super::pipeline::PipelineArgs),
 }
 
 #[derive(Args)]
@@ -55,9 +69,13 @@ pub struct SftArgs {
     json: bool,
 }
 
-pub fn run(c: Command) -> Result<i32> {
+pub async fn run(c: Command) -> Result<i32> {
     match c {
-        Command::Sft(a) => sft(a),
+        Command::Sft(a) => tokio::task::block_in_place(|| sft(a)),
+        Command::Rl(a) => super::pipeline::rl(a).await,
+        Command::Distill(a) => super::pipeline::distill(a).await,
+        Command::Eval(a) => super::pipeline::eval(a).await,
+        Command::Pipeline(a) => super::pipeline::pipeline(a).await,
     }
 }
 

@@ -1,0 +1,45 @@
+//! Held-out evaluation: a checkpoint served by the embedded policy on a domain's held-out
+//! tasks (never equal to a training task), one rollout per task, under the same scaffold and
+//! limits as training.
+
+use std::path::Path;
+
+use arbor_rollout::runner::ProgressFn;
+
+use crate::Result;
+use crate::config::{EvalSpec, RolloutSpec};
+use crate::rollouts::{self, PassRate, TaskSet};
+
+/// The held-out tasks of `domain`.
+pub fn heldout(domain: &str, eval: &EvalSpec, difficulty: u32) -> TaskSet {
+    TaskSet {
+        domain: domain.to_string(),
+        n: eval.heldout_tasks,
+        seed: eval.seed,
+        split: "heldout",
+        difficulty,
+    }
+}
+
+/// Evaluates `checkpoint` on `domain`'s held-out tasks into `out` (resumable: an interrupted
+/// evaluation continues where it stopped).
+pub async fn evaluate(
+    checkpoint: &Path,
+    domain: &str,
+    eval: &EvalSpec,
+    difficulty: u32,
+    spec: &RolloutSpec,
+    out: &Path,
+    on_progress: Option<ProgressFn>,
+) -> Result<PassRate> {
+    let exp = rollouts::experiment(
+        &format!("eval-{domain}"),
+        out,
+        &[heldout(domain, eval, difficulty)],
+        1,
+        rollouts::embedded(checkpoint, spec),
+        spec,
+    );
+    rollouts::run(&exp, out, on_progress).await?;
+    PassRate::of_run(out)
+}

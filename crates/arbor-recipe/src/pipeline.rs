@@ -1,0 +1,368 @@
+//! The Specialize-then-Unify pipeline (RECIPE §5), every stage checkpointed and resumable.
+//!
+//! ```text
+//! base/                fresh byte-level model (the `base` row)
+//! oracle/              scripted-oracle rollouts on training tasks of every domain
+//! sft/<domain>/        SFT on that domain's oracle sessions (the `sft` row)
+//! sft/all/             SFT on every domain: the unified student's starting point
+//! rl/<domain>/         RL from sft/<domain>: final/ (the `rl` row), best/ (the `expert` row:
+//!                      the weights that sampled the best training pass rate)
+//! distill/             on-policy distillation of sft/all toward each domain's expert
+//!                      (final/ is the `unified` row)
+//! eval/<row>/<domain>/ held-out rollouts of each row's checkpoint
+//! results.json         {"domains": {D: {row: {"pass_rate", "n", ...}}}}
+//! report.md, plots/    the report with learning curves
+//! ```
+//!
+//! Rerunning the same command continues after the last finished piece: a finished stage is
+//! recognized by its marker file (`sft_report.json`, `rl_report.json`, an evaluation's
+//! complete `results.jsonl`), an unfinished RL stage continues from its last iteration's
+//! checkpoint, an unfinished SFT stage from its periodic checkpoint, and unfinished rollouts
+//! from their run directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arbor_rollout::Progress;
+use arbor_rollout::experiment::PolicySpec;
+use arbor_rollout::runner::ProgressFn;
+use arbor_train::sft::{SftEvent, SftInit, train_sft};
+use serde::{Deserialize, Serialize};
+
+use crate::config::PipelineConfig;
+use crate::rl::{IterationLog, RlEvent, RlStage};
+use crate::rollouts::{self, PassRate, TaskSet};
+use crate::{RecipeError, Result};
+
+/// The rows of the results table, in order.
+pub const ROWS: [&str; 5] = ["base", "sft", "rl", "expert", "unified"];
+
+/// Progress of a pipeline, for a display.
+#[derive(Debug, Clone)]
+pub enum PipelineEvent {
+    /// A stage starts (or is found finished: `skipped`).
+    Stage { stage: String, skipped: bool },
+    /// Rollouts of a stage.
+    Rollouts {
+        stage: String,
+        done: usize,
+        total: usize,
+        passed: usize,
+    },
+    /// An SFT step.
+    SftStep {
+        stage: String,
+        step: usize,
+        total: usize,
+        loss: f64,
+    },
+    /// An RL / distillation iteration finished.
+    Iteration {
+        stage: String,
+        total: usize,
+        log: Box<IterationLog>,
+    },
+    /// A held-out evaluation finished.
+    Evaluated {
+        row: String,
+        domain: String,
+        rate: PassRate,
+    },
+}
+
+/// A progress callback.
+pub type PipelineProgress = Arc<dyn Fn(PipelineEvent) + Send + Sync>;
+
+/// One cell of the results table.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    /// Held-out pass rate.
+    pub pass_rate: f64,
+    /// Held-out tasks scored (infrastructure errors excluded).
+    pub n: usize,
+    pub passed: usize,
+    /// Binomial standard error of `pass_rate`.
+    pub std_err: f64,
+    pub infra_errors: usize,
+}
+
+impl From<PassRate> for Cell {
+    fn from(r: PassRate) -> Self {
+        Cell {
+            pass_rate: r.rate(),
+            n: r.n,
+            passed: r.passed,
+            std_err: r.std_err(),
+            infra_errors: r.infra_errors,
+        }
+    }
+}
+
+/// `results.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineResults {
+    pub name: String,
+    /// domain -> row -> held-out pass rate.
+    pub domains: BTreeMap<String, BTreeMap<String, Cell>>,
+    /// Parameters of the model.
+    pub params: usize,
+    /// Output directory and report.
+    pub output: PathBuf,
+    pub report: PathBuf,
+    /// Wall seconds of this invocation.
+    pub seconds: f64,
+}
+
+fn io(path: &Path, e: std::io::Error) -> RecipeError {
+    RecipeError::Io(format!("{}: {e}", path.display()))
+}
+
+fn rollout_progress(stage: String, p: PipelineProgress) -> ProgressFn {
+    Arc::new(move |pr: &Progress| {
+        p(PipelineEvent::Rollouts {
+            stage: stage.clone(),
+            done: pr.done,
+            total: pr.total,
+            passed: pr.passed,
+        })
+    })
+}
+
+/// Runs (or continues) the pipeline into `out`.
+pub async fn run_pipeline(
+    cfg: &PipelineConfig,
+    out: &Path,
+    progress: PipelineProgress,
+) -> Result<PipelineResults> {
+    let wall = Instant::now();
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    // The configuration a directory was started with is kept; a different one is refused
+    // (stages would silently mix).
+    let cfg_path = out.join("pipeline.json");
+    let cfg_json =
+        serde_json::to_string_pretty(cfg).map_err(|e| RecipeError::Config(e.to_string()))?;
+    match std::fs::read_to_string(&cfg_path) {
+        Ok(old) if old != cfg_json => {
+            return Err(RecipeError::Config(format!(
+                "{} was started with another pipeline configuration ({}); use another output directory",
+                out.display(),
+                cfg_path.display()
+            )));
+        }
+        Ok(_) => {}
+        Err(_) => arbor_train::checkpoint::write_atomic(&cfg_path, cfg_json.as_bytes())?,
+    }
+
+    // Base model.
+    let base = out.join("base");
+    let stage = |name: &str, skipped: bool| {
+        progress(PipelineEvent::Stage {
+            stage: name.to_string(),
+            skipped,
+        })
+    };
+    let base_done = base.join("model.safetensors").is_file();
+    stage("base", base_done);
+    if !base_done {
+        arbor_policy::init_checkpoint(&base, cfg.model.config(), cfg.seed)
+            .map_err(|e| RecipeError::Train(format!("initializing the base model: {e}")))?;
+    }
+    let params = arbor_model::Qwen3Model::load(&base)?.num_params();
+
+    // Demonstrations.
+    let oracle = out.join("oracle");
+    let oracle_tasks: Vec<TaskSet> = cfg
+        .domains
+        .iter()
+        .map(|d| TaskSet {
+            domain: d.clone(),
+            n: cfg.oracle.tasks_per_domain,
+            seed: cfg.seed,
+            split: "train",
+            difficulty: cfg.difficulty,
+        })
+        .collect();
+    let exp = rollouts::experiment(
+        "oracle",
+        &oracle,
+        &oracle_tasks,
+        1,
+        PolicySpec::ScriptedOracle,
+        &cfg.rollout,
+    );
+    stage("oracle", false);
+    let s = rollouts::run(
+        &exp,
+        &oracle,
+        Some(rollout_progress("oracle".into(), progress.clone())),
+    )
+    .await?;
+    if s.passed == 0 {
+        return Err(RecipeError::Rollout(format!(
+            "no oracle rollout passed ({} infrastructure errors): nothing to learn from; see {}",
+            s.infra_errors,
+            oracle.display()
+        )));
+    }
+
+    // SFT per domain, and on all domains for the student.
+    let mut sft_dirs = BTreeMap::new();
+    let mut sft_targets: Vec<(String, Option<Vec<String>>)> = cfg
+        .domains
+        .iter()
+        .map(|d| (d.clone(), Some(vec![d.clone()])))
+        .collect();
+    sft_targets.push(("all".into(), None));
+    for (name, domains) in sft_targets {
+        let dir = out.join("sft").join(&name);
+        let label = format!("sft/{name}");
+        stage(&label, dir.join(arbor_train::sft::REPORT_FILE).is_file());
+        let mut scfg = cfg.sft.clone();
+        scfg.domains = domains;
+        let (base, oracle, dir2, p) = (base.clone(), oracle.clone(), dir.clone(), progress.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut total = 0;
+            let mut on = |ev: SftEvent<'_>| match ev {
+                SftEvent::Start { total_steps, .. } => total = total_steps,
+                SftEvent::Step(l) => p(PipelineEvent::SftStep {
+                    stage: label.clone(),
+                    step: l.step,
+                    total,
+                    loss: l.loss,
+                }),
+                _ => {}
+            };
+            train_sft(&SftInit::Dir(base), &[oracle], &dir2, &scfg, &mut on)
+        })
+        .await
+        .map_err(|e| RecipeError::Train(format!("SFT task: {e}")))??;
+        sft_dirs.insert(name, dir);
+    }
+
+    // RL per domain: the experts.
+    let mut rl_reports = BTreeMap::new();
+    for d in &cfg.domains {
+        let label = format!("rl/{d}");
+        let st = RlStage {
+            label: label.clone(),
+            spec: cfg.rl.clone(),
+            rollout: cfg.rollout.clone(),
+            domains: vec![d.clone()],
+            difficulty: cfg.difficulty,
+            seed: cfg.seed,
+            init: sft_dirs[d].clone(),
+            teachers: BTreeMap::new(),
+            out: out.join("rl").join(d),
+        };
+        stage(&label, st.out.join(crate::rl::REPORT_FILE).is_file());
+        let report = st
+            .run(rl_progress(label, cfg.rl.iterations, progress.clone()))
+            .await?;
+        rl_reports.insert(d.clone(), report);
+    }
+
+    // On-policy distillation of the student toward the experts.
+    let distill = RlStage {
+        label: "distill".into(),
+        spec: cfg.distill.clone(),
+        rollout: cfg.rollout.clone(),
+        domains: cfg.domains.clone(),
+        difficulty: cfg.difficulty,
+        seed: cfg.seed ^ 0xd157,
+        init: sft_dirs["all"].clone(),
+        teachers: rl_reports
+            .iter()
+            .map(|(d, r)| (d.clone(), r.best_checkpoint.clone()))
+            .collect(),
+        out: out.join("distill"),
+    };
+    stage(
+        "distill",
+        distill.out.join(crate::rl::REPORT_FILE).is_file(),
+    );
+    let unified = distill
+        .run(rl_progress(
+            "distill".into(),
+            cfg.distill.iterations,
+            progress.clone(),
+        ))
+        .await?;
+
+    // Held-out evaluation of every row.
+    let mut domains: BTreeMap<String, BTreeMap<String, Cell>> = BTreeMap::new();
+    for d in &cfg.domains {
+        let rl = &rl_reports[d];
+        let rows: [(&str, PathBuf); 5] = [
+            ("base", base.clone()),
+            ("sft", sft_dirs[d].clone()),
+            ("rl", rl.final_checkpoint.clone()),
+            ("expert", rl.best_checkpoint.clone()),
+            ("unified", unified.final_checkpoint.clone()),
+        ];
+        let mut cells = BTreeMap::new();
+        for (row, ckpt) in rows {
+            let dir = out.join("eval").join(row).join(d);
+            stage(&format!("eval/{row}/{d}"), false);
+            let rate = crate::eval::evaluate(
+                &ckpt,
+                d,
+                &cfg.eval,
+                cfg.difficulty,
+                &cfg.rollout,
+                &dir,
+                Some(rollout_progress(
+                    format!("eval/{row}/{d}"),
+                    progress.clone(),
+                )),
+            )
+            .await?;
+            progress(PipelineEvent::Evaluated {
+                row: row.into(),
+                domain: d.clone(),
+                rate,
+            });
+            cells.insert(row.to_string(), Cell::from(rate));
+        }
+        domains.insert(d.clone(), cells);
+    }
+
+    let report = out.join("report.md");
+    let results = PipelineResults {
+        name: cfg.name.clone(),
+        domains,
+        params,
+        output: out.to_path_buf(),
+        report: report.clone(),
+        seconds: wall.elapsed().as_secs_f64(),
+    };
+    arbor_train::checkpoint::write_atomic(
+        &out.join("results.json"),
+        serde_json::to_string_pretty(&results)
+            .map_err(|e| RecipeError::Io(e.to_string()))?
+            .as_bytes(),
+    )?;
+    crate::report::write(cfg, out, &results)?;
+    Ok(results)
+}
+
+fn rl_progress(stage: String, total: usize, p: PipelineProgress) -> crate::rl::ProgressFn {
+    Arc::new(move |ev: RlEvent<'_>| match ev {
+        RlEvent::Sampling {
+            iteration,
+            progress,
+        } => p(PipelineEvent::Rollouts {
+            stage: format!("{stage} iter {}/{total}", iteration + 1),
+            done: progress.done,
+            total: progress.total,
+            passed: progress.passed,
+        }),
+        RlEvent::Iteration(l) => p(PipelineEvent::Iteration {
+            stage: stage.clone(),
+            total,
+            log: Box::new(l.clone()),
+        }),
+        _ => {}
+    })
+}

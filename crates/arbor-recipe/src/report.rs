@@ -1,0 +1,300 @@
+//! The pipeline's Markdown report (`report.md`) with SVG learning curves in `plots/`:
+//! held-out pass rates of every row, the acceptance comparisons (RL vs SFT, unified vs
+//! expert), SFT loss, and per RL iteration the training pass rate, reward, KL to the start
+//! checkpoint, importance-weight variance with and without MCLA, and throughput.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use arbor_rollout::plot::{BarChart, BarGroup, Chart, LineChart, Series};
+
+use crate::config::PipelineConfig;
+use crate::pipeline::{PipelineResults, ROWS};
+use crate::rl::{IterationLog, read_log};
+use crate::{RecipeError, Result};
+
+/// A value read from one iteration's log line.
+type Metric = Box<dyn Fn(&IterationLog) -> Option<f64>>;
+
+fn plot_err(e: impl std::fmt::Display) -> RecipeError {
+    RecipeError::Io(format!("plot: {e}"))
+}
+
+/// A line chart of `f` over the iterations of each series.
+fn curves(
+    title: &str,
+    y: &str,
+    logs: &[(String, Vec<IterationLog>)],
+    f: impl Fn(&IterationLog) -> Option<f64>,
+) -> LineChart {
+    LineChart {
+        title: title.into(),
+        x_label: "iteration".into(),
+        y_label: y.into(),
+        series: logs
+            .iter()
+            .map(|(name, log)| {
+                Series::new(
+                    name.clone(),
+                    log.iter()
+                        .filter_map(|l| f(l).map(|v| (l.iteration as f64, v)))
+                        .filter(|(_, v)| v.is_finite())
+                        .collect(),
+                )
+            })
+            .collect(),
+        ..LineChart::default()
+    }
+}
+
+/// `(rl - sft) / sqrt(se_rl^2 + se_sft^2)`: how many standard errors RL is above SFT.
+pub fn z_score(rl: &crate::pipeline::Cell, sft: &crate::pipeline::Cell) -> f64 {
+    let se = (rl.std_err.powi(2) + sft.std_err.powi(2)).sqrt();
+    let diff = rl.pass_rate - sft.pass_rate;
+    if se == 0.0 {
+        if diff == 0.0 {
+            0.0
+        } else {
+            diff.signum() * f64::INFINITY
+        }
+    } else {
+        diff / se
+    }
+}
+
+/// Writes `out/report.md` and `out/plots/*.svg`.
+pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<()> {
+    let plots = out.join("plots");
+    let mut md = String::new();
+    let _ = writeln!(md, "# Pipeline `{}`\n", cfg.name);
+    let _ = writeln!(
+        md,
+        "Model: byte-level Qwen3-style decoder, {} parameters (hidden {}, {} layers{}). \
+         Difficulty {}; {} oracle tasks per domain; RL {} iterations x {} tasks x {} samples; \
+         distillation {} iterations; {} held-out tasks per domain. Wall time of the last \
+         invocation: {:.0} s.\n",
+        res.params,
+        cfg.model.hidden,
+        cfg.model.layers,
+        if cfg.model.experts > 0 {
+            format!(", {} experts top-{}", cfg.model.experts, cfg.model.top_k)
+        } else {
+            String::new()
+        },
+        cfg.difficulty,
+        cfg.oracle.tasks_per_domain,
+        cfg.rl.iterations,
+        cfg.rl.tasks_per_iteration,
+        cfg.rl.group_size,
+        cfg.distill.iterations,
+        cfg.eval.heldout_tasks,
+        res.seconds
+    );
+
+    // Held-out table.
+    let _ = writeln!(md, "## Held-out pass rates\n");
+    let _ = writeln!(md, "| domain | {} |", ROWS.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(ROWS.len()));
+    for (d, cells) in &res.domains {
+        let row: Vec<String> = ROWS
+            .iter()
+            .map(|r| {
+                cells.get(*r).map_or("-".into(), |c| {
+                    format!("{:.3} ± {:.3} (n={})", c.pass_rate, c.std_err, c.n)
+                })
+            })
+            .collect();
+        let _ = writeln!(md, "| {d} | {} |", row.join(" | "));
+    }
+    let _ = writeln!(
+        md,
+        "\n`rl` is the last RL checkpoint, `expert` the RL checkpoint whose samples had the \
+         best training pass rate (the teacher of distillation), `unified` the distilled \
+         student. ± is the binomial standard error.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| domain | RL - SFT in standard errors | unified / expert |"
+    );
+    let _ = writeln!(md, "|---|---|---|");
+    for (d, cells) in &res.domains {
+        let z = match (cells.get("rl"), cells.get("sft")) {
+            (Some(r), Some(s)) => format!("{:.2}", z_score(r, s)),
+            _ => "-".into(),
+        };
+        let u = match (cells.get("unified"), cells.get("expert")) {
+            (Some(u), Some(e)) if e.pass_rate > 0.0 => format!("{:.2}", u.pass_rate / e.pass_rate),
+            _ => "- (expert at 0)".into(),
+        };
+        let _ = writeln!(md, "| {d} | {z} | {u} |");
+    }
+    let bars = BarChart {
+        title: "Held-out pass rate".into(),
+        x_label: "domain".into(),
+        y_label: "pass rate".into(),
+        categories: res.domains.keys().cloned().collect(),
+        groups: ROWS
+            .iter()
+            .map(|r| BarGroup {
+                name: r.to_string(),
+                values: res
+                    .domains
+                    .values()
+                    .map(|c| c.get(*r).map_or(f64::NAN, |c| c.pass_rate))
+                    .collect(),
+            })
+            .collect(),
+        value_labels: Some(2),
+        ..BarChart::default()
+    };
+    bars.save(&plots.join("heldout.svg")).map_err(plot_err)?;
+    let _ = writeln!(md, "\n![held-out pass rates](plots/heldout.svg)\n");
+
+    // SFT.
+    let mut sft_series = Vec::new();
+    let mut names: Vec<String> = cfg.domains.clone();
+    names.push("all".into());
+    for n in &names {
+        let log = arbor_train::sft::read_log(&out.join("sft").join(n).join("sft_log.jsonl"));
+        sft_series.push(Series::new(
+            n.clone(),
+            log.iter().map(|l| (l.step as f64, l.loss)).collect(),
+        ));
+    }
+    LineChart {
+        title: "SFT loss (generated tokens)".into(),
+        x_label: "step".into(),
+        y_label: "mean NLL".into(),
+        series: sft_series,
+        ..LineChart::default()
+    }
+    .save(&plots.join("sft_loss.svg"))
+    .map_err(plot_err)?;
+    let _ = writeln!(md, "## SFT\n\n![SFT loss](plots/sft_loss.svg)\n");
+
+    // RL and distillation curves.
+    let mut logs: Vec<(String, Vec<IterationLog>)> = cfg
+        .domains
+        .iter()
+        .map(|d| {
+            (
+                d.clone(),
+                read_log(&out.join("rl").join(d).join(crate::rl::LOG_FILE)),
+            )
+        })
+        .collect();
+    let distill_log = read_log(&out.join("distill").join(crate::rl::LOG_FILE));
+    let charts: [(&str, &str, &str, Metric); 5] = [
+        (
+            "rl_pass_rate",
+            "RL: training pass rate (on-policy samples)",
+            "pass rate",
+            Box::new(|l| Some(l.pass_rate)),
+        ),
+        (
+            "rl_reward",
+            "RL: mean reward",
+            "reward",
+            Box::new(|l| Some(l.mean_reward)),
+        ),
+        (
+            "rl_kl",
+            "RL: KL(policy || SFT start) on sampled tokens",
+            "KL (nats/token)",
+            Box::new(|l| l.kl_to_init),
+        ),
+        (
+            "rl_tokens_per_s",
+            "RL: training throughput (unique tree tokens/s)",
+            "tokens/s",
+            Box::new(|l| Some(l.train_tokens_per_s)),
+        ),
+        (
+            "rl_sample_tokens_per_s",
+            "RL: sampling throughput (generated tokens/s)",
+            "tokens/s",
+            Box::new(|l| Some(l.sample_tokens_per_s)),
+        ),
+    ];
+    let _ = writeln!(md, "## RL (one expert per domain)\n");
+    for (file, title, y, f) in &charts {
+        curves(title, y, &logs, f)
+            .save(&plots.join(format!("{file}.svg")))
+            .map_err(plot_err)?;
+        let _ = writeln!(md, "![{title}](plots/{file}.svg)\n");
+    }
+    // Importance-weight variance: one pass vs the MCLA mean, every stage on one chart.
+    logs.push(("distill".into(), distill_log.clone()));
+    let mut iw = Vec::new();
+    for (name, log) in &logs {
+        iw.push(Series::new(
+            format!("{name} K=1"),
+            log.iter()
+                .map(|l| (l.iteration as f64, l.iw_var_single))
+                .collect(),
+        ));
+        iw.push(Series::new(
+            format!("{name} MCLA K={}", log.first().map_or(1, |l| l.mcla_passes)),
+            log.iter()
+                .map(|l| (l.iteration as f64, l.iw_var_mcla))
+                .collect(),
+        ));
+    }
+    LineChart {
+        title: "Importance-weight variance, one pass vs MCLA".into(),
+        x_label: "iteration".into(),
+        y_label: "var exp(logp_rollout - logp_train)".into(),
+        series: iw,
+        ..LineChart::default()
+    }
+    .save(&plots.join("iw_variance.svg"))
+    .map_err(plot_err)?;
+    let _ = writeln!(md, "![importance-weight variance](plots/iw_variance.svg)\n");
+
+    let _ = writeln!(
+        md,
+        "| stage | iter | pass rate | reward | groups with signal | IcePop masked | IW var K=1 | IW var MCLA | KL to start | reverse KL to teacher |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for (name, log) in &logs {
+        for l in log {
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {:.3} | {:.3} | {}/{} | {:.3} | {:.3e} | {:.3e} | {} | {} |",
+                l.iteration,
+                l.pass_rate,
+                l.mean_reward,
+                l.groups_with_signal,
+                l.groups,
+                l.masked_fraction,
+                l.iw_var_single,
+                l.iw_var_mcla,
+                l.kl_to_init.map_or("-".into(), |k| format!("{k:.4}")),
+                l.reverse_kl_to_teacher
+                    .map_or("-".into(), |k| format!("{k:.4}"))
+            );
+        }
+    }
+
+    // Distillation.
+    let dl = vec![("distill".to_string(), distill_log)];
+    curves(
+        "Distillation: reverse KL(student || expert) per token",
+        "nats/token",
+        &dl,
+        |l| l.reverse_kl_to_teacher,
+    )
+    .save(&plots.join("distill_kl.svg"))
+    .map_err(plot_err)?;
+    curves("Distillation: training pass rate", "pass rate", &dl, |l| {
+        Some(l.pass_rate)
+    })
+    .save(&plots.join("distill_pass_rate.svg"))
+    .map_err(plot_err)?;
+    let _ = writeln!(
+        md,
+        "## On-policy distillation\n\n![reverse KL](plots/distill_kl.svg)\n\n![pass rate](plots/distill_pass_rate.svg)\n"
+    );
+    arbor_train::checkpoint::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! Rollouts as the recipe uses them: an `arbor-rollout` experiment built from the pipeline's
+//! settings, run into a directory, and read back as scored episodes with their token-level
+//! calls.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use arbor_rollout::experiment::{DatasetSpec, PolicySpec, ScaffoldSpec, Timeouts};
+use arbor_rollout::record::Status;
+use arbor_rollout::runner::ProgressFn;
+use arbor_rollout::{Experiment, RunOptions, Summary};
+use arbor_tree::Sequence;
+
+use crate::config::RolloutSpec;
+use crate::{RecipeError, Result};
+
+/// Tasks of one built-in domain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSet {
+    /// Domain.
+    pub domain: String,
+    /// Number of tasks.
+    pub n: usize,
+    /// Generator seed.
+    pub seed: u64,
+    /// `train` or `heldout`.
+    pub split: &'static str,
+    /// 1..=5.
+    pub difficulty: u32,
+}
+
+impl TaskSet {
+    fn dataset(&self) -> DatasetSpec {
+        DatasetSpec {
+            domain: Some(self.domain.clone()),
+            n: Some(self.n),
+            seed: self.seed,
+            split: Some(self.split.to_string()),
+            difficulty: Some(self.difficulty),
+            ..DatasetSpec::default()
+        }
+    }
+}
+
+/// The experiment for `tasks` x `samples` under the bash scaffold against `policy`.
+pub fn experiment(
+    name: &str,
+    out: &Path,
+    tasks: &[TaskSet],
+    samples: u32,
+    policy: PolicySpec,
+    spec: &RolloutSpec,
+) -> Experiment {
+    Experiment {
+        name: name.to_string(),
+        output: out.to_path_buf(),
+        datasets: tasks.iter().map(TaskSet::dataset).collect(),
+        scaffolds: vec![ScaffoldSpec::Bash(spec.scaffold())],
+        policy,
+        samples,
+        concurrency: spec.concurrency.max(1),
+        infra_retries: 2,
+        timeouts: Timeouts {
+            agent_s: spec.agent_timeout_s,
+            model_call_s: spec.agent_timeout_s,
+        },
+        verifier: Default::default(),
+        warm_pool: 0,
+        allow_default_rootfs: false,
+    }
+}
+
+/// The embedded policy over a checkpoint directory.
+pub fn embedded(checkpoint: &Path, spec: &RolloutSpec) -> PolicySpec {
+    PolicySpec::Embedded {
+        checkpoint: checkpoint.to_path_buf(),
+        max_tokens: Some(spec.max_tokens),
+        max_concurrency: spec.policy_concurrency,
+    }
+}
+
+/// An already running OpenAI-compatible server (the RL stage's own embedded policy, whose
+/// weights it swaps between iterations).
+pub fn served(base_url: String, spec: &RolloutSpec) -> PolicySpec {
+    PolicySpec::Upstream {
+        base_urls: vec![base_url],
+        model: "arbor-embedded".into(),
+        api_key_env: None,
+        max_tokens: Some(spec.max_tokens),
+    }
+}
+
+/// Runs `exp` into `out`. A directory left by an interrupted invocation is resumed when its
+/// experiment is the same, and started over otherwise (the RL stage's policy address changes
+/// between invocations, and its rollouts are redone from the same weights).
+pub async fn run(exp: &Experiment, out: &Path, on_progress: Option<ProgressFn>) -> Result<Summary> {
+    let text = toml::to_string(exp)
+        .map_err(|e| RecipeError::Config(format!("serializing experiment: {e}")))?;
+    let resume = out.join("results.jsonl").is_file();
+    if resume {
+        let old = std::fs::read_to_string(out.join("experiment.toml")).unwrap_or_default();
+        if old != text {
+            std::fs::remove_dir_all(out)
+                .map_err(|e| RecipeError::Io(format!("{}: {e}", out.display())))?;
+        }
+    }
+    let resume = out.join("results.jsonl").is_file();
+    let opts = RunOptions {
+        out: Some(out.to_path_buf()),
+        resume,
+        on_progress,
+        ..RunOptions::default()
+    };
+    arbor_rollout::run(exp, &text, opts)
+        .await
+        .map_err(|e| RecipeError::Rollout(format!("{}: {e}", out.display())))
+}
+
+/// One scored rollout with its recorded calls.
+#[derive(Debug, Clone)]
+pub struct Episode {
+    /// Task id (the group key).
+    pub task_id: String,
+    /// Task domain.
+    pub domain: String,
+    /// How it ended.
+    pub status: Status,
+    /// Verifier reward.
+    pub reward: f64,
+    /// One sequence per model call (prompt without loss, completion with loss and the
+    /// behaviour logprobs), ids prefixed with `prefix`.
+    pub sequences: Vec<Sequence>,
+}
+
+/// Reads a run directory's results and calls. Episodes whose session recorded no call keep an
+/// empty `sequences` (they still count in the group statistics).
+pub fn load_episodes(run: &Path, prefix: &str) -> Result<Vec<Episode>> {
+    let loaded = arbor_rollout::store::load_results(&run.join("results.jsonl"), false)
+        .map_err(|e| RecipeError::Rollout(format!("{}: {e}", run.display())))?;
+    let gateway = run.join("gateway");
+    let seqs = if gateway.join("calls.jsonl").is_file() {
+        arbor_gateway::tree::store_sequences(&gateway)
+            .map_err(|e| RecipeError::Rollout(format!("{}: {e}", gateway.display())))?
+    } else {
+        Vec::new()
+    };
+    let mut by_session: HashMap<String, Vec<Sequence>> = HashMap::new();
+    for s in seqs {
+        if let Some(g) = s.group.clone() {
+            by_session.entry(g).or_default().push(s);
+        }
+    }
+    let mut out = Vec::new();
+    let mut results = loaded.results;
+    // Completion order is not reproducible; session ids are.
+    results.sort_by(|a, b| a.session.cmp(&b.session));
+    for r in results {
+        let mut sequences = by_session.remove(&r.session).unwrap_or_default();
+        sequences.sort_by(|a, b| a.id.cmp(&b.id));
+        for s in &mut sequences {
+            s.id = format!("{prefix}{}", s.id);
+            s.group = Some(format!("{prefix}{}", r.session));
+            s.reward = Some(r.reward);
+        }
+        out.push(Episode {
+            task_id: r.key.task_id,
+            domain: r.domain,
+            status: r.status,
+            reward: r.reward,
+            sequences,
+        });
+    }
+    Ok(out)
+}
+
+/// Pass rate of a run: passed / scored rollouts (infrastructure errors excluded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PassRate {
+    /// Scored rollouts.
+    pub n: usize,
+    /// Of which passed.
+    pub passed: usize,
+    /// Rollouts lost to infrastructure errors (not in `n`).
+    pub infra_errors: usize,
+}
+
+impl PassRate {
+    /// From a run directory's results.
+    pub fn of_run(run: &Path) -> Result<Self> {
+        let loaded = arbor_rollout::store::load_results(&run.join("results.jsonl"), false)
+            .map_err(|e| RecipeError::Rollout(format!("{}: {e}", run.display())))?;
+        let mut p = PassRate::default();
+        for r in &loaded.results {
+            match r.status {
+                Status::InfraError => p.infra_errors += 1,
+                Status::Passed => {
+                    p.n += 1;
+                    p.passed += 1;
+                }
+                _ => p.n += 1,
+            }
+        }
+        Ok(p)
+    }
+
+    /// passed / n (0 without scored rollouts).
+    pub fn rate(&self) -> f64 {
+        if self.n == 0 {
+            0.0
+        } else {
+            self.passed as f64 / self.n as f64
+        }
+    }
+
+    /// Binomial standard error of the rate.
+    pub fn std_err(&self) -> f64 {
+        if self.n == 0 {
+            return 0.0;
+        }
+        let p = self.rate();
+        (p * (1.0 - p) / self.n as f64).sqrt()
+    }
+}
