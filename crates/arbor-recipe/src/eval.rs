@@ -35,7 +35,7 @@ pub async fn evaluate(
     let exp = rollouts::experiment(
         &format!("eval-{domain}"),
         out,
-        &[heldout(domain, eval, difficulty)],
+        vec![heldout(domain, eval, difficulty).dataset()],
         1,
         rollouts::embedded(checkpoint, spec),
         spec,

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! base/                fresh byte-level model (the `base` row)
-//! oracle/              scripted-oracle rollouts on training tasks of every domain
+//! oracle-tasks/        the demonstration tasks (training split; repeated instructions left out)
+//! oracle/              scripted-oracle rollouts on them
 //! sft/<domain>/        SFT on that domain's oracle sessions (the `sft` row)
 //! sft/all/             SFT on every domain: the unified student's starting point
 //! rl/<domain>/         RL from sft/<domain>: final/ (the `rl` row), best/ (the `expert` row:
@@ -184,10 +185,18 @@ pub async fn run_pipeline(
             difficulty: cfg.difficulty,
         })
         .collect();
+    let (dataset, dropped) =
+        rollouts::write_demonstration_tasks(&oracle_tasks, &out.join("oracle-tasks"))?;
+    if dropped > 0 {
+        tracing::info!(
+            dropped,
+            "demonstration tasks with a repeated instruction left out"
+        );
+    }
     let exp = rollouts::experiment(
         "oracle",
         &oracle,
-        &oracle_tasks,
+        vec![dataset],
         1,
         PolicySpec::ScriptedOracle,
         &cfg.rollout,

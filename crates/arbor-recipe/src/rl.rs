@@ -291,7 +291,7 @@ impl RlStage {
                 let exp = rollouts::experiment(
                     &format!("{}-iter-{it}", self.label.replace('/', "-")),
                     &run_dir,
-                    &self.tasks(it),
+                    self.tasks(it).iter().map(TaskSet::dataset).collect(),
                     self.spec.group_size,
                     rollouts::served(policy.base_url(), &self.rollout),
                     &self.rollout,

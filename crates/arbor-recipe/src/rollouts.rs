@@ -30,7 +30,8 @@ pub struct TaskSet {
 }
 
 impl TaskSet {
-    fn dataset(&self) -> DatasetSpec {
+    /// The experiment dataset generating these tasks.
+    pub fn dataset(&self) -> DatasetSpec {
         DatasetSpec {
             domain: Some(self.domain.clone()),
             n: Some(self.n),
@@ -42,11 +43,12 @@ impl TaskSet {
     }
 }
 
-/// The experiment for `tasks` x `samples` under the bash scaffold against `policy`.
+/// The experiment for the tasks of `datasets` x `samples` under the bash scaffold against
+/// `policy`.
 pub fn experiment(
     name: &str,
     out: &Path,
-    tasks: &[TaskSet],
+    datasets: Vec<DatasetSpec>,
     samples: u32,
     policy: PolicySpec,
     spec: &RolloutSpec,
@@ -54,7 +56,7 @@ pub fn experiment(
     Experiment {
         name: name.to_string(),
         output: out.to_path_buf(),
-        datasets: tasks.iter().map(TaskSet::dataset).collect(),
+        datasets,
         scaffolds: vec![ScaffoldSpec::Bash(spec.scaffold())],
         policy,
         samples,
@@ -77,6 +79,43 @@ pub fn embedded(checkpoint: &Path, spec: &RolloutSpec) -> PolicySpec {
         max_tokens: Some(spec.max_tokens),
         max_concurrency: spec.policy_concurrency,
     }
+}
+
+/// Writes the demonstration tasks of `sets` into `dir` (native task files) and returns the
+/// dataset reading them. The scripted oracle answers by instruction, so a task whose
+/// instruction repeats an earlier one's (templated generators do that now and then, with
+/// different data) is left out; returns how many were.
+pub fn write_demonstration_tasks(sets: &[TaskSet], dir: &Path) -> Result<(DatasetSpec, usize)> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| RecipeError::Io(format!("{}: {e}", dir.display())))?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut dropped = 0;
+    for set in sets {
+        let split = set.split.parse().map_err(RecipeError::Config)?;
+        let opts = arbor_task::GenOptions {
+            difficulty: set.difficulty,
+            split,
+        };
+        let tasks = arbor_task::domains::generate(&set.domain, set.n, set.seed, &opts)
+            .map_err(|e| RecipeError::Config(format!("generating {} tasks: {e}", set.domain)))?;
+        for t in tasks {
+            if !seen.insert(t.instruction.clone()) {
+                dropped += 1;
+                continue;
+            }
+            arbor_task::dataset::write_task_json(dir, &t)
+                .map_err(|e| RecipeError::Io(format!("{}: {e}", dir.display())))?;
+        }
+    }
+    Ok((
+        DatasetSpec {
+            path: Some(dir.to_path_buf()),
+            ..DatasetSpec::default()
+        },
+        dropped,
+    ))
 }
 
 /// An already running OpenAI-compatible server (the RL stage's own embedded policy, whose
