@@ -83,14 +83,16 @@ pub fn embedded(checkpoint: &Path, spec: &RolloutSpec) -> PolicySpec {
 
 /// Writes the demonstration tasks of `sets` into `dir` (native task files) and returns the
 /// dataset reading them. The scripted oracle answers by instruction, so a task whose
-/// instruction repeats an earlier one's (templated generators do that now and then, with
-/// different data) is left out; returns how many were.
+/// instruction repeats an earlier one's with a different oracle (templated generators do that
+/// now and then, with different data) is left out; returns how many were. Repeats with the
+/// same oracle (constant instructions like "rename every .txt file") are kept.
 pub fn write_demonstration_tasks(sets: &[TaskSet], dir: &Path) -> Result<(DatasetSpec, usize)> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)
             .map_err(|e| RecipeError::Io(format!("{}: {e}", dir.display())))?;
     }
-    let mut seen = std::collections::HashSet::new();
+    // instruction -> the oracle of the first task with it.
+    let mut seen: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     let mut dropped = 0;
     for set in sets {
         let split = set.split.parse().map_err(RecipeError::Config)?;
@@ -101,9 +103,17 @@ pub fn write_demonstration_tasks(sets: &[TaskSet], dir: &Path) -> Result<(Datase
         let tasks = arbor_task::domains::generate(&set.domain, set.n, set.seed, &opts)
             .map_err(|e| RecipeError::Config(format!("generating {} tasks: {e}", set.domain)))?;
         for t in tasks {
-            if !seen.insert(t.instruction.clone()) {
-                dropped += 1;
-                continue;
+            let oracle = serde_json::to_string(&t.oracle)
+                .map_err(|e| RecipeError::Config(format!("task {}: {e}", t.id)))?;
+            match seen.get(&t.instruction) {
+                Some(first) if *first != oracle => {
+                    dropped += 1;
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    seen.insert(t.instruction.clone(), oracle);
+                }
             }
             arbor_task::dataset::write_task_json(dir, &t)
                 .map_err(|e| RecipeError::Io(format!("{}: {e}", dir.display())))?;

@@ -213,7 +213,7 @@ pub struct SftSession {
 /// What [`load_sessions`] found.
 #[derive(Debug, Clone, Default)]
 pub struct SftData {
-    /// Kept sessions, in run then results order.
+    /// Kept sessions, in run then session-id order.
     pub sessions: Vec<SftSession>,
     /// Results filtered out by status or domain.
     pub filtered: usize,
@@ -281,6 +281,9 @@ pub fn load_sessions(runs: &[PathBuf], cfg: &SftConfig) -> Result<SftData> {
                 by_session.entry(g).or_default().push(s);
             }
         }
+        // Results are in completion order, which varies between runs; session ids do not, so
+        // the same run directory always gives the same data order (and the same SFT run).
+        kept.sort_by(|a, b| a.session.cmp(&b.session));
         for res in kept {
             let Some(mut seqs) = by_session.remove(&res.session) else {
                 data.missing += 1;
