@@ -270,3 +270,39 @@ impl PassRate {
         (p * (1.0 - p) / self.n as f64).sqrt()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn demonstration_tasks_never_share_an_instruction_with_another_oracle() {
+        let dir = std::env::temp_dir().join(format!("arbor-demo-{}", std::process::id()));
+        let sets: Vec<TaskSet> = ["websearch", "terminal"]
+            .iter()
+            .map(|d| TaskSet {
+                domain: d.to_string(),
+                n: 200,
+                seed: 1,
+                split: "train",
+                difficulty: 1,
+            })
+            .collect();
+        let (ds, dropped) = write_demonstration_tasks(&sets, &dir).unwrap();
+        let tasks = arbor_task::load(ds.path.as_ref().unwrap(), &Default::default()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(tasks.len() + dropped, 400);
+        let mut by_instruction: HashMap<&str, String> = HashMap::new();
+        let mut repeats = 0;
+        for t in &tasks {
+            let oracle = serde_json::to_string(&t.oracle).unwrap();
+            if let Some(o) = by_instruction.insert(&t.instruction, oracle.clone()) {
+                assert_eq!(o, oracle, "{}", t.id);
+                repeats += 1;
+            }
+        }
+        // Constant-instruction templates (same instruction, same oracle) are kept.
+        assert!(repeats > 0);
+    }
+}
