@@ -110,14 +110,22 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
         md,
         "\n`rl` is the last RL checkpoint, `expert` the RL checkpoint whose samples had the \
          best training pass rate (the teacher of distillation), `unified` the distilled \
-         student. ± is the binomial standard error.\n"
+         student. ± is the binomial standard error. A group (one task's samples) with equal \
+         rewards gives GSPO no gradient: a domain whose SFT model never passes a training task \
+         gets no RL signal at all.\n"
     );
     let _ = writeln!(
         md,
-        "| domain | RL - SFT in standard errors | unified / expert |"
+        "| domain | RL - SFT in standard errors | unified / expert | RL groups with reward variance |"
     );
-    let _ = writeln!(md, "|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|");
     for (d, cells) in &res.domains {
+        let log = read_log(&out.join("rl").join(d).join(crate::rl::LOG_FILE));
+        let signal = format!(
+            "{} of {}",
+            log.iter().map(|l| l.groups_with_signal).sum::<usize>(),
+            log.iter().map(|l| l.groups).sum::<usize>()
+        );
         let z = match (cells.get("rl"), cells.get("sft")) {
             (Some(r), Some(s)) => format!("{:.2}", z_score(r, s)),
             _ => "-".into(),
@@ -126,7 +134,7 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
             (Some(u), Some(e)) if e.pass_rate > 0.0 => format!("{:.2}", u.pass_rate / e.pass_rate),
             _ => "- (expert at 0)".into(),
         };
-        let _ = writeln!(md, "| {d} | {z} | {u} |");
+        let _ = writeln!(md, "| {d} | {z} | {u} | {signal} |");
     }
     let bars = BarChart {
         title: "Held-out pass rate".into(),
