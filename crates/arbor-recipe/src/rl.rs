@@ -146,7 +146,6 @@ struct RlState {
     done: usize,
     best_iteration: Option<usize>,
     best_pass_rate: f64,
-    seconds: f64,
 }
 
 /// A progress callback of a stage.
@@ -235,7 +234,6 @@ impl RlStage {
                     done: 0,
                     best_iteration: None,
                     best_pass_rate: -1.0,
-                    seconds: 0.0,
                 },
             ),
         };
@@ -386,7 +384,6 @@ impl RlStage {
                     / entry.train_seconds.max(1e-9);
 
                 state.done = it + 1;
-                state.seconds += wall.elapsed().as_secs_f64();
                 let m = &trainer.as_ref().ok_or_else(lost)?.model;
                 arbor_train::checkpoint::save(&ckpt_dir, m, &state)?;
                 entry.policy_version = policy
