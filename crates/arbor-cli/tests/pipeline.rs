@@ -109,6 +109,7 @@ fn pipeline_runs_end_to_end_and_continues_after_kill_9() {
     let mut child = g.0.take().expect("child");
     child.kill().expect("kill -9");
     child.wait().expect("reap");
+    let killed_at = Instant::now();
     let done_before = lines(&rl_log).len();
     assert!(done_before < 3, "killed too late to test resume");
     let gc = arbor().args(["sandbox", "gc"]).output().expect("gc");
@@ -172,4 +173,20 @@ fn pipeline_runs_end_to_end_and_continues_after_kill_9() {
         assert!(svg.starts_with("<svg"), "{path}");
     }
     assert!(report.contains("| terminal |"));
+
+    // The killed run may have died between creating a sandbox's directory or cgroup and
+    // writing its state file; gc leaves such young leftovers alone for a grace period (they
+    // may belong to a live supervisor). Once it has passed, gc must leave nothing behind.
+    std::thread::sleep(Duration::from_secs(32).saturating_sub(killed_at.elapsed()));
+    let gc = arbor().args(["sandbox", "gc"]).output().expect("gc");
+    assert!(gc.status.success());
+    let check = arbor()
+        .args(["sandbox", "gc", "--check"])
+        .output()
+        .expect("gc --check");
+    assert!(
+        check.status.success(),
+        "sandboxes left behind: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 }
