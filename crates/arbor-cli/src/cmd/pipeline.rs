@@ -16,12 +16,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// The quickstart's pipeline (also the defaults of the single-stage commands).
 pub const QUICKSTART: &str = include_str!("../../../../examples/quickstart.toml");
 
-fn bar(hidden: bool) -> ProgressBar {
-    let b = if hidden {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
+fn bar() -> ProgressBar {
+    let b = ProgressBar::new(0);
     b.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -40,13 +36,9 @@ fn say(b: &ProgressBar, msg: String) {
     }
 }
 
-/// Runs the pipeline with a progress bar (none with `quiet`), returning its results.
-pub async fn run_with_progress(
-    cfg: &PipelineConfig,
-    out: &Path,
-    quiet: bool,
-) -> Result<PipelineResults> {
-    let b = bar(quiet);
+/// Runs the pipeline with a progress bar, returning its results.
+pub async fn run_with_progress(cfg: &PipelineConfig, out: &Path) -> Result<PipelineResults> {
+    let b = bar();
     let progress = {
         let b = b.clone();
         Arc::new(move |ev: PipelineEvent| match ev {
@@ -135,6 +127,16 @@ pub fn print_table(res: &PipelineResults) {
     }
 }
 
+/// The end of a pipeline command: one JSON object with `json`, else the table and the report.
+pub fn print_results(res: &PipelineResults, json: bool) {
+    if json {
+        println!("{}", results_json(res));
+    } else {
+        print_table(res);
+        println!("report: {}", res.report.display());
+    }
+}
+
 /// The JSON object `arbor train pipeline --json` prints.
 pub fn results_json(res: &PipelineResults) -> serde_json::Value {
     let domains: BTreeMap<_, _> = res
@@ -182,13 +184,8 @@ pub struct PipelineArgs {
 pub async fn pipeline(a: PipelineArgs) -> Result<i32> {
     let (cfg, _) = PipelineConfig::load(&a.config)?;
     let out = a.out.clone().unwrap_or_else(|| cfg.output.clone());
-    let res = run_with_progress(&cfg, &out, false).await?;
-    if a.json {
-        println!("{}", results_json(&res));
-    } else {
-        print_table(&res);
-        println!("report: {}", res.report.display());
-    }
+    let res = run_with_progress(&cfg, &out).await?;
+    print_results(&res, a.json);
     Ok(0)
 }
 
@@ -269,7 +266,7 @@ pub struct EvalArgs {
 }
 
 async fn run_stage(st: RlStage) -> Result<i32> {
-    let b = bar(false);
+    let b = bar();
     let total = st.spec.iterations;
     let progress: arbor_recipe::rl::ProgressFn = {
         let b = b.clone();

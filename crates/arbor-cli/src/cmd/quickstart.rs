@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use arbor_recipe::PipelineConfig;
 
-use super::pipeline::{QUICKSTART, print_table, results_json, run_with_progress};
+use super::pipeline::{QUICKSTART, print_results, run_with_progress};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,13 +37,8 @@ pub async fn run(a: Args) -> Result<i32> {
         cfg.domains.len(),
         a.out.display()
     );
-    let res = run_with_progress(&cfg, &a.out, false).await?;
-    if a.json {
-        println!("{}", results_json(&res));
-    } else {
-        print_table(&res);
-        println!("report: {}", res.report.display());
-    }
+    let res = run_with_progress(&cfg, &a.out).await?;
+    print_results(&res, a.json);
     Ok(0)
 }
 
