@@ -56,6 +56,9 @@ tasks_per_domain = 6
 [sft]
 steps = 4
 
+[sft_expert]
+steps = 2
+
 [rl]
 iterations = 3
 tasks_per_iteration = 2
@@ -134,6 +137,16 @@ fn pipeline_runs_end_to_end_and_continues_after_kill_9() {
             assert!((0.0..=1.0).contains(&p));
             assert_eq!(cell["infra_errors"], 0, "{d}/{row}: {cell}");
         }
+    }
+
+    // Generalist-then-specialist SFT: each expert's SFT continued from the all-domain one.
+    for d in ["terminal", "general"] {
+        let r: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("sft/{d}/sft_report.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r["steps"], 2, "{r}");
+        assert!(r["init"].as_str().unwrap().ends_with("sft/all"), "{r}");
     }
 
     // Every RL iteration exactly once, in order, each swapping a new policy version in.

@@ -41,6 +41,12 @@ pub struct PipelineConfig {
     /// SFT of each expert (and of the student's starting point).
     #[serde(default)]
     pub sft: SftConfig,
+    /// Generalist-then-specialist SFT: when set, the SFT on all domains (`[sft]`) runs first and
+    /// each expert's SFT continues from it with these settings. Skills every domain needs (the
+    /// chat and command format, copying names and numbers from the instruction) are learned once
+    /// on all the demonstrations instead of five times on a fifth of them.
+    #[serde(default)]
+    pub sft_expert: Option<SftConfig>,
     /// RL of each expert.
     #[serde(default)]
     pub rl: RlSpec,
@@ -203,6 +209,10 @@ pub struct RlSpec {
     pub distill_coef: f32,
     /// Token budget of one pack.
     pub max_tokens_per_pack: usize,
+    /// Stop the stage after this many iterations in a row in which no group had reward variance
+    /// (no gradient: every sample passed or every sample failed); 0 = never. RL only: distillation
+    /// trains every sample.
+    pub stop_without_signal: usize,
 }
 
 impl Default for RlSpec {
@@ -220,6 +230,7 @@ impl Default for RlSpec {
             router_noise: 0.0,
             distill_coef: 0.0,
             max_tokens_per_pack: 16_384,
+            stop_without_signal: 0,
         }
     }
 }

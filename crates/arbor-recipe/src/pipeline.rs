@@ -4,7 +4,8 @@
 //! base/                fresh byte-level model (the `base` row)
 //! oracle-tasks/        the demonstration tasks (training split; repeated instructions left out)
 //! oracle/              scripted-oracle rollouts on them
-//! sft/<domain>/        SFT on that domain's oracle sessions (the `sft` row)
+//! sft/<domain>/        SFT on that domain's oracle sessions (the `sft` row), from base/ or,
+//!                      with `[sft_expert]`, continuing from sft/all/
 //! sft/all/             SFT on every domain: the unified student's starting point
 //! rl/<domain>/         RL from sft/<domain>: final/ (the `rl` row), best/ (the `expert` row:
 //!                      the weights that sampled the best training pass rate)
@@ -29,7 +30,7 @@ use std::time::Instant;
 use arbor_rollout::Progress;
 use arbor_rollout::experiment::PolicySpec;
 use arbor_rollout::runner::ProgressFn;
-use arbor_train::sft::{SftEvent, SftInit, train_sft};
+use arbor_train::sft::{SftConfig, SftEvent, SftInit, train_sft};
 use serde::{Deserialize, Serialize};
 
 use crate::config::PipelineConfig;
@@ -65,6 +66,8 @@ pub enum PipelineEvent {
         total: usize,
         log: Box<IterationLog>,
     },
+    /// An RL stage stopped early: `patience` iterations in a row without reward variance.
+    StoppedWithoutSignal { stage: String, iteration: usize },
     /// A held-out evaluation finished.
     Evaluated {
         row: String,
@@ -139,18 +142,25 @@ pub async fn run_pipeline(
 ) -> Result<PipelineResults> {
     let wall = Instant::now();
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    // The configuration a directory was started with is kept; a different one is refused
-    // (stages would silently mix).
+    // The configuration a directory was started with is kept. Settings of stages that have not
+    // started yet may change (tune RL after looking at the SFT models); a change to a stage that
+    // has started, or to one before it, is refused (stages would silently mix).
     let cfg_path = out.join("pipeline.json");
     let cfg_json =
         serde_json::to_string_pretty(cfg).map_err(|e| RecipeError::Config(e.to_string()))?;
     match std::fs::read_to_string(&cfg_path) {
         Ok(old) if old != cfg_json => {
-            return Err(RecipeError::Config(format!(
-                "{} was started with another pipeline configuration ({}); use another output directory",
-                out.display(),
-                cfg_path.display()
-            )));
+            let old: PipelineConfig = serde_json::from_str(&old)
+                .map_err(|e| RecipeError::Config(format!("{}: {e}", cfg_path.display())))?;
+            if let Some((stage, dir)) = changed_started_stage(&old, cfg, out) {
+                return Err(RecipeError::Config(format!(
+                    "{} was started with another configuration of the {stage} stage, which has                      already run ({}; the configuration it started with is in {}); use another                      output directory",
+                    out.display(),
+                    dir.display(),
+                    cfg_path.display()
+                )));
+            }
+            arbor_train::checkpoint::write_atomic(&cfg_path, cfg_json.as_bytes())?;
         }
         Ok(_) => {}
         Err(_) => arbor_train::checkpoint::write_atomic(&cfg_path, cfg_json.as_bytes())?,
@@ -216,21 +226,34 @@ pub async fn run_pipeline(
         )));
     }
 
-    // SFT per domain, and on all domains for the student.
+    // SFT on all domains (the student's start) and per domain (the experts'): from the base
+    // model, or with `[sft_expert]` each domain's continuing from the all-domain SFT.
     let mut sft_dirs = BTreeMap::new();
-    let mut sft_targets: Vec<(String, Option<Vec<String>>)> = cfg
+    let all_dir = out.join("sft").join("all");
+    let mut sft_targets: Vec<(String, Option<Vec<String>>, SftConfig, PathBuf)> = cfg
         .domains
         .iter()
-        .map(|d| (d.clone(), Some(vec![d.clone()])))
+        .map(|d| {
+            let (c, init) = match &cfg.sft_expert {
+                Some(c) => (c.clone(), all_dir.clone()),
+                None => (cfg.sft.clone(), base.clone()),
+            };
+            (d.clone(), Some(vec![d.clone()]), c, init)
+        })
         .collect();
-    sft_targets.push(("all".into(), None));
-    for (name, domains) in sft_targets {
+    let all = ("all".to_string(), None, cfg.sft.clone(), base.clone());
+    if cfg.sft_expert.is_some() {
+        sft_targets.insert(0, all);
+    } else {
+        sft_targets.push(all);
+    }
+    for (name, domains, scfg, init) in sft_targets {
         let dir = out.join("sft").join(&name);
         let label = format!("sft/{name}");
         stage(&label, dir.join(arbor_train::sft::REPORT_FILE).is_file());
-        let mut scfg = cfg.sft.clone();
+        let mut scfg = scfg;
         scfg.domains = domains;
-        let (base, oracle, dir2, p) = (base.clone(), oracle.clone(), dir.clone(), progress.clone());
+        let (base, oracle, dir2, p) = (init, oracle.clone(), dir.clone(), progress.clone());
         tokio::task::spawn_blocking(move || {
             let mut total = 0;
             let mut on = |ev: SftEvent<'_>| match ev {
@@ -356,6 +379,64 @@ pub async fn run_pipeline(
     Ok(results)
 }
 
+/// The first stage whose settings differ between `old` and `new`, with its output directory,
+/// if that directory exists (the stage has started; it and everything after it would mix two
+/// configurations). Stages in order, with the settings each depends on; a stage also depends on
+/// everything before it.
+fn changed_started_stage(
+    old: &PipelineConfig,
+    new: &PipelineConfig,
+    out: &Path,
+) -> Option<(&'static str, PathBuf)> {
+    fn v(x: &impl Serialize) -> serde_json::Value {
+        serde_json::to_value(x).unwrap_or_default()
+    }
+    let stages: [(&str, &str, Vec<serde_json::Value>, Vec<serde_json::Value>); 6] = [
+        (
+            "base",
+            "base",
+            vec![v(&old.model), v(&old.seed)],
+            vec![v(&new.model), v(&new.seed)],
+        ),
+        (
+            "demonstration",
+            "oracle-tasks",
+            vec![
+                v(&old.domains),
+                v(&old.difficulty),
+                v(&old.oracle),
+                v(&old.rollout),
+            ],
+            vec![
+                v(&new.domains),
+                v(&new.difficulty),
+                v(&new.oracle),
+                v(&new.rollout),
+            ],
+        ),
+        (
+            "SFT",
+            "sft",
+            vec![v(&old.sft), v(&old.sft_expert)],
+            vec![v(&new.sft), v(&new.sft_expert)],
+        ),
+        ("RL", "rl", vec![v(&old.rl)], vec![v(&new.rl)]),
+        (
+            "distillation",
+            "distill",
+            vec![v(&old.distill)],
+            vec![v(&new.distill)],
+        ),
+        ("evaluation", "eval", vec![v(&old.eval)], vec![v(&new.eval)]),
+    ];
+    let first = stages.iter().position(|(_, _, a, b)| a != b)?;
+    // A change makes its stage and every later one stale: refused if any of them has started.
+    stages[first..]
+        .iter()
+        .map(|(name, dir, _, _)| (*name, out.join(dir)))
+        .find(|(_, dir)| dir.exists())
+}
+
 fn rl_progress(stage: String, total: usize, p: PipelineProgress) -> crate::rl::ProgressFn {
     Arc::new(move |ev: RlEvent<'_>| match ev {
         RlEvent::Sampling {
@@ -372,6 +453,43 @@ fn rl_progress(stage: String, total: usize, p: PipelineProgress) -> crate::rl::P
             total,
             log: Box::new(l.clone()),
         }),
+        RlEvent::StoppedWithoutSignal { iteration } => p(PipelineEvent::StoppedWithoutSignal {
+            stage: stage.clone(),
+            iteration,
+        }),
         _ => {}
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> PipelineConfig {
+        PipelineConfig::parse(&format!("name = \"x\"\noutput = \"out\"\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn settings_of_stages_not_yet_started_may_change() {
+        let out = std::env::temp_dir().join(format!("arbor-recipe-bind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(out.join("base")).unwrap();
+        std::fs::create_dir_all(out.join("sft")).unwrap();
+        let old = cfg("[rl]\nlr = 1e-4\n");
+
+        // RL has not started: its settings may change; so may the name.
+        let mut new = cfg("[rl]\nlr = 2e-5\n");
+        new.name = "renamed".into();
+        assert_eq!(changed_started_stage(&old, &new, &out), None);
+        // A change to a stage that has run (or before it) is refused.
+        let (stage, dir) =
+            changed_started_stage(&old, &cfg("[rl]\nlr = 1e-4\n[sft]\nsteps = 9\n"), &out).unwrap();
+        assert_eq!((stage, dir), ("SFT", out.join("sft")));
+        let (stage, _) =
+            changed_started_stage(&old, &cfg("seed = 9\n[rl]\nlr = 1e-4\n"), &out).unwrap();
+        assert_eq!(stage, "base");
+        std::fs::create_dir_all(out.join("rl")).unwrap();
+        assert_eq!(changed_started_stage(&old, &new, &out).unwrap().0, "RL");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }

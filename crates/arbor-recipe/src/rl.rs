@@ -128,6 +128,7 @@ pub struct IterationLog {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RlReport {
     pub label: String,
+    /// Iterations run (fewer than configured when the stage stopped without signal).
     pub iterations: usize,
     /// Weights after the last update.
     pub final_checkpoint: PathBuf,
@@ -165,6 +166,19 @@ pub enum RlEvent<'a> {
     Iteration(&'a IterationLog),
     /// The stage was already finished.
     AlreadyFinished,
+    /// The stage stopped before `iteration`: `stop_without_signal` iterations in a row had no
+    /// group with reward variance.
+    StoppedWithoutSignal { iteration: usize },
+}
+
+/// Whether the last `patience` iterations of `log` all had no group with reward variance
+/// (`patience` 0: never).
+fn without_signal(log: &[IterationLog], patience: usize) -> bool {
+    patience > 0
+        && log.len() >= patience
+        && log[log.len() - patience..]
+            .iter()
+            .all(|l| l.groups_with_signal == 0)
 }
 
 fn io(path: &Path, e: std::io::Error) -> RecipeError {
@@ -284,6 +298,10 @@ impl RlStage {
 
         let result: Result<()> = async {
             for it in state.done..self.spec.iterations {
+                if teachers.is_empty() && without_signal(&log, self.spec.stop_without_signal) {
+                    progress(RlEvent::StoppedWithoutSignal { iteration: it });
+                    break;
+                }
                 let t_sample = Instant::now();
                 let run_dir = out.join(format!("iter-{it:03}"));
                 let exp = rollouts::experiment(
@@ -409,7 +427,7 @@ impl RlStage {
         }
         let report = RlReport {
             label: self.label.clone(),
-            iterations: self.spec.iterations,
+            iterations: log.len(),
             final_checkpoint: final_dir,
             best_checkpoint: best_dir,
             best_iteration: state.best_iteration.unwrap_or(self.spec.iterations),
@@ -602,6 +620,19 @@ fn append_line(path: &Path, v: &impl Serialize) -> Result<()> {
 mod tests {
     use super::*;
     use arbor_model::{Qwen3Config, TreeBatch};
+
+    #[test]
+    fn a_stage_stops_only_after_enough_iterations_without_signal_in_a_row() {
+        let it = |signal| IterationLog {
+            groups_with_signal: signal,
+            ..IterationLog::default()
+        };
+        let log = vec![it(0), it(0), it(2), it(0), it(0)];
+        assert!(!without_signal(&log, 0), "0 means never");
+        assert!(without_signal(&log, 2));
+        assert!(!without_signal(&log, 3), "iteration 2 had signal");
+        assert!(!without_signal(&log[..1], 2), "too few iterations yet");
+    }
 
     /// Log-probability of `completion` after `prompt` under `model` (sum over its tokens).
     fn completion_logprob(model: &Qwen3Model, prompt: &[u32], completion: &[u32]) -> f32 {

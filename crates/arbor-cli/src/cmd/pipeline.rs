@@ -37,6 +37,8 @@ fn say(b: &ProgressBar, msg: String) {
 }
 
 /// Runs the pipeline with a progress bar, returning its results.
+const NO_SIGNAL: &str = "no group had reward variance in the last `stop_without_signal` iterations (every sample passed, or every sample failed), so there is no gradient";
+
 pub async fn run_with_progress(cfg: &PipelineConfig, out: &Path) -> Result<PipelineResults> {
     let b = bar();
     let progress = {
@@ -88,6 +90,10 @@ pub async fn run_with_progress(cfg: &PipelineConfig, out: &Path) -> Result<Pipel
                     log.sample_seconds,
                     log.train_seconds
                 ),
+            ),
+            PipelineEvent::StoppedWithoutSignal { stage, iteration } => say(
+                &b,
+                format!("{stage}: stopped before iteration {}: {}", iteration + 1, NO_SIGNAL),
             ),
             PipelineEvent::Evaluated { row, domain, rate } => say(
                 &b,
@@ -285,6 +291,10 @@ async fn run_stage(st: RlStage) -> Result<i32> {
             }
             RlEvent::Iteration(l) => say(&b, serde_json::to_string(l).unwrap_or_default()),
             RlEvent::AlreadyFinished => say(&b, "already finished in this output directory".into()),
+            RlEvent::StoppedWithoutSignal { iteration } => say(
+                &b,
+                format!("stopped before iteration {}: {}", iteration + 1, NO_SIGNAL),
+            ),
             RlEvent::Start { .. } => {}
         })
     };

@@ -6,24 +6,40 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use serde_json::json;
 
-use super::{checker, pick, word};
+use super::{checker, pick, sq, word};
 use crate::model::{Environment, FileSpec, Solution, Task};
 use crate::verify::{AnswerMatchSpec, MatchMode, VerifierSpec};
 
 const ANSWER: &str = "/workspace/answer.txt";
 const NOTE: &str = "Your final response is saved to /workspace/answer.txt and checked there.";
 
-fn task(instruction: String, verifier: VerifierSpec, answer: String) -> Task {
+/// The oracle either writes `answer` (texts a model has to compose) or, where a shell pipeline
+/// computes it from numbers and words in the question, runs `compute` with its output going to
+/// the answer file: a demonstration a model can learn by copying from the question, as an agent
+/// with a shell would solve it.
+fn task(
+    instruction: String,
+    verifier: VerifierSpec,
+    answer: String,
+    compute: Option<String>,
+) -> Task {
+    let oracle = match compute {
+        Some(cmd) => Solution {
+            script: Some(format!("{cmd} > {ANSWER}")),
+            ..Solution::default()
+        },
+        None => Solution {
+            files: vec![FileSpec::text(ANSWER, answer)],
+            ..Solution::default()
+        },
+    };
     let mut t = Task {
         id: String::new(),
         domain: "general".into(),
         instruction: format!("{instruction}\n\n{NOTE}"),
         environment: Environment::default(),
         verifier,
-        oracle: Some(Solution {
-            files: vec![FileSpec::text(ANSWER, answer)],
-            ..Solution::default()
-        }),
+        oracle: Some(oracle),
         grade_mode: None,
         metadata: Default::default(),
     };
@@ -175,6 +191,7 @@ fn constrained_text(rng: &mut StdRng, d: usize) -> Task {
         ),
         checker(json!([spec])),
         answer,
+        None,
     )
 }
 
@@ -186,10 +203,12 @@ fn arithmetic(rng: &mut StdRng, d: usize) -> Task {
     let sold = rng.gen_range(1..trays * per);
     let mut q = format!("{who} makes {trays} boxes of {per} {item} each and sells {sold} of them.");
     let mut ans = (trays * per - sold) as i64;
+    let mut expr = format!("{trays} * {per} - {sold}");
     if d >= 2 {
         let broken = rng.gen_range(0..=ans.min(5));
         q.push_str(&format!(" Then {broken} of the remaining {item} break."));
         ans -= broken;
+        expr = format!("{expr} - {broken}");
     }
     if d >= 3 {
         let price = rng.gen_range(2..=15);
@@ -197,12 +216,14 @@ fn arithmetic(rng: &mut StdRng, d: usize) -> Task {
             " The rest are sold at {price} coins each. How many coins does {who} receive for them?"
         ));
         ans *= price;
+        expr = format!("({expr}) * {price}");
         if d >= 5 {
             let fee = rng.gen_range(1..=9);
             q.push_str(&format!(
                 " (A market fee of {fee} coins is then paid; give the amount left after the fee.)"
             ));
             ans -= fee;
+            expr = format!("{expr} - {fee}");
         }
     } else {
         q.push_str(&format!(" How many {item} are left?"));
@@ -211,6 +232,7 @@ fn arithmetic(rng: &mut StdRng, d: usize) -> Task {
         format!("{q}\n\nAnswer with just the number."),
         answer_match(ans.to_string(), MatchMode::Numeric),
         format!("{ans}\n"),
+        Some(format!("echo $(( {expr} ))")),
     )
 }
 
@@ -240,6 +262,14 @@ fn sort_numbers(rng: &mut StdRng, d: usize) -> Task {
         ),
         answer_match(want.clone(), MatchMode::Exact),
         format!("{want}\n"),
+        Some(format!(
+            "printf '%s\\n' {} | sort -n{} | paste -sd ' '",
+            xs.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            if desc { "r" } else { "" }
+        )),
     )
 }
 
@@ -255,5 +285,9 @@ fn count_letters(rng: &mut StdRng, d: usize) -> Task {
         ),
         answer_match(n.to_string(), MatchMode::Numeric),
         format!("{n}\n"),
+        Some(format!(
+            "printf '%s' {} | tr -cd {letter} | wc -c",
+            sq(&text)
+        )),
     )
 }

@@ -120,7 +120,12 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
     }
     let corpus: String = docs.iter().map(|d| d.to_string() + "\n").collect();
 
-    let (question, answer, mode, query) = match d {
+    // `extract`: for the one-hop levels, a sed program that reads the answer out of the
+    // search results, so the oracle's demonstration shows the lookup a model can learn (copy
+    // the name from the question, read the answer from the output) rather than an answer it
+    // could not know. The multi-hop levels write the known answer after checking that the
+    // collection is searchable.
+    let (question, answer, mode, query, extract) = match d {
         1 => {
             let c = &cities[rng.gen_range(0..n_cities)];
             (
@@ -128,6 +133,7 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
                 c.founded.to_string(),
                 MatchMode::Numeric,
                 c.name.clone(),
+                Some(r"s/.*founded in \([0-9]*\).*/\1/p"),
             )
         }
         2 => {
@@ -137,6 +143,7 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
                 cities[p.born_in].name.clone(),
                 MatchMode::Normalized,
                 p.name.clone(),
+                Some(r"s/.*was an inventor born in \([A-Za-z]*\)\..*/\1/p"),
             )
         }
         3 => {
@@ -150,6 +157,7 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
                 c.founded.to_string(),
                 MatchMode::Numeric,
                 p.invention.clone(),
+                None,
             )
         }
         4 => {
@@ -163,6 +171,7 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
                 c.river.clone(),
                 MatchMode::Normalized,
                 co.name.clone(),
+                None,
             )
         }
         _ => {
@@ -177,6 +186,7 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
                 c.founded.to_string(),
                 MatchMode::Numeric,
                 p.invention.clone(),
+                None,
             )
         }
     };
@@ -209,11 +219,19 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
             tolerance: Some(0.0),
         }),
         oracle: Some(Solution {
-            script: Some(format!(
-                "search {} | grep -q '^\\[' && printf '%s\\n' {} > /workspace/answer.txt",
-                sq(&query),
-                sq(&answer)
-            )),
+            script: Some(match extract {
+                // The top-ranked match is the document the question names.
+                Some(sed) => format!(
+                    "search {} | sed -n {} | head -n 1 > /workspace/answer.txt",
+                    sq(&query),
+                    sq(sed)
+                ),
+                None => format!(
+                    "search {} | grep -q '^\\[' && printf '%s\\n' {} > /workspace/answer.txt",
+                    sq(&query),
+                    sq(&answer)
+                ),
+            }),
             ..Solution::default()
         }),
         grade_mode: None,
