@@ -3,6 +3,7 @@
 //! Every section has defaults, so a file only says what differs. See
 //! `examples/pipeline-small.toml` for a commented example.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use arbor_agent::ScaffoldConfig;
@@ -170,13 +171,26 @@ impl RolloutSpec {
 pub struct OracleSpec {
     /// Training tasks per domain rolled out by the scripted oracle.
     pub tasks_per_domain: usize,
+    /// Per-domain overrides of `tasks_per_domain` (e.g. fewer of the long, slow swe tasks).
+    pub per_domain: BTreeMap<String, usize>,
 }
 
 impl Default for OracleSpec {
     fn default() -> Self {
         Self {
             tasks_per_domain: 200,
+            per_domain: BTreeMap::new(),
         }
+    }
+}
+
+impl OracleSpec {
+    /// Demonstration tasks of `domain`.
+    pub fn tasks(&self, domain: &str) -> usize {
+        self.per_domain
+            .get(domain)
+            .copied()
+            .unwrap_or(self.tasks_per_domain)
     }
 }
 
@@ -345,8 +359,21 @@ impl PipelineConfig {
         if !(1..=5).contains(&self.difficulty) {
             return Err("`difficulty` must be 1..=5".into());
         }
-        if self.oracle.tasks_per_domain == 0 || self.eval.heldout_tasks == 0 {
-            return Err("oracle.tasks_per_domain and eval.heldout_tasks must be positive".into());
+        if let Some(d) = self
+            .oracle
+            .per_domain
+            .keys()
+            .find(|d| !self.domains.contains(d))
+        {
+            return Err(format!(
+                "oracle.per_domain names `{d}`, which is not in `domains`"
+            ));
+        }
+        if self.domains.iter().any(|d| self.oracle.tasks(d) == 0) || self.eval.heldout_tasks == 0 {
+            return Err(
+                "oracle.tasks_per_domain (and per_domain) and eval.heldout_tasks must be positive"
+                    .into(),
+            );
         }
         if self.rollout.max_steps == 0 || self.rollout.max_tokens == 0 {
             return Err("rollout.max_steps and rollout.max_tokens must be positive".into());

@@ -189,7 +189,7 @@ pub async fn run_pipeline(
         .iter()
         .map(|d| TaskSet {
             domain: d.clone(),
-            n: cfg.oracle.tasks_per_domain,
+            n: cfg.oracle.tasks(d),
             seed: cfg.seed,
             split: "train",
             difficulty: cfg.difficulty,
@@ -334,8 +334,25 @@ pub async fn run_pipeline(
             ("unified", unified.final_checkpoint.clone()),
         ];
         let mut cells = BTreeMap::new();
+        // Rows whose weights are byte-identical (an expert that is its SFT model when RL found
+        // no signal) share one evaluation: the same weights on the same tasks.
+        let mut evaluated: Vec<(&str, PathBuf, PassRate)> = Vec::new();
         for (row, ckpt) in rows {
             let dir = out.join("eval").join(row).join(d);
+            if let Some((same, _, rate)) = evaluated
+                .iter()
+                .find(|(_, c, _)| same_weights(c, &ckpt))
+                .cloned()
+            {
+                stage(&format!("eval/{row}/{d} (the weights of `{same}`)"), true);
+                progress(PipelineEvent::Evaluated {
+                    row: row.into(),
+                    domain: d.clone(),
+                    rate,
+                });
+                cells.insert(row.to_string(), Cell::from(rate));
+                continue;
+            }
             stage(&format!("eval/{row}/{d}"), false);
             let rate = crate::eval::evaluate(
                 &ckpt,
@@ -356,6 +373,7 @@ pub async fn run_pipeline(
                 rate,
             });
             cells.insert(row.to_string(), Cell::from(rate));
+            evaluated.push((row, ckpt, rate));
         }
         domains.insert(d.clone(), cells);
     }
@@ -377,6 +395,13 @@ pub async fn run_pipeline(
     )?;
     crate::report::write(cfg, out, &results)?;
     Ok(results)
+}
+
+/// Whether two checkpoint directories hold the same weights (byte-identical files; an
+/// unreadable file counts as different).
+fn same_weights(a: &Path, b: &Path) -> bool {
+    let read = |d: &Path| std::fs::read(d.join("model.safetensors")).ok();
+    a == b || matches!((read(a), read(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// The first stage whose settings differ between `old` and `new`, with its output directory,

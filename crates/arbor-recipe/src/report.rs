@@ -82,7 +82,18 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
             String::new()
         },
         cfg.difficulty,
-        cfg.oracle.tasks_per_domain,
+        {
+            let o = &cfg.oracle;
+            let overrides: Vec<String> = o
+                .per_domain
+                .iter()
+                .map(|(d, n)| format!("{d} {n}"))
+                .collect();
+            match overrides.is_empty() {
+                true => o.tasks_per_domain.to_string(),
+                false => format!("{} ({})", o.tasks_per_domain, overrides.join(", ")),
+            }
+        },
         cfg.rl.iterations,
         cfg.rl.tasks_per_iteration,
         cfg.rl.group_size,
