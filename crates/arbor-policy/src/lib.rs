@@ -18,6 +18,7 @@
 //! This is its own crate rather than a module of `arbor-model` so that the model crate, which
 //! trainers link, stays free of HTTP.
 
+pub mod bench;
 pub mod sample;
 mod server;
 pub mod text;
