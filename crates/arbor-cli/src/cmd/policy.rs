@@ -54,7 +54,7 @@ pub struct ServeArgs {
     /// Model name reported by /v1/models and in replies.
     #[arg(long, default_value = "arbor-embedded")]
     name: String,
-    /// Generations running at once; further requests queue (default: CPU count).
+    /// Generations decoded at once as one batch; further requests queue (default: 64).
     #[arg(long)]
     max_concurrency: Option<usize>,
     /// Upper bound on a request's max_tokens.
