@@ -12,6 +12,10 @@ use crate::config::Qwen3Config;
 use crate::ops::{self, RopeTables, TreeMask};
 use crate::{ModelError, Result};
 
+mod decode;
+
+pub use decode::KvCache;
+
 /// A packed tree (or forest) ready for the model: DFS-ordered tokens, their depth on their own
 /// path (RoPE positions) and the ancestor relation.
 #[derive(Debug, Clone)]
@@ -204,25 +208,6 @@ struct Layer {
     attn: Attention,
     post_norm: Tensor,
     ffn: Ffn,
-}
-
-/// Per-layer key/value cache for incremental decoding: head-major `[Hkv, L, D]`.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl KvCache {
-    /// Number of cached positions.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 /// A Qwen3-style decoder whose parameters are candle [`Var`]s (trainable).
@@ -684,102 +669,10 @@ impl Qwen3Model {
         let (hidden, _) = self.forward_hidden(batch, &ForwardOptions::default())?;
         Ok(linear(&hidden, &self.lm_head)?)
     }
-
-    /// Runs `tokens` (positions `cache.len()..`) through the model against the cache, appends their
-    /// keys and values, and returns the logits of the last token `[vocab]`. Inference only.
-    pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        if tokens.is_empty() {
-            return Err(ModelError::Input("no tokens to decode".into()));
-        }
-        self.check_ids(tokens)?;
-        let n = tokens.len();
-        let start = cache.len;
-        if cache.layers.len() != self.layers.len() {
-            cache.layers = vec![None; self.layers.len()];
-        }
-        let positions: Vec<u32> = (start as u32..(start + n) as u32).collect();
-        let tables = RopeTables::new(&positions, self.cfg.head_dim(), self.cfg.rope_theta);
-        let ids = Tensor::from_slice(tokens, n, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.detach();
-        let eps = self.cfg.rms_norm_eps as f32;
-        let hd = self.cfg.head_dim();
-        let hq = self.cfg.num_attention_heads;
-        let opts = ForwardOptions::default();
-        for (li, layer) in self.layers.iter().enumerate() {
-            let h = ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let (q, k, v) = self.qkv(&layer.attn, &h, &tables)?;
-            let kh = k.transpose(0, 1)?.contiguous()?.detach();
-            let vh = v.transpose(0, 1)?.contiguous()?.detach();
-            let (kc, vc) = match cache.layers[li].take() {
-                Some((kc, vc)) => (Tensor::cat(&[&kc, &kh], 1)?, Tensor::cat(&[&vc, &vh], 1)?),
-                None => (kh, vh),
-            };
-            let qh = q.transpose(0, 1)?.contiguous()?;
-            let o = cached_attention(&qh, &kc, &vc, start, 1.0 / (hd as f32).sqrt())?;
-            cache.layers[li] = Some((kc, vc));
-            let o = o.transpose(0, 1)?.contiguous()?.reshape((n, hq * hd))?;
-            x = (x + linear(&o, &layer.attn.o)?)?;
-            let h = ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let f = match &layer.ffn {
-                Ffn::Dense(m) => mlp_forward(m, &h)?,
-                Ffn::Moe(m) => self.moe_forward(m, &h, &opts, li)?.0,
-            };
-            x = (x + f)?.detach();
-        }
-        cache.len += n;
-        let last = x.narrow(0, n - 1, 1)?;
-        let last = ops::rms_norm(&last, &self.norm, eps)?;
-        Ok(linear(&last, &self.lm_head)?.squeeze(0)?.detach())
-    }
 }
 
 fn mlp_forward(m: &Mlp, x: &Tensor) -> Result<Tensor> {
     let g = linear(x, &m.gate)?;
     let u = linear(x, &m.up)?;
     Ok(linear(&ops::swiglu(&g, &u)?, &m.down)?)
-}
-
-/// Causal attention of `n` new queries (positions `start..start+n`) over `L = start + n` cached
-/// keys; head-major layouts. Plain loops: decoding needs no gradient.
-fn cached_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    start: usize,
-    scale: f32,
-) -> Result<Tensor> {
-    let (hq, n, d) = q.dims3()?;
-    let (hkv, l, _) = k.dims3()?;
-    let group = hq / hkv;
-    let qv = q.flatten_all()?.to_vec1::<f32>()?;
-    let kv = k.flatten_all()?.to_vec1::<f32>()?;
-    let vv = v.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; hq * n * d];
-    let mut s = vec![0f32; l];
-    for h in 0..hq {
-        let kh = h / group;
-        for r in 0..n {
-            let qi = &qv[(h * n + r) * d..(h * n + r + 1) * d];
-            let upto = start + r + 1;
-            let mut m = f32::NEG_INFINITY;
-            for (j, sj) in s[..upto].iter_mut().enumerate() {
-                let kj = &kv[(kh * l + j) * d..(kh * l + j + 1) * d];
-                *sj = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                m = m.max(*sj);
-            }
-            let mut z = 0f32;
-            for sj in s[..upto].iter_mut() {
-                *sj = (*sj - m).exp();
-                z += *sj;
-            }
-            let o = &mut out[(h * n + r) * d..(h * n + r + 1) * d];
-            for (j, sj) in s[..upto].iter().enumerate() {
-                let vj = &vv[(kh * l + j) * d..(kh * l + j + 1) * d];
-                for (oo, vx) in o.iter_mut().zip(vj) {
-                    *oo += sj / z * vx;
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(out, (hq, n, d), q.device())?)
 }

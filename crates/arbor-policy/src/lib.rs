@@ -12,12 +12,16 @@
 //!   starts, so in-flight requests finish on the old ones. Every reply names the weights
 //!   version (`weights_version`, `system_fingerprint` = `weights-vN`, header
 //!   `x-arbor-weights-version`).
-//! - Generation runs on blocking threads, at most `max_concurrency` at once; other requests
-//!   wait in a FIFO queue (a waiting request holds only its JSON, not a KV cache).
+//! - Generation runs on one engine thread that decodes all active requests together, one
+//!   batched model step per token ([`engine`](crate::engine)); at most `max_concurrency`
+//!   requests are active, others wait in a FIFO queue (a waiting request holds only its
+//!   prompt, not a KV cache).
 //!
 //! This is its own crate rather than a module of `arbor-model` so that the model crate, which
 //! trainers link, stays free of HTTP.
 
+pub mod bench;
+mod engine;
 pub mod sample;
 mod server;
 pub mod text;
@@ -59,7 +63,7 @@ pub type Result<T> = std::result::Result<T, PolicyError>;
 pub struct PolicyOptions {
     /// Model name reported by `/v1/models` and in replies.
     pub name: String,
-    /// Generations running at once (each holds a KV cache); more requests queue.
+    /// Generations decoded at once, as one batch (each holds a KV cache); more requests queue.
     pub max_concurrency: usize,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
@@ -73,7 +77,9 @@ impl Default for PolicyOptions {
     fn default() -> Self {
         Self {
             name: "arbor-embedded".into(),
-            max_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            // A batch step costs little more for 64 rows than for one at the sizes served here;
+            // RL keeps 8-64 requests in flight.
+            max_concurrency: 64,
             default_max_tokens: 256,
             max_tokens_cap: 2048,
             max_context: 32_768,
@@ -87,28 +93,23 @@ pub(crate) struct Weights {
     pub(crate) version: u64,
 }
 
-/// State shared by the handlers and the handle.
-pub(crate) struct Shared {
-    pub(crate) opts: PolicyOptions,
-    weights: RwLock<Arc<Weights>>,
-    pub(crate) permits: Arc<tokio::sync::Semaphore>,
-    pub(crate) counter: std::sync::atomic::AtomicU64,
-}
+/// The current weights, swapped atomically.
+pub(crate) struct WeightsSlot(RwLock<Arc<Weights>>);
 
-impl Shared {
+impl WeightsSlot {
     /// The current weights (a cheap snapshot; later swaps do not affect it).
     pub(crate) fn current(&self) -> Result<Arc<Weights>> {
-        self.weights
+        self.0
             .read()
             .map(|w| w.clone())
             .map_err(|_| PolicyError::Internal("weights lock poisoned".into()))
     }
 
     /// Installs `model` as the next version; returns that version.
-    pub(crate) fn swap(&self, model: Qwen3Model) -> Result<u64> {
+    fn swap(&self, model: Qwen3Model) -> Result<u64> {
         check_model(&model)?;
         let mut w = self
-            .weights
+            .0
             .write()
             .map_err(|_| PolicyError::Internal("weights lock poisoned".into()))?;
         let version = w.version + 1;
@@ -118,6 +119,26 @@ impl Shared {
         });
         tracing::info!(version, "policy weights swapped");
         Ok(version)
+    }
+}
+
+/// State shared by the handlers and the handle.
+pub(crate) struct Shared {
+    pub(crate) opts: PolicyOptions,
+    weights: Arc<WeightsSlot>,
+    pub(crate) engine: engine::Engine,
+    pub(crate) counter: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// The current weights (a cheap snapshot; later swaps do not affect it).
+    pub(crate) fn current(&self) -> Result<Arc<Weights>> {
+        self.weights.current()
+    }
+
+    /// Installs `model` as the next version; returns that version.
+    pub(crate) fn swap(&self, model: Qwen3Model) -> Result<u64> {
+        self.weights.swap(model)
     }
 }
 
@@ -171,13 +192,14 @@ impl EmbeddedPolicy {
     /// Serves `model` on `addr` (port 0 picks a free one) on the current Tokio runtime.
     pub async fn start(addr: SocketAddr, model: Qwen3Model, opts: PolicyOptions) -> Result<Self> {
         check_model(&model)?;
+        let weights = Arc::new(WeightsSlot(RwLock::new(Arc::new(Weights {
+            model: Arc::new(model),
+            version: 1,
+        }))));
         let shared = Arc::new(Shared {
-            permits: Arc::new(tokio::sync::Semaphore::new(opts.max_concurrency.max(1))),
+            engine: engine::Engine::start(weights.clone(), opts.max_concurrency)?,
             opts,
-            weights: RwLock::new(Arc::new(Weights {
-                model: Arc::new(model),
-                version: 1,
-            })),
+            weights,
             counter: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;

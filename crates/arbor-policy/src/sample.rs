@@ -33,43 +33,85 @@ pub enum Finish {
     Cancelled,
 }
 
+/// One sequence's sampling state: its RNG, how many tokens were drawn, the bytes that may be the
+/// start of the end marker. [`generate`] and the batching engine both draw through it, so a
+/// request's tokens depend only on its seed, prompt and weights, not on how it was scheduled.
+pub(crate) struct Sampler {
+    rng: StdRng,
+    temperature: f32,
+    max_tokens: usize,
+    drawn: usize,
+    tail: Vec<u8>,
+}
+
+impl Sampler {
+    pub(crate) fn new(params: &Sampling) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(params.seed),
+            temperature: params.temperature,
+            max_tokens: params.max_tokens,
+            drawn: 0,
+            tail: Vec::with_capacity(END_MARKER.len()),
+        }
+    }
+
+    /// Whether no token may be drawn at all (`max_tokens` = 0): finish without running the model.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.max_tokens == 0
+    }
+
+    /// Draws the next token from `logits`; returns it, its behaviour logprob, and why generation
+    /// ends after it (if it does). The caller reports the token before acting on the finish.
+    pub(crate) fn draw(&mut self, logits: &[f32]) -> (u32, f32, Option<Finish>) {
+        let (tok, lp) = sample(logits, self.temperature, &mut self.rng);
+        self.drawn += 1;
+        // Keep the last marker-length bytes to detect the end marker.
+        let marker = END_MARKER.as_bytes();
+        if self.tail.len() == marker.len() {
+            self.tail.remove(0);
+        }
+        self.tail.push(tok as u8);
+        let finish = if self.tail == marker {
+            Some(Finish::Stop)
+        } else if self.drawn >= self.max_tokens {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        (tok, lp, finish)
+    }
+}
+
 /// Generates after `prompt`, calling `on_token(id, logprob)` for each token as it is drawn; a
 /// `false` return cancels. The logprob is the behaviour log-probability: the token's
 /// log-probability under the distribution it was drawn from (byte logits, temperature applied;
 /// the plain log-softmax for greedy decoding). When the vocabulary is exactly the 256 bytes this
 /// equals what a forward pass of the model gives at temperature 1.
+///
+/// One sequence at a time; the server decodes through the batching engine (`engine.rs`), which
+/// draws the same tokens for the same seed.
 pub fn generate(
     model: &Qwen3Model,
     prompt: &[u32],
     params: &Sampling,
     mut on_token: impl FnMut(u32, f32) -> bool,
 ) -> arbor_model::Result<Finish> {
-    if params.max_tokens == 0 {
+    let mut sampler = Sampler::new(params);
+    if sampler.is_empty() {
         return Ok(Finish::Length);
     }
-    let mut rng = StdRng::seed_from_u64(params.seed);
     let mut cache = KvCache::default();
     let mut logits = model.forward_cached(prompt, &mut cache)?.to_vec1::<f32>()?;
-    let marker = END_MARKER.as_bytes();
-    let mut tail: Vec<u8> = Vec::with_capacity(marker.len());
-    for step in 0..params.max_tokens {
-        let (tok, lp) = sample(&logits, params.temperature, &mut rng);
+    loop {
+        let (tok, lp, finish) = sampler.draw(&logits);
         if !on_token(tok, lp) {
             return Ok(Finish::Cancelled);
         }
-        // Keep the last marker-length bytes to detect the end marker.
-        if tail.len() == marker.len() {
-            tail.remove(0);
+        if let Some(f) = finish {
+            return Ok(f);
         }
-        tail.push(tok as u8);
-        if tail == marker {
-            return Ok(Finish::Stop);
-        }
-        if step + 1 < params.max_tokens {
-            logits = model.forward_cached(&[tok], &mut cache)?.to_vec1::<f32>()?;
-        }
+        logits = model.forward_cached(&[tok], &mut cache)?.to_vec1::<f32>()?;
     }
-    Ok(Finish::Length)
 }
 
 /// Draws a byte id from the first 256 logits; returns it with its log-probability under the

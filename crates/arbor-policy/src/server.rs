@@ -13,11 +13,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, UnboundedReceiver};
 
-use crate::sample::{self, Finish, Sampling};
+use crate::engine::{Event, Request};
+use crate::sample::{Finish, Sampling};
 use crate::text::ContentStream;
-use crate::{PolicyError, Shared, VERSION_HEADER, Weights, load_checkpoint};
+use crate::{PolicyError, Shared, VERSION_HEADER, load_checkpoint};
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -189,15 +190,27 @@ async fn complete(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         Ok(j) => j,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
-    // Queue: wait for a generation slot before taking the weights, so a request that waited
-    // through a swap samples from the new weights.
-    let permit = match s.permits.clone().acquire_owned().await {
-        Ok(p) => p,
-        Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
-    };
-    let weights = match s.current() {
-        Ok(w) => w,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let submitted = s.engine.submit(Request {
+        prompt: job.prompt.clone(),
+        sampling: job.sampling.clone(),
+        events: events_tx,
+    });
+    if let Err(e) = submitted {
+        return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    // Queue: the engine takes the weights when it starts the generation, so a request that
+    // waited through a swap samples from the new weights. Dropping `events` (client gone)
+    // withdraws the request.
+    let version = match events.recv().await {
+        Some(Event::Started { version }) => version,
+        Some(Event::Failed(m)) => return error(StatusCode::INTERNAL_SERVER_ERROR, m),
+        _ => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the decoding engine stopped",
+            );
+        }
     };
     let meta = Meta {
         id: format!(
@@ -208,15 +221,12 @@ async fn complete(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         model: s.opts.name.clone(),
-        version: weights.version,
+        version,
     };
-    let version_header = HeaderValue::from(weights.version);
+    let version_header = HeaderValue::from(version);
     let mut resp = if req.get("stream").and_then(Value::as_bool) == Some(true) {
         let (tx, mut rx) = mpsc::channel::<String>(64);
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            run_stream(&weights, &job, &meta, &tx);
-        });
+        tokio::spawn(async move { run_stream(events, &job, &meta, &tx).await });
         let body = futures_util::stream::poll_fn(move |cx| {
             rx.poll_recv(cx).map(|o| o.map(Ok::<_, Infallible>))
         });
@@ -229,22 +239,29 @@ async fn complete(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         r
     } else {
-        let res = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            run_full(&weights, &job, &meta)
-        })
-        .await;
-        match res {
-            Ok(Ok(v)) => axum::Json(v).into_response(),
-            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-            Err(e) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("generation: {e}"),
-            ),
+        match run_full(events, &job, &meta).await {
+            Ok(v) => axum::Json(v).into_response(),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         }
     };
     resp.headers_mut().insert(VERSION_HEADER, version_header);
     resp
+}
+
+/// The next generation event: a token, or how generation ended.
+enum Next {
+    Token(u32, f32),
+    End(Result<Finish, String>),
+}
+
+async fn next_event(events: &mut UnboundedReceiver<Event>) -> Next {
+    match events.recv().await {
+        Some(Event::Token { id, logprob }) => Next::Token(id, logprob),
+        Some(Event::Done(f)) => Next::End(Ok(f)),
+        Some(Event::Failed(m)) => Next::End(Err(m)),
+        Some(Event::Started { .. }) => Next::End(Err("generation restarted".into())),
+        None => Next::End(Err("generation failed: the decoding engine stopped".into())),
+    }
 }
 
 fn logprob_entry(id: u32, lp: f32) -> Value {
@@ -286,16 +303,23 @@ fn usage(prompt: usize, completion: usize) -> Value {
            "total_tokens": prompt + completion})
 }
 
-/// Generates a whole reply (on a blocking thread).
-fn run_full(w: &Weights, job: &Job, meta: &Meta) -> Result<Value, String> {
+/// Collects a whole reply from the engine's events.
+async fn run_full(
+    mut events: UnboundedReceiver<Event>,
+    job: &Job,
+    meta: &Meta,
+) -> Result<Value, String> {
     let mut ids = Vec::new();
     let mut lps = Vec::new();
-    let finish = sample::generate(&w.model, &job.prompt, &job.sampling, |id, lp| {
-        ids.push(id);
-        lps.push(logprob_entry(id, lp));
-        true
-    })
-    .map_err(|e| format!("generation failed: {e}"))?;
+    let finish = loop {
+        match next_event(&mut events).await {
+            Next::Token(id, lp) => {
+                ids.push(id);
+                lps.push(logprob_entry(id, lp));
+            }
+            Next::End(r) => break r?,
+        }
+    };
     let (msg, finish_reason) = message(&ids, finish, &job.tools, meta);
     let mut o = meta.base("chat.completion");
     o.insert("prompt_token_ids".into(), json!(job.prompt));
@@ -308,12 +332,20 @@ fn run_full(w: &Weights, job: &Job, meta: &Meta) -> Result<Value, String> {
     Ok(Value::Object(o))
 }
 
-/// Generates a reply as server-sent events (on a blocking thread): a first chunk with the
-/// prompt ids, one chunk per token (content delta when certain, token id, logprob), the rest
-/// of the content and the tool calls, the finish chunk, usage, `[DONE]`. Stops early when the
-/// client is gone (the channel is closed).
-fn run_stream(w: &Weights, job: &Job, meta: &Meta, tx: &mpsc::Sender<String>) {
-    let send = |v: Value| tx.blocking_send(format!("data: {v}\n\n")).is_ok();
+async fn send(tx: &mpsc::Sender<String>, v: Value) -> bool {
+    tx.send(format!("data: {v}\n\n")).await.is_ok()
+}
+
+/// Turns the engine's events into server-sent events: a first chunk with the prompt ids, one
+/// chunk per token (content delta when certain, token id, logprob), the rest of the content and
+/// the tool calls, the finish chunk, usage, `[DONE]`. Returns early when the client is gone (the
+/// body channel is closed); dropping `events` then cancels the generation.
+async fn run_stream(
+    mut events: UnboundedReceiver<Event>,
+    job: &Job,
+    meta: &Meta,
+    tx: &mpsc::Sender<String>,
+) {
     let chunk = |choice: Value| {
         let mut o = meta.base("chat.completion.chunk");
         o.insert("choices".into(), json!([choice]));
@@ -322,38 +354,48 @@ fn run_stream(w: &Weights, job: &Job, meta: &Meta, tx: &mpsc::Sender<String>) {
     let mut first = chunk(json!({"index": 0, "delta": {"role": "assistant"},
                                  "logprobs": null, "finish_reason": null}));
     first["prompt_token_ids"] = json!(job.prompt);
-    if !send(first) {
+    if !send(tx, first).await {
         return;
     }
     let mut text = ContentStream::new(!job.tools.is_empty());
     let mut ids = Vec::new();
-    let res = sample::generate(&w.model, &job.prompt, &job.sampling, |id, lp| {
-        ids.push(id);
-        let delta = match u8::try_from(id).ok().and_then(|b| text.push(b)) {
-            Some(piece) => json!({"content": piece}),
-            None => json!({}),
-        };
-        send(chunk(json!({"index": 0, "delta": delta, "token_ids": [id],
-                          "logprobs": {"content": [logprob_entry(id, lp)]},
-                          "finish_reason": null})))
-    });
-    let finish = match res {
-        Ok(Finish::Cancelled) => return,
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!("generation failed mid-stream: {e}");
-            send(
-                json!({"error": {"message": format!("generation failed: {e}"),
-                                   "type": "server_error", "param": null, "code": null}}),
-            );
-            return;
+    let finish = loop {
+        match next_event(&mut events).await {
+            Next::Token(id, lp) => {
+                ids.push(id);
+                let delta = match u8::try_from(id).ok().and_then(|b| text.push(b)) {
+                    Some(piece) => json!({"content": piece}),
+                    None => json!({}),
+                };
+                let c = chunk(json!({"index": 0, "delta": delta, "token_ids": [id],
+                                     "logprobs": {"content": [logprob_entry(id, lp)]},
+                                     "finish_reason": null}));
+                if !send(tx, c).await {
+                    return;
+                }
+            }
+            Next::End(Ok(f)) => break f,
+            Next::End(Err(e)) => {
+                tracing::warn!("generation failed mid-stream: {e}");
+                send(
+                    tx,
+                    json!({"error": {"message": e, "type": "server_error", "param": null,
+                                     "code": null}}),
+                )
+                .await;
+                return;
+            }
         }
     };
     let (msg, finish_reason) = message(&ids, finish, &job.tools, meta);
     let content = msg.get("content").and_then(Value::as_str).unwrap_or("");
     if let Some(rest) = text.rest(content)
-        && !send(chunk(json!({"index": 0, "delta": {"content": rest},
-                              "logprobs": null, "finish_reason": null})))
+        && !send(
+            tx,
+            chunk(json!({"index": 0, "delta": {"content": rest},
+                         "logprobs": null, "finish_reason": null})),
+        )
+        .await
     {
         return;
     }
@@ -365,21 +407,28 @@ fn run_stream(w: &Weights, job: &Job, meta: &Meta, tx: &mpsc::Sender<String>) {
                 json!({"index": i, "id": c["id"], "type": "function", "function": c["function"]})
             })
             .collect();
-        if !send(chunk(json!({"index": 0, "delta": {"tool_calls": deltas},
-                              "logprobs": null, "finish_reason": null})))
+        if !send(
+            tx,
+            chunk(json!({"index": 0, "delta": {"tool_calls": deltas},
+                         "logprobs": null, "finish_reason": null})),
+        )
+        .await
         {
             return;
         }
     }
-    if !send(chunk(
-        json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason}),
-    )) {
+    if !send(
+        tx,
+        chunk(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason})),
+    )
+    .await
+    {
         return;
     }
     let mut last = meta.base("chat.completion.chunk");
     last.insert("choices".into(), json!([]));
     last.insert("usage".into(), usage(job.prompt.len(), ids.len()));
-    if send(Value::Object(last)) {
-        let _ = tx.blocking_send("data: [DONE]\n\n".into());
+    if send(tx, Value::Object(last)).await {
+        let _ = tx.send("data: [DONE]\n\n".into()).await;
     }
 }

@@ -16,6 +16,31 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write a freshly initialised (seeded) tiny byte-level checkpoint, for tests and quickstart.
     Init(InitArgs),
+    /// Sampling throughput: a fresh tiny model served in-process, N concurrent chat requests
+    /// over loopback HTTP, once per max-concurrency value; prints one JSON object.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Print JSON (the only output format; accepted for clarity).
+    #[arg(long)]
+    json: bool,
+    /// Concurrent requests per run.
+    #[arg(long, default_value_t = 32)]
+    requests: usize,
+    /// Bytes of each request's user message.
+    #[arg(long, default_value_t = 500)]
+    prompt_bytes: usize,
+    /// max_tokens of each request.
+    #[arg(long, default_value_t = 160)]
+    max_tokens: usize,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// The policy's max-concurrency, one run per value (default: 1 and the serving default).
+    #[arg(long, value_delimiter = ',')]
+    max_concurrency: Vec<usize>,
 }
 
 #[derive(Args)]
@@ -29,7 +54,7 @@ pub struct ServeArgs {
     /// Model name reported by /v1/models and in replies.
     #[arg(long, default_value = "arbor-embedded")]
     name: String,
-    /// Generations running at once; further requests queue (default: CPU count).
+    /// Generations decoded at once as one batch; further requests queue (default: 64).
     #[arg(long)]
     max_concurrency: Option<usize>,
     /// Upper bound on a request's max_tokens.
@@ -76,6 +101,22 @@ pub async fn run(c: Command) -> Result<i32> {
                 out.display(),
                 model.num_params()
             );
+            Ok(0)
+        }
+        Command::Bench(a) => {
+            let mut opts = arbor_policy::bench::BenchOptions {
+                requests: a.requests,
+                prompt_bytes: a.prompt_bytes,
+                max_tokens: a.max_tokens,
+                temperature: a.temperature,
+                ..Default::default()
+            };
+            if !a.max_concurrency.is_empty() {
+                opts.max_concurrency = a.max_concurrency;
+            }
+            let _ = a.json;
+            let report = arbor_policy::bench::bench(opts).await?;
+            println!("{}", serde_json::to_string(&report)?);
             Ok(0)
         }
         Command::Serve(a) => {
