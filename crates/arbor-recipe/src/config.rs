@@ -205,8 +205,13 @@ pub struct RlSpec {
     pub tasks_per_iteration: usize,
     /// Rollouts per task (the group).
     pub group_size: u32,
-    /// Optimizer steps on each iteration's samples (each over all of them).
+    /// Passes (epochs) over each iteration's samples.
     pub updates_per_iteration: usize,
+    /// Optimizer steps per pass: the packs are dealt into this many minibatches (PPO-style), so
+    /// an iteration takes `updates_per_iteration x minibatches` steps. More, smaller steps let
+    /// Adam's moment estimates average out sampling noise; the clip and IcePop keep the later
+    /// steps of an iteration near its samples.
+    pub minibatches: usize,
     /// AdamW learning rate.
     pub lr: f64,
     /// Divide advantages by the group's reward standard deviation.
@@ -236,6 +241,7 @@ impl Default for RlSpec {
             tasks_per_iteration: 16,
             group_size: 4,
             updates_per_iteration: 2,
+            minibatches: 1,
             lr: 1e-3,
             normalize_std: false,
             clip_eps: 0.2,

@@ -416,6 +416,13 @@ fn changed_started_stage(
     fn v(x: &impl Serialize) -> serde_json::Value {
         serde_json::to_value(x).unwrap_or_default()
     }
+    // How many rollouts and generations run at once changes speed, not results.
+    let speed_free = |c: &PipelineConfig| {
+        let mut r = c.rollout.clone();
+        r.concurrency = 0;
+        r.policy_concurrency = None;
+        v(&r)
+    };
     let stages: [(&str, &str, Vec<serde_json::Value>, Vec<serde_json::Value>); 6] = [
         (
             "base",
@@ -430,13 +437,13 @@ fn changed_started_stage(
                 v(&old.domains),
                 v(&old.difficulty),
                 v(&old.oracle),
-                v(&old.rollout),
+                speed_free(old),
             ],
             vec![
                 v(&new.domains),
                 v(&new.difficulty),
                 v(&new.oracle),
-                v(&new.rollout),
+                speed_free(new),
             ],
         ),
         (
@@ -513,6 +520,11 @@ mod tests {
         let (stage, _) =
             changed_started_stage(&old, &cfg("seed = 9\n[rl]\nlr = 1e-4\n"), &out).unwrap();
         assert_eq!(stage, "base");
+        // Concurrency is speed, not results: it may change whenever.
+        let mut faster = old.clone();
+        faster.rollout.concurrency = 32;
+        faster.rollout.policy_concurrency = Some(64);
+        assert_eq!(changed_started_stage(&old, &faster, &out), None);
         std::fs::create_dir_all(out.join("rl")).unwrap();
         assert_eq!(changed_started_stage(&old, &new, &out).unwrap().0, "RL");
         std::fs::remove_dir_all(&out).unwrap();

@@ -122,6 +122,10 @@ pub struct IterationLog {
     pub train_tokens_per_s: f64,
     /// Policy version serving the next iteration.
     pub policy_version: u64,
+    /// Optimizer steps taken this iteration (`updates_per_iteration x minibatches`, fewer
+    /// when there were fewer packs than minibatches, 0 without signal).
+    #[serde(default)]
+    pub steps: usize,
 }
 
 /// The finished stage (`rl_report.json`).
@@ -397,6 +401,7 @@ impl RlStage {
                 entry.kl_to_init = upd.kl_to_init;
                 entry.reverse_kl_to_teacher = distilling.then(|| upd.first.distill.reverse_kl());
                 entry.train_seconds = t_train.elapsed().as_secs_f64();
+                entry.steps = upd.steps;
                 entry.train_tokens_per_s = (upd.unique_tokens as f64
                     * self.spec.updates_per_iteration as f64)
                     / entry.train_seconds.max(1e-9);
@@ -471,8 +476,10 @@ struct UpdateStats {
     paths: usize,
     unique_tokens: u64,
     flat_tokens: u64,
-    /// Statistics of the first update (before its step: on-policy ratios).
+    /// Statistics of the first step (before any update: on-policy ratios).
     first: RlStats,
+    /// Optimizer steps taken.
+    steps: usize,
     kl_to_init: Option<f64>,
 }
 
@@ -528,28 +535,36 @@ impl UpdateJob {
             batches.push(b);
         }
         st.kl_to_init = (kl_n > 0).then(|| kl_sum / kl_n as f64);
-        for u in 0..self.spec.updates_per_iteration.max(1) {
-            let cfg = self.spec.rl_config((self.iteration * 64 + u) as u64);
-            let (mut stats, mut aux, mut total): (RlStats, AuxStats, Option<Tensor>) =
-                (RlStats::default(), AuxStats::default(), None);
-            for b in &batches {
-                let out = rl_loss(&t.model, b, &cfg)?;
-                stats.merge(&out.stats);
-                aux.merge(out.aux)?;
-                total = Some(match total {
-                    None => out.loss,
-                    Some(x) => (x + out.loss)?,
-                });
-            }
-            let Some(mut loss) = total else { break };
-            if let Some(a) = aux.loss()? {
-                loss = (loss + (a * t.model.config().router_aux_loss_coef)?)?;
-            }
-            t.opt.backward_step(&loss)?;
-            if u == 0 {
-                st.first = stats;
+        // Packs dealt round-robin into minibatches; one step per minibatch per pass. The
+        // statistics are those of the first step (before any update: on-policy ratios).
+        let groups = self.spec.minibatches.clamp(1, batches.len());
+        let mut step = 0usize;
+        for _pass in 0..self.spec.updates_per_iteration.max(1) {
+            for g in 0..groups {
+                let cfg = self.spec.rl_config((self.iteration * 1024 + step) as u64);
+                let (mut stats, mut aux, mut total): (RlStats, AuxStats, Option<Tensor>) =
+                    (RlStats::default(), AuxStats::default(), None);
+                for b in batches.iter().skip(g).step_by(groups) {
+                    let out = rl_loss(&t.model, b, &cfg)?;
+                    stats.merge(&out.stats);
+                    aux.merge(out.aux)?;
+                    total = Some(match total {
+                        None => out.loss,
+                        Some(x) => (x + out.loss)?,
+                    });
+                }
+                let Some(mut loss) = total else { continue };
+                if let Some(a) = aux.loss()? {
+                    loss = (loss + (a * t.model.config().router_aux_loss_coef)?)?;
+                }
+                t.opt.backward_step(&loss)?;
+                if step == 0 {
+                    st.first = stats;
+                }
+                step += 1;
             }
         }
+        st.steps = step;
         Ok(st)
     }
 }
@@ -683,6 +698,8 @@ mod tests {
         let spec = RlSpec {
             lr: 1e-2,
             updates_per_iteration: 3,
+            // One pack: one minibatch, whatever is asked for.
+            minibatches: 4,
             ..RlSpec::default()
         };
         let mut t = Trainer {
@@ -705,6 +722,7 @@ mod tests {
             prompt.len() + good.len() + bad.len()
         );
         assert_eq!(st.flat_tokens as usize, 2 * (prompt.len() + 4));
+        assert_eq!(st.steps, 3, "3 passes over 1 pack");
         // On-policy first update: ratios 1, nothing masked, KL to the (identical) start 0.
         assert_eq!(st.first.gspo.loss_tokens, 8);
         assert_eq!(st.first.gspo.masked_tokens, 0);

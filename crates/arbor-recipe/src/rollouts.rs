@@ -140,15 +140,18 @@ pub fn served(base_url: String, spec: &RolloutSpec) -> PolicySpec {
 }
 
 /// Runs `exp` into `out`. A directory left by an interrupted invocation is resumed when its
-/// experiment is the same, and started over otherwise (the RL stage's policy address changes
-/// between invocations, and its rollouts are redone from the same weights).
+/// experiment runs the same work (concurrency and timeouts may differ), and started over
+/// otherwise (the RL stage's policy address changes between invocations, and its rollouts are
+/// redone from the same weights).
 pub async fn run(exp: &Experiment, out: &Path, on_progress: Option<ProgressFn>) -> Result<Summary> {
     let text = toml::to_string(exp)
         .map_err(|e| RecipeError::Config(format!("serializing experiment: {e}")))?;
     let resume = out.join("results.jsonl").is_file();
     if resume {
         let old = std::fs::read_to_string(out.join("experiment.toml")).unwrap_or_default();
-        if old != text {
+        let same =
+            Experiment::parse(&old).is_ok_and(|old| arbor_rollout::store::same_work(&old, exp));
+        if !same {
             std::fs::remove_dir_all(out)
                 .map_err(|e| RecipeError::Io(format!("{}: {e}", out.display())))?;
         }

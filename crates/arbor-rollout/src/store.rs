@@ -47,6 +47,12 @@ fn run_dir_err(dir: &Path, message: impl Into<String>) -> RolloutError {
     }
 }
 
+/// Whether a run started with `old` may be resumed with `new`: they agree on what
+/// is run (concurrency, timeouts and the output may change).
+pub fn same_work(old: &Experiment, new: &Experiment) -> bool {
+    identity(old) == identity(new)
+}
+
 /// The parts of an experiment that decide *what* is run; a resumed run must
 /// agree on these (concurrency, timeouts and the output may change).
 fn identity(e: &Experiment) -> serde_json::Value {

@@ -93,7 +93,11 @@ pub async fn run_with_progress(cfg: &PipelineConfig, out: &Path) -> Result<Pipel
             ),
             PipelineEvent::StoppedWithoutSignal { stage, iteration } => say(
                 &b,
-                format!("{stage}: stopped before iteration {}: {}", iteration + 1, NO_SIGNAL),
+                format!(
+                    "{stage}: stopped before iteration {}: {}",
+                    iteration + 1,
+                    NO_SIGNAL
+                ),
             ),
             PipelineEvent::Evaluated { row, domain, rate } => say(
                 &b,
