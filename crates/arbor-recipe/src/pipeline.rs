@@ -266,7 +266,23 @@ pub async fn run_pipeline(
                 }),
                 _ => {}
             };
-            train_sft(&SftInit::Dir(base), &[oracle], &dir2, &scfg, &mut on)
+            match train_sft(
+                &SftInit::Dir(base.clone()),
+                &[oracle.clone()],
+                &dir2,
+                &scfg,
+                &mut on,
+            ) {
+                // An unfinished SFT whose demonstrations (or start) changed since, e.g. after
+                // the demonstration rollouts were started over: the pipeline owns the
+                // directory, and a partial training of other data is worthless. Start over.
+                Err(arbor_train::TrainError::ForeignCheckpoint { .. }) => {
+                    std::fs::remove_dir_all(&dir2).map_err(|e| io(&dir2, e))?;
+                    train_sft(&SftInit::Dir(base), &[oracle], &dir2, &scfg, &mut on)
+                }
+                r => r,
+            }
+            .map_err(RecipeError::from)
         })
         .await
         .map_err(|e| RecipeError::Train(format!("SFT task: {e}")))??;

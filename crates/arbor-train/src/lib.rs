@@ -115,6 +115,19 @@ pub enum TrainError {
         /// The sequence id.
         path: String,
     },
+    /// An output directory holds a checkpoint of another training (other config or data), which
+    /// a resume must not continue.
+    #[error(
+        "{dir} holds an SFT checkpoint of another config or data (fingerprint {found} != {expected}); use another output directory"
+    )]
+    ForeignCheckpoint {
+        /// The checkpoint directory.
+        dir: std::path::PathBuf,
+        /// Fingerprint found there.
+        found: String,
+        /// Fingerprint of this training.
+        expected: String,
+    },
 }
 
 /// Result alias for this crate.

@@ -647,19 +647,20 @@ pub fn train_sft(
     // Resume from the periodic checkpoint, or start fresh.
     let ckpt_dir = out.join(CHECKPOINT_DIR);
     let log_path = out.join(LOG_FILE);
-    let (model, start_step, mut eval_before, resumed) = match checkpoint::load_latest::<SftState>(
-        &ckpt_dir,
-    )? {
-        Some((m, st)) if st.fingerprint == fp => (m, st.step, st.eval_loss_before, "checkpoint"),
-        Some((_, st)) => {
-            return Err(TrainError::Input(format!(
-                "{} holds an SFT checkpoint of another config or data (fingerprint {} != {fp}); use another output directory",
-                ckpt_dir.display(),
-                st.fingerprint
-            )));
-        }
-        None => (init.build()?, 0, None, "fresh"),
-    };
+    let (model, start_step, mut eval_before, resumed) =
+        match checkpoint::load_latest::<SftState>(&ckpt_dir)? {
+            Some((m, st)) if st.fingerprint == fp => {
+                (m, st.step, st.eval_loss_before, "checkpoint")
+            }
+            Some((_, st)) => {
+                return Err(TrainError::ForeignCheckpoint {
+                    dir: ckpt_dir.clone(),
+                    found: st.fingerprint.to_string(),
+                    expected: fp.to_string(),
+                });
+            }
+            None => (init.build()?, 0, None, "fresh"),
+        };
     let mut log: Vec<SftStepLog> = read_log(&log_path)
         .into_iter()
         .filter(|l| l.step <= start_step)
