@@ -537,7 +537,7 @@ impl UpdateJob {
         st.kl_to_init = (kl_n > 0).then(|| kl_sum / kl_n as f64);
         // Packs dealt round-robin into minibatches; one step per minibatch per pass. The
         // statistics are those of the first step (before any update: on-policy ratios).
-        let groups = self.spec.minibatches.clamp(1, batches.len());
+        let groups = self.spec.minibatches.min(batches.len()).max(1);
         let mut step = 0usize;
         for _pass in 0..self.spec.updates_per_iteration.max(1) {
             for g in 0..groups {
