@@ -5,29 +5,13 @@
 //! Needs root (sandboxes).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn arbor() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_arbor"));
-    c.env("ARBOR_LOG", "warn");
-    c
-}
-
-/// Kills the child (by pid) and reclaims its sandboxes if the test fails midway.
-struct Guard(Option<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = arbor().args(["sandbox", "gc"]).output();
-    }
-}
+mod common;
+use common::{Guard, arbor, reclaim_after_kill};
 
 fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -187,19 +171,5 @@ fn pipeline_runs_end_to_end_and_continues_after_kill_9() {
     }
     assert!(report.contains("| terminal |"));
 
-    // The killed run may have died between creating a sandbox's directory or cgroup and
-    // writing its state file; gc leaves such young leftovers alone for a grace period (they
-    // may belong to a live supervisor). Once it has passed, gc must leave nothing behind.
-    std::thread::sleep(Duration::from_secs(32).saturating_sub(killed_at.elapsed()));
-    let gc = arbor().args(["sandbox", "gc"]).output().expect("gc");
-    assert!(gc.status.success());
-    let check = arbor()
-        .args(["sandbox", "gc", "--check"])
-        .output()
-        .expect("gc --check");
-    assert!(
-        check.status.success(),
-        "sandboxes left behind: {}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    reclaim_after_kill(killed_at);
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use arbor_gateway::CallRecord;
@@ -13,27 +13,11 @@ use arbor_rollout::record::{RolloutResult, Status};
 use arbor_tree::TrajectoryTree;
 use serde_json::Value;
 
-fn arbor() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_arbor"));
-    c.env("ARBOR_LOG", "warn");
-    c
-}
+mod common;
+use common::{Guard, arbor, reclaim_after_kill};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Kills the child (by pid) and reclaims its sandboxes if a test fails midway.
-struct Guard(Option<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = arbor().args(["sandbox", "gc"]).output();
-    }
 }
 
 fn results(dir: &Path) -> Vec<RolloutResult> {
@@ -187,6 +171,7 @@ fn kill_9_then_resume_completes_without_loss_or_duplicates() {
     // SIGKILL: no chance to clean up or flush anything.
     child.kill().expect("kill -9");
     child.wait().expect("reap");
+    let killed_at = Instant::now();
     let before = std::fs::read_to_string(run_dir.join("results.jsonl")).expect("results");
     let recorded_before = before.lines().count();
     assert!(recorded_before < n, "killed too late to test resume");
@@ -248,6 +233,7 @@ fn kill_9_then_resume_completes_without_loss_or_duplicates() {
             r.session
         );
     }
+    reclaim_after_kill(killed_at);
 }
 
 /// The env server, driven over HTTP by a separate Python process (a
