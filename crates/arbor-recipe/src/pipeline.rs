@@ -154,7 +154,9 @@ pub async fn run_pipeline(
                 .map_err(|e| RecipeError::Config(format!("{}: {e}", cfg_path.display())))?;
             if let Some((stage, dir)) = changed_started_stage(&old, cfg, out) {
                 return Err(RecipeError::Config(format!(
-                    "{} was started with another configuration of the {stage} stage, which has                      already run ({}; the configuration it started with is in {}); use another                      output directory",
+                    "{} was started with another configuration of the {stage} stage, which has \
+                     already run ({}; the configuration it started with is in {}); use \
+                     another output directory",
                     out.display(),
                     dir.display(),
                     cfg_path.display()
