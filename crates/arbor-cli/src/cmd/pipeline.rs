@@ -36,9 +36,10 @@ fn say(b: &ProgressBar, msg: String) {
     }
 }
 
-/// Runs the pipeline with a progress bar, returning its results.
+/// Why an RL stage stopped early, for the progress line.
 const NO_SIGNAL: &str = "no group had reward variance in the last `stop_without_signal` iterations (every sample passed, or every sample failed), so there is no gradient";
 
+/// Runs the pipeline with a progress bar, returning its results.
 pub async fn run_with_progress(cfg: &PipelineConfig, out: &Path) -> Result<PipelineResults> {
     let b = bar();
     let progress = {
