@@ -249,11 +249,10 @@ pub async fn run_pipeline(
     } else {
         sft_targets.push(all);
     }
-    for (name, domains, scfg, init) in sft_targets {
+    for (name, domains, mut scfg, init) in sft_targets {
         let dir = out.join("sft").join(&name);
         let label = format!("sft/{name}");
         stage(&label, dir.join(arbor_train::sft::REPORT_FILE).is_file());
-        let mut scfg = scfg;
         scfg.domains = domains;
         let (base, oracle, dir2, p) = (init, oracle.clone(), dir.clone(), progress.clone());
         tokio::task::spawn_blocking(move || {
@@ -416,10 +415,15 @@ pub async fn run_pipeline(
 }
 
 /// Whether two checkpoint directories hold the same weights (byte-identical files; an
-/// unreadable file counts as different).
+/// unreadable file counts as different). Files of different sizes are not read.
 fn same_weights(a: &Path, b: &Path) -> bool {
-    let read = |d: &Path| std::fs::read(d.join("model.safetensors")).ok();
-    a == b || matches!((read(a), read(b)), (Some(x), Some(y)) if x == y)
+    let file = |d: &Path| d.join("model.safetensors");
+    let len = |d: &Path| std::fs::metadata(file(d)).ok().map(|m| m.len());
+    let read = |d: &Path| std::fs::read(file(d)).ok();
+    a == b
+        || (len(a).is_some()
+            && len(a) == len(b)
+            && matches!((read(a), read(b)), (Some(x), Some(y)) if x == y))
 }
 
 /// The first stage whose settings differ between `old` and `new`, with its output directory,
