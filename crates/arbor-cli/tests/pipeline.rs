@@ -34,6 +34,10 @@ max_steps = 2
 max_tokens = 48
 concurrency = 4
 
+[pretrain]
+steps = 3
+max_tokens_per_pack = 1024
+
 [oracle]
 tasks_per_domain = 6
 
@@ -122,6 +126,25 @@ fn pipeline_runs_end_to_end_and_continues_after_kill_9() {
             assert_eq!(cell["infra_errors"], 0, "{d}/{row}: {cell}");
         }
     }
+
+    // Pretraining: base/ is the fresh init/ after the copy corpus, and SFT starts from it.
+    let pre: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("base/sft_report.json")).unwrap())
+            .unwrap();
+    assert_eq!(pre["steps"], 3, "{pre}");
+    assert!(pre["init"].as_str().unwrap().ends_with("init"), "{pre}");
+    let copy: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("base/copy_loss.json")).unwrap())
+            .unwrap();
+    assert!(
+        copy["after"].as_f64().unwrap() < copy["before"].as_f64().unwrap(),
+        "{copy}"
+    );
+    let all: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("sft/all/sft_report.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(all["init"].as_str().unwrap().ends_with("base"), "{all}");
 
     // Generalist-then-specialist SFT: each expert's SFT continued from the all-domain one.
     for d in ["terminal", "general"] {

@@ -36,6 +36,11 @@ pub struct PipelineConfig {
     /// How rollouts are run (scaffold, limits, concurrency).
     #[serde(default)]
     pub rollout: RolloutSpec,
+    /// Pretraining of the fresh model on a generated copy corpus (`arbor_train::pretrain`):
+    /// the stand-in for a pretrained base model. When set, `base/` is the pretrained model (the
+    /// `base` row) and every later stage starts from it; `steps` is required.
+    #[serde(default)]
+    pub pretrain: Option<SftConfig>,
     /// Demonstrations: scripted-oracle rollouts on training tasks.
     #[serde(default)]
     pub oracle: OracleSpec,

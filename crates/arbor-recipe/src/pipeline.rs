@@ -1,7 +1,8 @@
 //! The Specialize-then-Unify pipeline (RECIPE §5), every stage checkpointed and resumable.
 //!
 //! ```text
-//! base/                fresh byte-level model (the `base` row)
+//! base/                fresh byte-level model (the `base` row); with `[pretrain]`, the fresh
+//!                      model init/ after pretraining on the copy corpus (copy_loss.json)
 //! oracle-tasks/        the demonstration tasks (training split; repeated instructions left out)
 //! oracle/              scripted-oracle rollouts on them
 //! sft/<domain>/        SFT on that domain's oracle sessions (the `sft` row), from base/ or,
@@ -176,11 +177,47 @@ pub async fn run_pipeline(
             skipped,
         })
     };
-    let base_done = base.join("model.safetensors").is_file();
-    stage("base", base_done);
-    if !base_done {
-        arbor_policy::init_checkpoint(&base, cfg.model.config(), cfg.seed)
-            .map_err(|e| RecipeError::Train(format!("initializing the base model: {e}")))?;
+    match &cfg.pretrain {
+        None => {
+            let base_done = base.join("model.safetensors").is_file();
+            stage("base", base_done);
+            if !base_done {
+                arbor_policy::init_checkpoint(&base, cfg.model.config(), cfg.seed)
+                    .map_err(|e| RecipeError::Train(format!("initializing the base model: {e}")))?;
+            }
+        }
+        Some(pcfg) => {
+            // The fresh model is init/; base/ is it after pretraining on the copy corpus.
+            let init = out.join("init");
+            stage("init", init.join("model.safetensors").is_file());
+            if !init.join("model.safetensors").is_file() {
+                arbor_policy::init_checkpoint(&init, cfg.model.config(), cfg.seed).map_err(
+                    |e| RecipeError::Train(format!("initializing the fresh model: {e}")),
+                )?;
+            }
+            stage(
+                "pretrain",
+                base.join(arbor_train::sft::REPORT_FILE).is_file(),
+            );
+            let (pcfg, base2, p) = (pcfg.clone(), base.clone(), progress.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut total = 0;
+                let mut on = |ev: SftEvent<'_>| match ev {
+                    SftEvent::Start { total_steps, .. } => total = total_steps,
+                    SftEvent::Step(l) => p(PipelineEvent::SftStep {
+                        stage: "pretrain".into(),
+                        step: l.step,
+                        total,
+                        loss: l.loss,
+                    }),
+                    _ => {}
+                };
+                arbor_train::pretrain::train_pretrain(&SftInit::Dir(init), &base2, &pcfg, &mut on)
+                    .map_err(RecipeError::from)
+            })
+            .await
+            .map_err(|e| RecipeError::Train(format!("pretraining task: {e}")))??;
+        }
     }
     let params = arbor_model::Qwen3Model::load(&base)?.num_params();
 
@@ -269,7 +306,7 @@ pub async fn run_pipeline(
             };
             match train_sft(
                 &SftInit::Dir(base.clone()),
-                &[oracle.clone()],
+                std::slice::from_ref(&oracle),
                 &dir2,
                 &scfg,
                 &mut on,
@@ -449,8 +486,8 @@ fn changed_started_stage(
         (
             "base",
             "base",
-            vec![v(&old.model), v(&old.seed)],
-            vec![v(&new.model), v(&new.seed)],
+            vec![v(&old.model), v(&old.seed), v(&old.pretrain)],
+            vec![v(&new.model), v(&new.seed), v(&new.pretrain)],
         ),
         (
             "demonstration",
@@ -542,6 +579,13 @@ mod tests {
         let (stage, _) =
             changed_started_stage(&old, &cfg("seed = 9\n[rl]\nlr = 1e-4\n"), &out).unwrap();
         assert_eq!(stage, "base");
+        let (stage, _) = changed_started_stage(
+            &old,
+            &cfg("[rl]\nlr = 1e-4\n[pretrain]\nsteps = 10\n"),
+            &out,
+        )
+        .unwrap();
+        assert_eq!(stage, "base", "pretraining is part of the base model");
         // Concurrency is speed, not results: it may change whenever.
         let mut faster = old.clone();
         faster.rollout.concurrency = 32;

@@ -8,6 +8,8 @@
 //!   and the importance-weight statistics that show its effect ([`ImportanceStats`]).
 //! - [`rl`]: what a trainer calls: [`RlBatch`] (a flattened tree or pack with per-path RL
 //!   fields), [`rl_loss`] (MCLA + GSPO + IcePop + distillation) and [`sft_loss_on`].
+//! - [`pretrain`]: a fresh byte model learns to copy from its context on a synthetic corpus
+//!   (the stand-in for a pretrained base model), trained by the SFT machinery.
 //! - [`sft`]: the SFT stage ([`train_sft`]): sessions of recorded runs as packed trees, loss on
 //!   generated tokens, AdamW, learning curve, held-out loss, resumable checkpoints
 //!   ([`checkpoint`]).
@@ -83,6 +85,7 @@
 pub mod checkpoint;
 pub mod loss;
 pub mod mcla;
+pub mod pretrain;
 pub mod rl;
 pub mod sft;
 

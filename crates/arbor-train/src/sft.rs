@@ -162,7 +162,7 @@ impl SftInit {
         }
     }
 
-    fn build(&self) -> Result<Qwen3Model> {
+    pub(crate) fn build(&self) -> Result<Qwen3Model> {
         match self {
             SftInit::Dir(d) => Ok(Qwen3Model::load(d)?),
             SftInit::Fresh { config, seed } => Ok(Qwen3Model::new(config.clone(), *seed)?),
@@ -591,6 +591,20 @@ pub fn train_sft(
     cfg: &SftConfig,
     progress: &mut dyn FnMut(SftEvent<'_>),
 ) -> Result<SftReport> {
+    let data = load_sessions(runs, cfg)?;
+    train_sessions(init, data, out, cfg, progress)
+}
+
+/// The SFT stage on sessions from anywhere (recorded runs: [`train_sft`]; a generated corpus:
+/// [`crate::pretrain`]). Output, resume and fingerprint as in the module docs; the fingerprint
+/// covers the sessions' tokens, so other data in the same `out` is refused.
+pub fn train_sessions(
+    init: &SftInit,
+    data: SftData,
+    out: &Path,
+    cfg: &SftConfig,
+    progress: &mut dyn FnMut(SftEvent<'_>),
+) -> Result<SftReport> {
     let wall = Instant::now();
     if cfg.max_tokens_per_pack == 0 || cfg.lr <= 0.0 {
         return Err(TrainError::Input(
@@ -598,7 +612,6 @@ pub fn train_sft(
         ));
     }
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    let data = load_sessions(runs, cfg)?;
     let init_label = init.label();
     let fp = fingerprint(cfg, &init_label, &data.sessions)?;
 

@@ -4,12 +4,16 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use arbor_train::sft::{SftConfig, SftEvent, SftInit, train_sft};
+use arbor_train::sft::{SftConfig, SftEvent, SftInit, SftReport, train_sft};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Pretrain a fresh byte-level model on a generated corpus that teaches copying from the
+    /// context (key/value recall, repeated spans; no task data): the stand-in for a pretrained
+    /// base model. Prints the held-out copy loss before and after. Resumable.
+    Pretrain(PretrainArgs),
     /// Supervised fine-tuning on the passed rollouts of run directories, trained as trees with
     /// the loss on model-generated tokens only. Resumable: rerun the same command.
     Sft(SftArgs),
@@ -69,8 +73,37 @@ pub struct SftArgs {
     json: bool,
 }
 
+#[derive(Args)]
+pub struct PretrainArgs {
+    /// Start checkpoint directory, or `tiny` / `tiny-moe` for a fresh seeded model.
+    #[arg(long, default_value = "tiny")]
+    init: String,
+    /// Output directory: final checkpoint, sft_log.jsonl, sft_report.json, copy_loss.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimizer steps; the corpus holds exactly one pass of them.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Token budget per pack (tokens per step).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Seed (corpus, fresh model).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A JSON or TOML file with any `SftConfig` fields; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print one JSON object (the report) instead of a progress bar and a summary.
+    #[arg(long)]
+    json: bool,
+}
+
 pub async fn run(c: Command) -> Result<i32> {
     match c {
+        Command::Pretrain(a) => tokio::task::block_in_place(|| pretrain(a)),
         Command::Sft(a) => tokio::task::block_in_place(|| sft(a)),
         Command::Rl(a) => super::pipeline::rl(a).await,
         Command::Distill(a) => super::pipeline::distill(a).await,
@@ -116,8 +149,61 @@ fn sft(a: SftArgs) -> Result<i32> {
         cfg.statuses = s.clone();
     }
     let init = SftInit::parse(&a.init, cfg.seed);
+    let report = with_progress(a.json, |progress| {
+        train_sft(&init, &a.data, &a.out, &cfg, progress)
+            .with_context(|| format!("SFT into {}", a.out.display()))
+    })?;
+    print_report("sft", &report, a.json, serde_json::json!({}));
+    Ok(0)
+}
 
-    let bar = if a.json {
+fn pretrain(a: PretrainArgs) -> Result<i32> {
+    let mut cfg = match &a.config {
+        Some(p) => load_config(p)?,
+        None => SftConfig {
+            lr: 3e-3,
+            warmup_steps: 20,
+            eval_fraction: 0.01,
+            save_every: 100,
+            ..SftConfig::default()
+        },
+    };
+    cfg.steps = Some(a.steps);
+    if let Some(lr) = a.lr {
+        cfg.lr = lr;
+    }
+    if let Some(m) = a.max_tokens {
+        cfg.max_tokens_per_pack = m;
+    }
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    let init = SftInit::parse(&a.init, cfg.seed);
+    let (report, copy) = with_progress(a.json, |progress| {
+        arbor_train::pretrain::train_pretrain(&init, &a.out, &cfg, progress)
+            .with_context(|| format!("pretraining into {}", a.out.display()))
+    })?;
+    if !a.json {
+        println!(
+            "pretrain: held-out copy loss {:.4} -> {:.4} nats/byte ({} copy bytes in {} documents)",
+            copy.before, copy.after, copy.copy_bytes, copy.documents
+        );
+    }
+    print_report(
+        "pretrain",
+        &report,
+        a.json,
+        serde_json::json!({"copy_loss_before": copy.before, "copy_loss_after": copy.after}),
+    );
+    Ok(0)
+}
+
+/// Runs a stage with a progress bar (hidden with `--json`) fed by its events.
+fn with_progress<T>(
+    json: bool,
+    stage: impl FnOnce(&mut dyn FnMut(SftEvent<'_>)) -> Result<T>,
+) -> Result<T> {
+    let bar = if json {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(0)
@@ -139,7 +225,7 @@ fn sft(a: SftArgs) -> Result<i32> {
             bar.set_length(total_steps as u64);
             bar.set_position(start_step as u64);
             bar.println(format!(
-                "sft: {train_sessions} training sessions ({packs} packs), {eval_sessions} held out{}",
+                "{train_sessions} training sessions ({packs} packs), {eval_sessions} held out{}",
                 if start_step > 0 {
                     format!("; resuming after step {start_step}")
                 } else {
@@ -159,14 +245,18 @@ fn sft(a: SftArgs) -> Result<i32> {
             ));
         }
         SftEvent::AlreadyFinished => {
-            bar.println("sft: already finished in this output directory (nothing to do)");
+            bar.println("already finished in this output directory (nothing to do)");
         }
     };
-    let report = train_sft(&init, &a.data, &a.out, &cfg, &mut progress)
-        .with_context(|| format!("SFT into {}", a.out.display()))?;
+    let out = stage(&mut progress);
     bar.finish_and_clear();
-    if a.json {
-        let v = serde_json::json!({
+    out
+}
+
+/// The stage's summary line, or one JSON object (the report's figures plus `extra`).
+fn print_report(stage: &str, report: &SftReport, json: bool, extra: serde_json::Value) {
+    if json {
+        let mut v = serde_json::json!({
             "steps": report.steps,
             "resumed": report.resumed,
             "resumed_from": report.resumed_from,
@@ -184,11 +274,14 @@ fn sft(a: SftArgs) -> Result<i32> {
             "params": report.params,
             "checkpoint": report.checkpoint,
         });
+        if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
         println!("{v}");
     } else {
         let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
         println!(
-            "sft: {} steps ({}), train loss {:.4} -> {:.4} (last-10 mean {:.4}), held-out {} -> {}, {:.0} unique tok/s ({:.0} flat-equivalent), {:.1}s; checkpoint {}",
+            "{stage}: {} steps ({}), train loss {:.4} -> {:.4} (last-10 mean {:.4}), held-out {} -> {}, {:.0} unique tok/s ({:.0} flat-equivalent), {:.1}s; checkpoint {}",
             report.steps,
             report.resumed,
             report.first_loss,
@@ -202,5 +295,4 @@ fn sft(a: SftArgs) -> Result<i32> {
             report.checkpoint.display()
         );
     }
-    Ok(0)
 }
