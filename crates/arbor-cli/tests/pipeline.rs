@@ -127,19 +127,27 @@ fn pipeline_runs_end_to_end_and_continues_after_kill_9() {
         }
     }
 
-    // Pretraining: base/ is the fresh init/ after the copy corpus, and SFT starts from it.
-    let pre: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("base/sft_report.json")).unwrap())
-            .unwrap();
-    assert_eq!(pre["steps"], 3, "{pre}");
-    assert!(pre["init"].as_str().unwrap().ends_with("init"), "{pre}");
-    let copy: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("base/copy_loss.json")).unwrap())
-            .unwrap();
+    // Pretraining: the fresh init/ through the induction phase (base/induction/), then the
+    // mixed copy corpus (base/); SFT starts from base/.
+    let read = |p: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(p)).unwrap()).unwrap()
+    };
+    let induction = read("base/induction/sft_report.json");
+    assert_eq!(induction["steps"], 2, "{induction}");
     assert!(
-        copy["after"].as_f64().unwrap() < copy["before"].as_f64().unwrap(),
-        "{copy}"
+        induction["init"].as_str().unwrap().ends_with("init"),
+        "{induction}"
     );
+    let pre = read("base/sft_report.json");
+    assert_eq!(pre["steps"], 3, "{pre}");
+    assert!(
+        pre["init"].as_str().unwrap().ends_with("induction"),
+        "{pre}"
+    );
+    let copy = read("base/copy_loss.json");
+    let before = copy["before"].as_f64().unwrap();
+    assert!(copy["after_induction"].as_f64().unwrap() < before, "{copy}");
+    assert!(copy["after"].as_f64().unwrap() < before, "{copy}");
     let all: Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("sft/all/sft_report.json")).unwrap(),
     )

@@ -38,9 +38,9 @@ pub struct PipelineConfig {
     pub rollout: RolloutSpec,
     /// Pretraining of the fresh model on a generated copy corpus (`arbor_train::pretrain`):
     /// the stand-in for a pretrained base model. When set, `base/` is the pretrained model (the
-    /// `base` row) and every later stage starts from it; `steps` is required.
+    /// `base` row) and every later stage starts from it.
     #[serde(default)]
-    pub pretrain: Option<SftConfig>,
+    pub pretrain: Option<arbor_train::pretrain::PretrainConfig>,
     /// Demonstrations: scripted-oracle rollouts on training tasks.
     #[serde(default)]
     pub oracle: OracleSpec,

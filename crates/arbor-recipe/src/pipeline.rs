@@ -202,10 +202,14 @@ pub async fn run_pipeline(
             let (pcfg, base2, p) = (pcfg.clone(), base.clone(), progress.clone());
             tokio::task::spawn_blocking(move || {
                 let mut total = 0;
-                let mut on = |ev: SftEvent<'_>| match ev {
+                let mut on = |phase, ev: SftEvent<'_>| match ev {
                     SftEvent::Start { total_steps, .. } => total = total_steps,
                     SftEvent::Step(l) => p(PipelineEvent::SftStep {
-                        stage: "pretrain".into(),
+                        stage: match phase {
+                            arbor_train::pretrain::Phase::Induction => "pretrain/induction",
+                            arbor_train::pretrain::Phase::Mixed => "pretrain",
+                        }
+                        .into(),
                         step: l.step,
                         total,
                         loss: l.loss,

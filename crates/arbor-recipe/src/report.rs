@@ -169,38 +169,52 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
     bars.save(&plots.join("heldout.svg")).map_err(plot_err)?;
     let _ = writeln!(md, "\n![held-out pass rates](plots/heldout.svg)\n");
 
-    // Pretraining (when configured): the corpus loss and the held-out copy loss.
+    // Pretraining (when configured): both phases' corpus loss and the held-out copy loss.
     let pre = out.join("base");
-    let pre_log = arbor_train::sft::read_log(&pre.join("sft_log.jsonl"));
-    if !pre_log.is_empty() {
+    let induction = arbor_train::sft::read_log(&pre.join("induction").join("sft_log.jsonl"));
+    let mixed = arbor_train::sft::read_log(&pre.join("sft_log.jsonl"));
+    if !induction.is_empty() || !mixed.is_empty() {
+        let offset = induction.len() as f64;
         LineChart {
-            title: "Pretraining loss (copy corpus, every byte)".into(),
+            title: "Pretraining loss (every byte)".into(),
             x_label: "step".into(),
             y_label: "mean NLL".into(),
-            series: vec![Series::new(
-                "pretrain",
-                pre_log.iter().map(|l| (l.step as f64, l.loss)).collect(),
-            )],
+            series: vec![
+                Series::new(
+                    "induction (letters)",
+                    induction.iter().map(|l| (l.step as f64, l.loss)).collect(),
+                ),
+                Series::new(
+                    "mixed corpus",
+                    mixed
+                        .iter()
+                        .map(|l| (offset + l.step as f64, l.loss))
+                        .collect(),
+                ),
+            ],
             ..LineChart::default()
         }
         .save(&plots.join("pretrain_loss.svg"))
         .map_err(plot_err)?;
+        let _ = writeln!(
+            md,
+            "## Pretraining\n\n![pretraining loss](plots/pretrain_loss.svg)\n"
+        );
         let copy = std::fs::read(pre.join(arbor_train::pretrain::COPY_FILE))
             .ok()
             .and_then(|b| serde_json::from_slice::<arbor_train::pretrain::CopyLoss>(&b).ok());
-        let _ = writeln!(
-            md,
-            "## Pretraining
-
-![pretraining loss](plots/pretrain_loss.svg)
-"
-        );
         if let Some(c) = copy {
+            let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
             let _ = writeln!(
                 md,
-                "Held-out copy loss (bytes predictable only by copying from the context, {} \
-                 bytes in {} documents): {:.3} -> {:.3} nats/byte.\n",
-                c.copy_bytes, c.documents, c.before, c.after
+                "Held-out copy loss (bytes of the mixed corpus predictable only by copying from \
+                 the context; {} bytes in {} documents): {:.3} fresh -> {} after the induction \
+                 phase -> {} after pretraining, nats/byte.\n",
+                c.copy_bytes,
+                c.documents,
+                c.before,
+                f(c.after_induction),
+                f(c.after)
             );
         }
     }

@@ -12,37 +12,63 @@
 //! command of any domain: only randomly generated names in random key/value and repetition
 //! layouts, so whatever the SFT stage later gains from it is the copying skill, not task data.
 //!
-//! # The corpus ([`copy_corpus`])
+//! # Two phases
 //!
-//! Each document is one to three *episodes* of three kinds, drawn at random:
+//! 1. **Induction** ([`letters_corpus`], `induction_steps` at `induction_lr`, into
+//!    `out/induction/`): lines of 8–48 random lowercase letters, each followed by three verbatim
+//!    copies. Only the content-matching ("induction") circuit lowers its loss, because the copy
+//!    distance varies. A 2-layer model sits on the plateau (`ln 26` nats/byte) for hundreds of
+//!    steps before it escapes; at lr 1e-2 the escape started after ~800 steps of 4 096 bytes
+//!    and the held-out toy copy loss was 0.036 nats/byte after ~3 000 (measured).
+//! 2. **Mixed corpus** ([`copy_corpus`], `steps` at `lr`, into `out/`): the circuit applied to
+//!    names shaped like the tasks' (below).
 //!
-//! - **verbatim** (4 in 10): a line of 20–80 bytes of random names, then the same line again
-//!   once to three times. The easiest copying signal: the circuit forms on it within a few
-//!   hundred steps; on the other two kinds alone it had not formed after 3 000 steps of 4 096
-//!   bytes (held-out copy loss 2.08 nats/byte, measured).
-//! - **recall** (3 in 10): three to eight `key → value` facts in one of several layouts (`k = v`,
+//! Without phase 1 the circuit did not form: on the mixed corpus alone the held-out copy loss
+//! was still 2.0 nats/byte (the entropy of the name generator) after 1 500 and 3 000 steps.
+//!
+//! # The mixed corpus ([`copy_corpus`])
+//!
+//! Each document is one to three *episodes*, drawn at random:
+//!
+//! - **verbatim** (3 in 10): a line of 20–80 bytes of random names, then the same line again
+//!   once to three times.
+//! - **repeat** (2 in 10): a line of random names and numbers, then a contiguous span of it
+//!   quoted again inside a short template (continue a span seen before).
+//! - **recall** (2 in 10): three to eight `key → value` facts in one of several layouts (`k = v`,
 //!   `k: v`, ``the k is `v` ``, …), then some of the keys asked again in a *different* layout
 //!   with their values. A value is unpredictable except by finding its key earlier in the
 //!   document (associative recall, the circuit behind "the host named in the instruction").
-//! - **repeat** (3 in 10): a line of random names and numbers, then a contiguous span of it
-//!   quoted again inside a short template (induction: continue a span seen before).
+//! - **Markov text** (3 in 10): order-2 Markov text over a fixed random language, where the
+//!   next byte depends on the two previous ones (rewards a head that looks one position back,
+//!   the first half of the copying circuit).
 //!
 //! Names mix the shapes the tasks use: pronounceable lowercase words, dotted host names, paths,
-//! integers (also negative), capitalised words, `word_123`. Documents are 150–900 bytes, so the
-//! copy distances match an instruction-to-command distance.
+//! integers (also negative), capitalised words, `word_123`. Documents are up to ~900 bytes, so
+//! the copy distances match an instruction-to-command distance.
 //!
 //! Every byte after the first is trained (language modelling). Each document also records which
 //! bytes are predictable *only* by copying (a value or quoted span after its first byte); the
-//! held-out **copy loss** (mean NLL of those bytes) is the stage's diagnostic: a model that has
-//! formed the copying circuit drives it towards zero, one that has not stays near the entropy of
-//! the name generator.
+//! held-out **copy loss** (mean NLL of those bytes of mixed-corpus documents) is the stage's
+//! diagnostic: a model that has formed the copying circuit drives it towards zero, one that has
+//! not stays near the entropy of the name generator.
 //!
 //! # Training
 //!
-//! [`train_pretrain`] generates exactly enough documents for one pass (`steps ×
-//! packs_per_step × max_tokens_per_pack` tokens, so no document is seen twice) from
-//! [`SftConfig::seed`] and trains them with the SFT stage's machinery ([`sft::train_sessions`]):
-//! same packing, schedule, log, checkpoints and resume rules. `steps` must be set.
+//! Each phase generates exactly enough documents for one pass (`steps × max_tokens_per_pack`
+//! bytes, so no document is seen twice) from the seed and trains them with the SFT stage's
+//! machinery ([`sft::train_sessions`]): same packing, schedule, log, checkpoints and resume
+//! rules. `copy_loss.json` holds the copy loss of the fresh model, after phase 1 and after
+//! phase 2, each measured once.
+//!
+//! # What it does for the tasks (measured, and not what was hoped)
+//!
+//! With phase 1 (3 000 letters steps) and 1 000 mixed steps, the held-out copy loss fell from
+//! 2.0 to 0.83 nats/byte; but SFT from that model on the 1 000 terminal demonstrations (500
+//! steps, lr 3e-3) passed 0/100 held-out terminal tasks against 4/100 from the fresh model, at
+//! a held-out SFT loss of 0.28 against 0.065: the pretrained model learned the demonstrations
+//! more slowly and wrote broken commands. So the stage is off in the example pipelines; it is
+//! here because the copying skill is the measured gap, and the next try (less aggressive
+//! phase 1, longer phase 2, a wider model) starts from it.
 
 use std::path::Path;
 
@@ -222,6 +248,38 @@ fn repeat(b: &mut Builder, rng: &mut StdRng) {
     }
 }
 
+/// The alphabet of the order-2 Markov text.
+const MARKOV: &[u8] = b"abcdefghijklmnopqrstuvwxyz ";
+
+/// The `k`-th of the two bytes that may follow `a b` in the Markov text: a fixed hash, so every
+/// document (and every seed) has the same language.
+fn markov_next(a: u8, b: u8, k: u8) -> u8 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for x in [a, b, k] {
+        h ^= x as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    MARKOV[(h % MARKOV.len() as u64) as usize]
+}
+
+/// A run of order-2 Markov text: the next byte is one of two that depend on the *two* previous
+/// bytes. Predicting it well needs an attention head that looks one position back, which is
+/// the first half of the copying circuit (measured: without this kind, copying had not
+/// started after 1 500 steps; see the module docs).
+fn markov(b: &mut Builder, rng: &mut StdRng) {
+    let n = rng.gen_range(40..=120);
+    let mut text = vec![
+        *MARKOV.choose(rng).unwrap_or(&b'a'),
+        *MARKOV.choose(rng).unwrap_or(&b'a'),
+    ];
+    while text.len() < n {
+        let (a, c) = (text[text.len() - 2], text[text.len() - 1]);
+        text.push(markov_next(a, c, rng.gen_range(0..2)));
+    }
+    b.plain(&String::from_utf8_lossy(&text));
+    b.plain("\n");
+}
+
 fn verbatim(b: &mut Builder, rng: &mut StdRng) {
     let mut line = name(rng);
     let len = rng.gen_range(20..=80);
@@ -249,15 +307,53 @@ pub fn copy_document(rng: &mut StdRng) -> CopyDocument {
             b.plain("\n");
         }
         match rng.gen_range(0..10) {
-            0..=3 => verbatim(&mut b, rng),
-            4..=6 => repeat(&mut b, rng),
-            _ => recall(&mut b, rng),
+            0..=2 => verbatim(&mut b, rng),
+            3..=4 => repeat(&mut b, rng),
+            5..=6 => recall(&mut b, rng),
+            _ => markov(&mut b, rng),
         }
     }
     CopyDocument {
         text: b.text,
         copy_mask: b.copy,
     }
+}
+
+/// One document of the induction phase: one to three lines of 8–48 random lowercase letters,
+/// each followed by three verbatim copies. Nothing but copying can be learned from it, and the
+/// copy distance varies, so only the content-matching (induction) circuit lowers the loss.
+pub fn letters_document(rng: &mut StdRng) -> CopyDocument {
+    let mut b = Builder {
+        text: String::new(),
+        copy: Vec::new(),
+    };
+    for _ in 0..rng.gen_range(1..=3) {
+        let n = rng.gen_range(8..=48);
+        let line: String = (0..n).map(|_| rng.gen_range(b'a'..=b'z') as char).collect();
+        b.plain(&line);
+        for _ in 0..3 {
+            b.plain("\n");
+            b.copied(&line);
+        }
+        b.plain("\n");
+    }
+    CopyDocument {
+        text: b.text,
+        copy_mask: b.copy,
+    }
+}
+
+/// Induction-phase documents from `seed` until they hold at least `tokens` bytes.
+pub fn letters_corpus(seed: u64, tokens: usize) -> Vec<CopyDocument> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x1e77_e125);
+    let mut docs = Vec::new();
+    let mut total = 0;
+    while total < tokens {
+        let d = letters_document(&mut rng);
+        total += d.text.len();
+        docs.push(d);
+    }
+    docs
 }
 
 /// Documents from `seed` until they hold at least `tokens` bytes.
@@ -279,7 +375,66 @@ pub fn copy_eval_documents(seed: u64, n: usize) -> Vec<CopyDocument> {
     (0..n).map(|_| copy_document(&mut rng)).collect()
 }
 
-/// The copy-loss measurements of a pretraining stage (`out/copy_loss.json`).
+/// Settings of the pretraining stage (all fields have defaults; a partial TOML/JSON works).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// Optimizer steps of the first phase, on [`letters_document`]s (0 = no first phase).
+    pub induction_steps: usize,
+    /// Peak learning rate of the first phase.
+    pub induction_lr: f64,
+    /// Optimizer steps of the second phase, on the mixed corpus ([`copy_document`]s).
+    pub steps: usize,
+    /// Peak learning rate of the second phase.
+    pub lr: f64,
+    /// Linear warm-up steps of each phase.
+    pub warmup_steps: usize,
+    /// Tokens per pack (one pack per step).
+    pub max_tokens_per_pack: usize,
+    /// Seed of the corpora (and of the pack order).
+    pub seed: u64,
+    /// Held-out loss every this many steps (0 = only before and after each phase).
+    pub eval_every: usize,
+    /// Periodic checkpoint every this many steps.
+    pub save_every: usize,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            induction_steps: 2000,
+            induction_lr: 1e-2,
+            steps: 1000,
+            lr: 3e-3,
+            warmup_steps: 20,
+            max_tokens_per_pack: 4096,
+            seed: 0,
+            eval_every: 0,
+            save_every: 100,
+        }
+    }
+}
+
+impl PretrainConfig {
+    /// The SFT settings of one phase.
+    fn phase(&self, steps: usize, lr: f64) -> SftConfig {
+        SftConfig {
+            steps: Some(steps),
+            lr,
+            warmup_steps: self.warmup_steps,
+            max_tokens_per_pack: self.max_tokens_per_pack,
+            seed: self.seed,
+            eval_fraction: 0.01,
+            max_eval_sessions: 32,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            ..SftConfig::default()
+        }
+    }
+}
+
+/// The copy-loss measurements of a pretraining stage (`out/copy_loss.json`), on the mixed
+/// corpus's held-out documents.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CopyLoss {
     /// Held-out documents scored.
@@ -288,8 +443,10 @@ pub struct CopyLoss {
     pub copy_bytes: usize,
     /// Mean NLL (nats/byte) of the copy bytes under the start model.
     pub before: f64,
-    /// The same after training.
-    pub after: f64,
+    /// The same after the first (induction) phase, when there is one.
+    pub after_induction: Option<f64>,
+    /// The same after the stage (`None` until it has finished).
+    pub after: Option<f64>,
 }
 
 /// Mean NLL of the copy bytes of `docs` under `model`.
@@ -306,25 +463,13 @@ pub fn copy_loss(model: &Qwen3Model, docs: &[CopyDocument]) -> Result<f64> {
 /// Held-out documents the copy loss is measured on.
 const COPY_EVAL_DOCS: usize = 64;
 
-/// Runs the pretraining stage into `out` (see the module docs). Resumable like SFT.
-pub fn train_pretrain(
-    init: &SftInit,
-    out: &Path,
-    cfg: &SftConfig,
-    progress: &mut dyn FnMut(SftEvent<'_>),
-) -> Result<(SftReport, CopyLoss)> {
-    let Some(steps) = cfg.steps else {
-        return Err(TrainError::Input(
-            "pretraining needs `steps` (the corpus is generated for exactly one pass)".into(),
-        ));
-    };
-    let tokens = steps * cfg.packs_per_step.max(1) * cfg.max_tokens_per_pack;
-    let docs = copy_corpus(cfg.seed, tokens);
+/// Documents as SFT sessions trained on every byte after the first.
+fn sessions(docs: &[CopyDocument], kind: &str) -> SftData {
     let sessions = docs
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let id = format!("copy/{i}");
+            let id = format!("{kind}/{i}");
             let mut seq = d.training_sequence(id.clone());
             seq.group = Some(id.clone());
             SftSession {
@@ -332,53 +477,99 @@ pub fn train_pretrain(
                 session: id.clone(),
                 task_id: id,
                 scaffold: "corpus".into(),
-                domain: "copy".into(),
+                domain: kind.into(),
                 sequences: vec![seq],
             }
         })
         .collect();
-    let data = SftData {
+    SftData {
         sessions,
         filtered: 0,
         missing: 0,
-    };
+    }
+}
+
+/// Which phase an [`SftEvent`] of [`train_pretrain`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The first phase (verbatim random letters), in `out/induction/`.
+    Induction,
+    /// The second phase (the mixed corpus), in `out/`.
+    Mixed,
+}
+
+/// Runs the pretraining stage into `out` (see the module docs): the induction phase into
+/// `out/induction/` (when `induction_steps > 0`), then the mixed corpus into `out/`, each a
+/// resumable SFT stage of its own. Returns the second phase's report and the copy losses.
+pub fn train_pretrain(
+    init: &SftInit,
+    out: &Path,
+    cfg: &PretrainConfig,
+    progress: &mut dyn FnMut(Phase, SftEvent<'_>),
+) -> Result<(SftReport, CopyLoss)> {
+    if cfg.steps == 0 || cfg.max_tokens_per_pack == 0 {
+        return Err(TrainError::Input(
+            "pretraining needs `steps` > 0 and `max_tokens_per_pack` > 0".into(),
+        ));
+    }
     let eval_docs = copy_eval_documents(cfg.seed, COPY_EVAL_DOCS);
     let copy_path = out.join(COPY_FILE);
-    // The start model's copy loss, measured once (a resumed run keeps the first measurement).
-    let before = match std::fs::read(&copy_path)
+    std::fs::create_dir_all(out).map_err(|e| TrainError::Io(format!("{}: {e}", out.display())))?;
+    // Measurements survive a restart: each is taken once.
+    let mut copy = match std::fs::read(&copy_path)
         .ok()
         .and_then(|b| serde_json::from_slice::<CopyLoss>(&b).ok())
     {
-        Some(c) => c.before,
+        Some(c) => c,
         None => {
-            let start = init.build()?;
-            let before = copy_loss(&start, &eval_docs)?;
-            std::fs::create_dir_all(out)
-                .map_err(|e| TrainError::Io(format!("{}: {e}", out.display())))?;
-            write_copy(&copy_path, &eval_docs, before, f64::NAN)?;
-            before
+            let c = CopyLoss {
+                documents: eval_docs.len(),
+                copy_bytes: eval_docs
+                    .iter()
+                    .map(|d| d.copy_mask.iter().filter(|&&m| m).count())
+                    .sum(),
+                before: copy_loss(&init.build()?, &eval_docs)?,
+                after_induction: None,
+                after: None,
+            };
+            write_copy(&copy_path, &c)?;
+            c
         }
     };
-    let report = sft::train_sessions(init, data, out, cfg, progress)?;
-    let model = Qwen3Model::load(out)?;
-    let after = copy_loss(&model, &eval_docs)?;
-    let copy = write_copy(&copy_path, &eval_docs, before, after)?;
+    let tokens = |steps: usize| steps * cfg.max_tokens_per_pack;
+
+    let mut init = init.clone();
+    if cfg.induction_steps > 0 {
+        let dir = out.join("induction");
+        let docs = letters_corpus(cfg.seed, tokens(cfg.induction_steps));
+        let pcfg = cfg.phase(cfg.induction_steps, cfg.induction_lr);
+        sft::train_sessions(&init, sessions(&docs, "letters"), &dir, &pcfg, &mut |ev| {
+            progress(Phase::Induction, ev)
+        })?;
+        if copy.after_induction.is_none() {
+            copy.after_induction = Some(copy_loss(&Qwen3Model::load(&dir)?, &eval_docs)?);
+            write_copy(&copy_path, &copy)?;
+        }
+        init = SftInit::Dir(dir);
+    }
+    let docs = copy_corpus(cfg.seed, tokens(cfg.steps));
+    let report = sft::train_sessions(
+        &init,
+        sessions(&docs, "copy"),
+        out,
+        &cfg.phase(cfg.steps, cfg.lr),
+        &mut |ev| progress(Phase::Mixed, ev),
+    )?;
+    if copy.after.is_none() {
+        copy.after = Some(copy_loss(&Qwen3Model::load(out)?, &eval_docs)?);
+        write_copy(&copy_path, &copy)?;
+    }
     Ok((report, copy))
 }
 
-fn write_copy(path: &Path, docs: &[CopyDocument], before: f64, after: f64) -> Result<CopyLoss> {
-    let copy = CopyLoss {
-        documents: docs.len(),
-        copy_bytes: docs
-            .iter()
-            .map(|d| d.copy_mask.iter().filter(|&&m| m).count())
-            .sum(),
-        before,
-        after,
-    };
-    let json = serde_json::to_vec_pretty(&copy).map_err(|e| TrainError::Input(e.to_string()))?;
-    crate::checkpoint::write_atomic(path, &json)?;
-    Ok(copy)
+fn write_copy(path: &Path, copy: &CopyLoss) -> Result<()> {
+    let json = serde_json::to_vec_pretty(copy).map_err(|e| TrainError::Input(e.to_string()))?;
+    crate::checkpoint::write_atomic(path, &json)
 }
 
 #[cfg(test)]
@@ -398,11 +589,12 @@ mod tests {
     #[test]
     fn copy_bytes_repeat_earlier_text() {
         let mut rng = StdRng::seed_from_u64(3);
+        let mut with_copies = 0;
         for _ in 0..200 {
             let d = copy_document(&mut rng);
             assert!(d.text.is_ascii());
             assert_eq!(d.copy_mask.len(), d.text.len());
-            assert!(d.copy_mask.iter().any(|&m| m), "{}", d.text);
+            with_copies += d.copy_mask.iter().any(|&m| m) as usize;
             // Every maximal run of copy bytes, with the byte before it (the choice), occurs
             // earlier in the document: it really is copyable.
             let bytes = d.text.as_bytes();
@@ -424,6 +616,10 @@ mod tests {
                 );
             }
         }
+        assert!(
+            with_copies > 150,
+            "{with_copies} of 200 documents have copy bytes"
+        );
     }
 
     #[test]

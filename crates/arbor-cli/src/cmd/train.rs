@@ -78,22 +78,29 @@ pub struct PretrainArgs {
     /// Start checkpoint directory, or `tiny` / `tiny-moe` for a fresh seeded model.
     #[arg(long, default_value = "tiny")]
     init: String,
-    /// Output directory: final checkpoint, sft_log.jsonl, sft_report.json, copy_loss.json.
+    /// Output directory: final checkpoint, sft_log.jsonl, sft_report.json, copy_loss.json, and
+    /// the induction phase in induction/.
     #[arg(long)]
     out: PathBuf,
-    /// Optimizer steps; the corpus holds exactly one pass of them.
-    #[arg(long, default_value_t = 1000)]
-    steps: usize,
-    /// Peak learning rate.
+    /// Steps of the induction phase (random letters repeated verbatim; 0 = skip it).
+    #[arg(long)]
+    induction_steps: Option<usize>,
+    /// Peak learning rate of the induction phase.
+    #[arg(long)]
+    induction_lr: Option<f64>,
+    /// Steps of the mixed-corpus phase.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Peak learning rate of the mixed-corpus phase.
     #[arg(long)]
     lr: Option<f64>,
     /// Token budget per pack (tokens per step).
     #[arg(long)]
     max_tokens: Option<usize>,
-    /// Seed (corpus, fresh model).
+    /// Seed (corpora, fresh model).
     #[arg(long)]
     seed: Option<u64>,
-    /// A JSON or TOML file with any `SftConfig` fields; flags override it.
+    /// A JSON or TOML file with any `PretrainConfig` fields; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Print one JSON object (the report) instead of a progress bar and a summary.
@@ -112,7 +119,7 @@ pub async fn run(c: Command) -> Result<i32> {
     }
 }
 
-fn load_config(path: &PathBuf) -> Result<SftConfig> {
+fn load_config<T: serde::de::DeserializeOwned>(path: &PathBuf) -> Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     let is_json = path.extension().is_some_and(|e| e == "json");
     if is_json {
@@ -123,7 +130,7 @@ fn load_config(path: &PathBuf) -> Result<SftConfig> {
 }
 
 fn sft(a: SftArgs) -> Result<i32> {
-    let mut cfg = match &a.config {
+    let mut cfg: SftConfig = match &a.config {
         Some(p) => load_config(p)?,
         None => SftConfig::default(),
     };
@@ -158,42 +165,52 @@ fn sft(a: SftArgs) -> Result<i32> {
 }
 
 fn pretrain(a: PretrainArgs) -> Result<i32> {
-    let mut cfg = match &a.config {
+    use arbor_train::pretrain::{Phase, PretrainConfig, train_pretrain};
+    let mut cfg: PretrainConfig = match &a.config {
         Some(p) => load_config(p)?,
-        None => SftConfig {
-            lr: 3e-3,
-            warmup_steps: 20,
-            eval_fraction: 0.01,
-            save_every: 100,
-            ..SftConfig::default()
-        },
+        None => PretrainConfig::default(),
     };
-    cfg.steps = Some(a.steps);
-    if let Some(lr) = a.lr {
-        cfg.lr = lr;
-    }
-    if let Some(m) = a.max_tokens {
-        cfg.max_tokens_per_pack = m;
-    }
-    if let Some(s) = a.seed {
-        cfg.seed = s;
-    }
+    cfg.induction_steps = a.induction_steps.unwrap_or(cfg.induction_steps);
+    cfg.induction_lr = a.induction_lr.unwrap_or(cfg.induction_lr);
+    cfg.steps = a.steps.unwrap_or(cfg.steps);
+    cfg.lr = a.lr.unwrap_or(cfg.lr);
+    cfg.max_tokens_per_pack = a.max_tokens.unwrap_or(cfg.max_tokens_per_pack);
+    cfg.seed = a.seed.unwrap_or(cfg.seed);
     let init = SftInit::parse(&a.init, cfg.seed);
     let (report, copy) = with_progress(a.json, |progress| {
-        arbor_train::pretrain::train_pretrain(&init, &a.out, &cfg, progress)
-            .with_context(|| format!("pretraining into {}", a.out.display()))
+        let mut shown = None;
+        train_pretrain(&init, &a.out, &cfg, &mut |phase, ev| {
+            if shown != Some(phase) && !a.json {
+                shown = Some(phase);
+                eprintln!(
+                    "{}",
+                    match phase {
+                        Phase::Induction => "pretrain phase 1: induction (random letters repeated)",
+                        Phase::Mixed => "pretrain phase 2: the mixed copy corpus",
+                    }
+                );
+            }
+            progress(ev)
+        })
+        .with_context(|| format!("pretraining into {}", a.out.display()))
     })?;
+    let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
     if !a.json {
         println!(
-            "pretrain: held-out copy loss {:.4} -> {:.4} nats/byte ({} copy bytes in {} documents)",
-            copy.before, copy.after, copy.copy_bytes, copy.documents
+            "pretrain: held-out copy loss {:.4} -> {} after induction -> {} nats/byte ({} copy bytes in {} documents)",
+            copy.before,
+            f(copy.after_induction),
+            f(copy.after),
+            copy.copy_bytes,
+            copy.documents
         );
     }
     print_report(
         "pretrain",
         &report,
         a.json,
-        serde_json::json!({"copy_loss_before": copy.before, "copy_loss_after": copy.after}),
+        serde_json::json!({"copy_loss_before": copy.before,
+            "copy_loss_after_induction": copy.after_induction, "copy_loss_after": copy.after}),
     );
     Ok(0)
 }
