@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{Guard, arbor, reclaim_after_kill};
+use common::{Guard, ReclaimOnPanic, arbor, reclaim_after_kill};
 
 fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -35,6 +35,7 @@ max_tokens = 48
 concurrency = 4
 
 [pretrain]
+induction_steps = 2
 steps = 3
 max_tokens_per_pack = 1024
 
@@ -101,6 +102,7 @@ fn pipeline_runs_end_to_end_and_continues_after_kill_9() {
     child.kill().expect("kill -9");
     child.wait().expect("reap");
     let killed_at = Instant::now();
+    let _reclaim = ReclaimOnPanic(killed_at);
     let done_before = lines(&rl_log).len();
     assert!(done_before < 3, "killed too late to test resume");
     let gc = arbor().args(["sandbox", "gc"]).output().expect("gc");

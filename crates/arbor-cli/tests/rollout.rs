@@ -14,7 +14,7 @@ use arbor_tree::TrajectoryTree;
 use serde_json::Value;
 
 mod common;
-use common::{Guard, arbor, reclaim_after_kill};
+use common::{Guard, ReclaimOnPanic, arbor, reclaim_after_kill};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -172,6 +172,7 @@ fn kill_9_then_resume_completes_without_loss_or_duplicates() {
     child.kill().expect("kill -9");
     child.wait().expect("reap");
     let killed_at = Instant::now();
+    let _reclaim = ReclaimOnPanic(killed_at);
     let before = std::fs::read_to_string(run_dir.join("results.jsonl")).expect("results");
     let recorded_before = before.lines().count();
     assert!(recorded_before < n, "killed too late to test resume");

@@ -486,13 +486,13 @@ fn changed_started_stage(
         r.policy_concurrency = None;
         v(&r)
     };
-    let stages: [(&str, &str, Vec<serde_json::Value>, Vec<serde_json::Value>); 6] = [
-        (
-            "base",
-            "base",
-            vec![v(&old.model), v(&old.seed), v(&old.pretrain)],
-            vec![v(&new.model), v(&new.seed), v(&new.pretrain)],
-        ),
+    let base_old = vec![v(&old.model), v(&old.seed), v(&old.pretrain)];
+    let base_new = vec![v(&new.model), v(&new.seed), v(&new.pretrain)];
+    let stages: [(&str, &str, Vec<serde_json::Value>, Vec<serde_json::Value>); 7] = [
+        // With `[pretrain]` the fresh model is init/ and base/ its pretrained form; either
+        // existing means the base stage has started.
+        ("base", "init", base_old.clone(), base_new.clone()),
+        ("base", "base", base_old, base_new),
         (
             "demonstration",
             "oracle-tasks",
@@ -590,6 +590,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(stage, "base", "pretraining is part of the base model");
+        // Only init/ (the fresh model before pretraining) existing is a started base stage too.
+        let only_init = out.join("only-init");
+        std::fs::create_dir_all(only_init.join("init")).unwrap();
+        let (stage, dir) =
+            changed_started_stage(&old, &cfg("seed = 9\n[rl]\nlr = 1e-4\n"), &only_init).unwrap();
+        assert_eq!((stage, dir), ("base", only_init.join("init")));
         // Concurrency is speed, not results: it may change whenever.
         let mut faster = old.clone();
         faster.rollout.concurrency = 32;

@@ -43,3 +43,17 @@ pub fn reclaim_after_kill(killed_at: Instant) {
         String::from_utf8_lossy(&check.stdout)
     );
 }
+
+/// Held from the moment an `arbor` process was SIGKILLed: if the test then fails before it
+/// calls [`reclaim_after_kill`], the drop during the panic waits out `gc`'s grace period and
+/// collects, so a failing test does not leave a half-created sandbox behind either.
+pub struct ReclaimOnPanic(pub Instant);
+
+impl Drop for ReclaimOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            std::thread::sleep(Duration::from_secs(32).saturating_sub(self.0.elapsed()));
+            let _ = arbor().args(["sandbox", "gc"]).output();
+        }
+    }
+}
