@@ -344,30 +344,27 @@ pub fn letters_document(rng: &mut StdRng) -> CopyDocument {
     }
 }
 
-/// Induction-phase documents from `seed` until they hold at least `tokens` bytes.
-pub fn letters_corpus(seed: u64, tokens: usize) -> Vec<CopyDocument> {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x1e77_e125);
+/// Documents drawn by `draw` from a seeded stream until they hold at least `tokens` bytes.
+fn corpus(seed: u64, tokens: usize, draw: fn(&mut StdRng) -> CopyDocument) -> Vec<CopyDocument> {
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut docs = Vec::new();
     let mut total = 0;
     while total < tokens {
-        let d = letters_document(&mut rng);
+        let d = draw(&mut rng);
         total += d.text.len();
         docs.push(d);
     }
     docs
 }
 
-/// Documents from `seed` until they hold at least `tokens` bytes.
+/// Induction-phase documents from `seed` until they hold at least `tokens` bytes.
+pub fn letters_corpus(seed: u64, tokens: usize) -> Vec<CopyDocument> {
+    corpus(seed ^ 0x1e77_e125, tokens, letters_document)
+}
+
+/// Mixed-corpus documents from `seed` until they hold at least `tokens` bytes.
 pub fn copy_corpus(seed: u64, tokens: usize) -> Vec<CopyDocument> {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0xc09e_c0de);
-    let mut docs = Vec::new();
-    let mut total = 0;
-    while total < tokens {
-        let d = copy_document(&mut rng);
-        total += d.text.len();
-        docs.push(d);
-    }
-    docs
+    corpus(seed ^ 0xc09e_c0de, tokens, copy_document)
 }
 
 /// Held-out documents for the copy loss (a stream disjoint from the training seed's).
