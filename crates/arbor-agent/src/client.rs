@@ -82,6 +82,7 @@ pub struct ChatClient {
     api_key: String,
     model: String,
     max_tokens: Option<u32>,
+    temperature: Option<f32>,
 }
 
 impl ChatClient {
@@ -101,6 +102,7 @@ impl ChatClient {
             api_key: api_key.into(),
             model: model.into(),
             max_tokens: None,
+            temperature: None,
         }
     }
 
@@ -122,6 +124,12 @@ impl ChatClient {
     /// Cap completion length per call.
     pub fn with_max_tokens(mut self, n: Option<u32>) -> Self {
         self.max_tokens = n;
+        self
+    }
+
+    /// Sampling temperature sent with every request (`None`: the server's default).
+    pub fn with_temperature(mut self, t: Option<f32>) -> Self {
+        self.temperature = t;
         self
     }
 
@@ -152,6 +160,9 @@ impl ChatClient {
         }
         if let Some(n) = self.max_tokens {
             body["max_tokens"] = json!(n);
+        }
+        if let Some(t) = self.temperature {
+            body["temperature"] = json!(t);
         }
         let resp = self
             .http

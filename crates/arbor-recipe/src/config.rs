@@ -326,6 +326,11 @@ pub struct EvalSpec {
     pub heldout_tasks: usize,
     /// Seed of the held-out tasks.
     pub seed: u64,
+    /// Sampling temperature of the evaluated policy (default 1.0, the training temperature;
+    /// 0 = greedy). Training always samples at 1.0: its importance ratios are against the
+    /// model's own distribution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
 }
 
 impl Default for EvalSpec {
@@ -333,6 +338,7 @@ impl Default for EvalSpec {
         Self {
             heldout_tasks: 100,
             seed: 1_000_003,
+            temperature: None,
         }
     }
 }

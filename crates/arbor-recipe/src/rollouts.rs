@@ -78,6 +78,7 @@ pub fn embedded(checkpoint: &Path, spec: &RolloutSpec) -> PolicySpec {
         checkpoint: checkpoint.to_path_buf(),
         max_tokens: Some(spec.max_tokens),
         max_concurrency: spec.policy_concurrency,
+        temperature: None,
     }
 }
 
@@ -136,6 +137,7 @@ pub fn served(base_url: String, spec: &RolloutSpec) -> PolicySpec {
         model: "arbor-embedded".into(),
         api_key_env: None,
         max_tokens: Some(spec.max_tokens),
+        temperature: None,
     }
 }
 

@@ -175,6 +175,9 @@ pub enum PolicySpec {
         /// Cap on completion tokens per call.
         #[serde(default)]
         max_tokens: Option<u32>,
+        /// Sampling temperature sent with every call (default: the server's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        temperature: Option<f32>,
     },
     /// An `arbor-model` checkpoint served in-process (`arbor policy serve`
     /// does the same standalone), sampling at the requests' temperature.
@@ -187,6 +190,9 @@ pub enum PolicySpec {
         /// Generations running at once (default: the number of CPUs).
         #[serde(default)]
         max_concurrency: Option<usize>,
+        /// Sampling temperature sent with every call (default 1.0; 0 = greedy).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        temperature: Option<f32>,
     },
 }
 

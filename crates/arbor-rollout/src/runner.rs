@@ -142,6 +142,7 @@ struct Ctx {
     policy_label: String,
     model: String,
     max_tokens: Option<u32>,
+    temperature: Option<f32>,
     exp: Experiment,
     prepare: PrepareOptions,
     grade: GradeOptions,
@@ -301,6 +302,7 @@ impl Ctx {
 
         let client = ChatClient::new(base_url, "arbor", self.model.clone())
             .with_max_tokens(self.max_tokens)
+            .with_temperature(self.temperature)
             .with_timeout(Duration::from_secs_f64(self.exp.timeouts.model_call_s));
         let agent_limit = task
             .environment
@@ -455,6 +457,7 @@ async fn start_policy(
             checkpoint,
             max_tokens,
             max_concurrency,
+            ..
         } => {
             let dir = checkpoint.clone();
             let model = tokio::task::spawn_blocking(move || arbor_policy::load_checkpoint(&dir))
@@ -519,12 +522,13 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
         upstreams,
         dir.join(crate::store::GATEWAY),
     );
-    let (model, max_tokens) = match &exp.policy {
-        PolicySpec::ScriptedOracle => (arbor_agent::policy::scripted::NAME.to_string(), None),
+    let (model, max_tokens, temperature) = match &exp.policy {
+        PolicySpec::ScriptedOracle => (arbor_agent::policy::scripted::NAME.to_string(), None, None),
         PolicySpec::Upstream {
             model,
             api_key_env,
             max_tokens,
+            temperature,
             ..
         } => {
             if let Some(var) = api_key_env {
@@ -532,10 +536,21 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
                     RolloutError::Other(format!("policy.api_key_env: ${var} is not set"))
                 })?);
             }
-            (model.clone(), *max_tokens)
+            (model.clone(), *max_tokens, *temperature)
         }
-        PolicySpec::Embedded { max_tokens, .. } => ("arbor-embedded".to_string(), *max_tokens),
+        PolicySpec::Embedded {
+            max_tokens,
+            temperature,
+            ..
+        } => ("arbor-embedded".to_string(), *max_tokens, *temperature),
     };
+    if let Some(t) = temperature
+        && !(t.is_finite() && t >= 0.0)
+    {
+        return Err(RolloutError::Other(format!(
+            "policy.temperature must be a number >= 0, got {t}"
+        )));
+    }
     gw_cfg.request_timeout = Duration::from_secs_f64(exp.timeouts.model_call_s);
     let gateway: RunningGateway = arbor_gateway::start(gw_cfg).await?;
 
@@ -576,6 +591,7 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
         policy_label: exp.policy.label(),
         model,
         max_tokens,
+        temperature,
         exp: exp.clone(),
         prepare: PrepareOptions {
             allow_default_rootfs: exp.allow_default_rootfs,

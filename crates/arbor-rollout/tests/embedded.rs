@@ -111,15 +111,101 @@ max_tokens = 24
     Ok(())
 }
 
+/// `temperature = 0` in the policy reaches the model as greedy decoding: every request carries
+/// it, and two samples of one task get the same first completion.
+fn greedy_temperature_reaches_the_policy() -> Result<(), Failed> {
+    let tmp = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+    let ckpt = tmp.path().join("ckpt");
+    arbor_policy::init_checkpoint(&ckpt, arbor_policy::tiny_byte_config(), 7)
+        .map_err(|e| format!("init checkpoint: {e}"))?;
+    let text = format!(
+        r#"name = "embedded-greedy"
+output = "{out}"
+samples = 2
+concurrency = 4
+
+[[datasets]]
+domain = "terminal"
+n = 2
+seed = 3
+
+[[scaffolds]]
+kind = "bash"
+max_steps = 1
+
+[policy]
+kind = "embedded"
+checkpoint = "{ckpt}"
+max_tokens = 24
+temperature = 0.0
+"#,
+        out = tmp.path().join("run").display(),
+        ckpt = ckpt.display()
+    );
+    let exp = Experiment::parse(&text).map_err(|e| format!("experiment: {e}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let summary = rt
+        .block_on(arbor_rollout::run(&exp, &text, RunOptions::default()))
+        .map_err(|e| format!("run: {e:#}"))?;
+    if summary.rollouts != 4 || summary.infra_errors != 0 {
+        return Err(format!("{summary:?}").into());
+    }
+    let log = std::fs::read_to_string(tmp.path().join("run/gateway/calls.jsonl"))
+        .map_err(|e| format!("gateway store: {e}"))?;
+    // Task id -> the first completions of its samples.
+    let mut by_task: HashMap<String, Vec<Vec<u32>>> = HashMap::new();
+    for l in log.lines() {
+        let c: CallRecord = serde_json::from_str(l).map_err(|e| format!("record: {e}"))?;
+        if c.request.get("temperature").and_then(|t| t.as_f64()) != Some(0.0) {
+            return Err(format!("{}: request without temperature 0: {}", c.id, c.request).into());
+        }
+        if c.index == 0 {
+            let task = c
+                .session
+                .split(".bash")
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let ids = c
+                .tokens
+                .completions
+                .first()
+                .ok_or("no completion")?
+                .ids
+                .clone();
+            by_task.entry(task).or_default().push(ids);
+        }
+    }
+    if by_task.len() != 2 {
+        return Err(format!("tasks {:?}", by_task.keys()).into());
+    }
+    for (task, samples) in &by_task {
+        if samples.len() != 2 || samples[0] != samples[1] {
+            return Err(format!("{task}: greedy samples differ: {samples:?}").into());
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     if arbor_sandbox::init::is_init_invocation() {
         arbor_sandbox::init::run();
     }
     arbor_sandbox::local::allow_self_as_init();
     let args = Arguments::from_args();
-    let tests = vec![Trial::test(
-        "embedded_policy_rollouts_are_recorded_with_logprobs",
-        embedded_policy_rollouts_are_recorded_with_logprobs,
-    )];
+    let tests = vec![
+        Trial::test(
+            "embedded_policy_rollouts_are_recorded_with_logprobs",
+            embedded_policy_rollouts_are_recorded_with_logprobs,
+        ),
+        Trial::test(
+            "greedy_temperature_reaches_the_policy",
+            greedy_temperature_reaches_the_policy,
+        ),
+    ];
     libtest_mimic::run(&args, tests).exit();
 }

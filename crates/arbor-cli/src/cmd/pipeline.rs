@@ -266,6 +266,10 @@ pub struct EvalArgs {
     /// Held-out tasks (overrides the config).
     #[arg(long)]
     n: Option<usize>,
+    /// Sampling temperature of the evaluated policy (overrides `[eval] temperature`; default
+    /// 1.0, the training temperature; 0 = greedy).
+    #[arg(long)]
+    temperature: Option<f32>,
     /// Run directory of the evaluation rollouts.
     #[arg(long)]
     out: PathBuf,
@@ -361,6 +365,9 @@ pub async fn eval(a: EvalArgs) -> Result<i32> {
     let mut spec = cfg.eval.clone();
     if let Some(n) = a.n {
         spec.heldout_tasks = n;
+    }
+    if a.temperature.is_some() {
+        spec.temperature = a.temperature;
     }
     let rate = arbor_recipe::eval::evaluate(
         &a.checkpoint,
