@@ -71,8 +71,8 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
         md,
         "Model: byte-level Qwen3-style decoder, {} parameters (hidden {}, {} layers{}). \
          Difficulty {}; {} oracle tasks per domain; RL {} iterations x {} tasks x {} samples; \
-         distillation {} iterations; {} held-out tasks per domain. Wall time of the last \
-         invocation: {:.0} s.\n",
+         distillation {} iterations; {} held-out tasks per domain, sampled at temperature {}. \
+         Wall time of the last invocation: {:.0} s.\n",
         res.params,
         cfg.model.hidden,
         cfg.model.layers,
@@ -99,6 +99,11 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
         cfg.rl.group_size,
         cfg.distill.iterations,
         cfg.eval.heldout_tasks,
+        match cfg.eval.temperature {
+            Some(t) if t == 0.0 => "0 (greedy)".to_string(),
+            Some(t) => t.to_string(),
+            None => "1 (as in training)".to_string(),
+        },
         res.seconds
     );
 
