@@ -397,6 +397,16 @@ impl PipelineConfig {
         }
         self.rl.validate("rl")?;
         self.distill.validate("distill")?;
+        if let Some(t) = self.eval.temperature
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return Err(format!("eval.temperature must be a number >= 0, got {t}"));
+        }
+        if let Some(p) = &self.pretrain
+            && (p.steps == 0 || p.max_tokens_per_pack == 0 || p.lr <= 0.0)
+        {
+            return Err("pretrain: steps, max_tokens_per_pack and lr must be positive".into());
+        }
         self.model
             .config()
             .validate()
@@ -433,6 +443,10 @@ mod tests {
         let e =
             PipelineConfig::parse(&format!("{MIN}[model]\nhidden = 30\nheads = 4\n")).unwrap_err();
         assert!(e.contains("model"), "{e}");
+        let e = PipelineConfig::parse(&format!("{MIN}[eval]\ntemperature = -1\n")).unwrap_err();
+        assert!(e.contains("eval.temperature"), "{e}");
+        let e = PipelineConfig::parse(&format!("{MIN}[pretrain]\nsteps = 0\n")).unwrap_err();
+        assert!(e.contains("pretrain"), "{e}");
     }
 
     #[test]
