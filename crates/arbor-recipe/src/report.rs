@@ -100,7 +100,7 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
         cfg.distill.iterations,
         cfg.eval.heldout_tasks,
         match cfg.eval.temperature {
-            Some(t) if t == 0.0 => "0 (greedy)".to_string(),
+            Some(0.0) => "0 (greedy)".to_string(),
             Some(t) => t.to_string(),
             None => "1 (as in training)".to_string(),
         },
