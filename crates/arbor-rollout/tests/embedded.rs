@@ -14,13 +14,20 @@ use arbor_rollout::record::Status;
 use arbor_rollout::{Experiment, RunOptions};
 use libtest_mimic::{Arguments, Failed, Trial};
 
-fn embedded_policy_rollouts_are_recorded_with_logprobs() -> Result<(), Failed> {
+/// Runs 2 terminal tasks x 2 samples with a fresh tiny checkpoint as the embedded policy;
+/// `policy_extra` is appended to the `[policy]` table. Returns the run's temp dir (the run is
+/// in `run/`) and its summary.
+fn run_two_terminal_tasks_twice(
+    name: &str,
+    max_steps: u32,
+    policy_extra: &str,
+) -> Result<(tempfile::TempDir, arbor_rollout::Summary), Failed> {
     let tmp = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let ckpt = tmp.path().join("ckpt");
     arbor_policy::init_checkpoint(&ckpt, arbor_policy::tiny_byte_config(), 7)
         .map_err(|e| format!("init checkpoint: {e}"))?;
     let text = format!(
-        r#"name = "embedded-smoke"
+        r#"name = "{name}"
 output = "{out}"
 samples = 2
 concurrency = 4
@@ -32,13 +39,13 @@ seed = 3
 
 [[scaffolds]]
 kind = "bash"
-max_steps = 2
+max_steps = {max_steps}
 
 [policy]
 kind = "embedded"
 checkpoint = "{ckpt}"
 max_tokens = 24
-"#,
+{policy_extra}"#,
         out = tmp.path().join("run").display(),
         ckpt = ckpt.display()
     );
@@ -51,6 +58,11 @@ max_tokens = 24
     let summary = rt
         .block_on(arbor_rollout::run(&exp, &text, RunOptions::default()))
         .map_err(|e| format!("run: {e:#}"))?;
+    Ok((tmp, summary))
+}
+
+fn embedded_policy_rollouts_are_recorded_with_logprobs() -> Result<(), Failed> {
+    let (tmp, summary) = run_two_terminal_tasks_twice("embedded-smoke", 2, "")?;
     if summary.requested != 4 || summary.rollouts != 4 || summary.lost != 0 {
         return Err(format!("{summary:?}").into());
     }
@@ -114,43 +126,7 @@ max_tokens = 24
 /// `temperature = 0` in the policy reaches the model as greedy decoding: every request carries
 /// it, and two samples of one task get the same first completion.
 fn greedy_temperature_reaches_the_policy() -> Result<(), Failed> {
-    let tmp = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
-    let ckpt = tmp.path().join("ckpt");
-    arbor_policy::init_checkpoint(&ckpt, arbor_policy::tiny_byte_config(), 7)
-        .map_err(|e| format!("init checkpoint: {e}"))?;
-    let text = format!(
-        r#"name = "embedded-greedy"
-output = "{out}"
-samples = 2
-concurrency = 4
-
-[[datasets]]
-domain = "terminal"
-n = 2
-seed = 3
-
-[[scaffolds]]
-kind = "bash"
-max_steps = 1
-
-[policy]
-kind = "embedded"
-checkpoint = "{ckpt}"
-max_tokens = 24
-temperature = 0.0
-"#,
-        out = tmp.path().join("run").display(),
-        ckpt = ckpt.display()
-    );
-    let exp = Experiment::parse(&text).map_err(|e| format!("experiment: {e}"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
-    let summary = rt
-        .block_on(arbor_rollout::run(&exp, &text, RunOptions::default()))
-        .map_err(|e| format!("run: {e:#}"))?;
+    let (tmp, summary) = run_two_terminal_tasks_twice("embedded-greedy", 1, "temperature = 0.0\n")?;
     if summary.rollouts != 4 || summary.infra_errors != 0 {
         return Err(format!("{summary:?}").into());
     }
