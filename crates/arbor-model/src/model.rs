@@ -85,7 +85,7 @@ impl TreeBatch {
 }
 
 /// Options of one forward pass.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ForwardOptions {
     /// Training mode (enables router noise when `router_noise > 0`).
     pub train: bool,
@@ -98,6 +98,22 @@ pub struct ForwardOptions {
     /// of leaves whose path contains token `t`) so the statistics equal those of the flat batch
     /// of all paths. `None` means weight 1 per token.
     pub aux_token_weights: Option<Vec<f32>>,
+    /// Softmax temperature of the token log-probabilities (`logits / temperature`; must be
+    /// positive). A policy that samples at temperature `T` draws from this distribution, so
+    /// training against its recorded log-probabilities needs the same `T`. Default 1.
+    pub temperature: f32,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self {
+            train: false,
+            router_noise: 0.0,
+            noise_seed: 0,
+            aux_token_weights: None,
+            temperature: 1.0,
+        }
+    }
 }
 
 /// Load-balancing statistics of the MoE layers of one or more forward passes.
@@ -634,6 +650,12 @@ impl Qwen3Model {
         wanted: Option<&[bool]>,
     ) -> Result<(Tensor, AuxStats)> {
         let t = batch.len();
+        if !(opts.temperature > 0.0 && opts.temperature.is_finite()) {
+            return Err(ModelError::Input(format!(
+                "log-probabilities at temperature {}: it must be a positive number",
+                opts.temperature
+            )));
+        }
         if let Some(w) = wanted
             && w.len() != t
         {
@@ -654,7 +676,10 @@ impl Qwen3Model {
         let src: Vec<u32> = rows.iter().map(|&i| parent[i as usize] as u32).collect();
         let targets: Vec<u32> = rows.iter().map(|&i| batch.input_ids[i as usize]).collect();
         let h = hidden.index_select(&Tensor::from_vec(src, n, &self.device)?, 0)?;
-        let logits = linear(&h, &self.lm_head)?;
+        let mut logits = linear(&h, &self.lm_head)?;
+        if opts.temperature != 1.0 {
+            logits = (logits / opts.temperature as f64)?;
+        }
         let lp = ops::token_logprobs(&logits, &targets)?;
         if n == t {
             return Ok((lp, aux));

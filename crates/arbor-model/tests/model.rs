@@ -142,6 +142,7 @@ fn adamw_steps_reduce_the_loss_and_router_noise_is_seeded() {
         router_noise: 1.0,
         noise_seed: seed,
         aux_token_weights: None,
+        temperature: 1.0,
     };
     let a = m
         .token_logprobs(&b, &noisy(1))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, ensure};
 use arbor_gateway::tokenize::byte_chat;
 use arbor_gateway::{CallRecord, GatewayConfig, RunningGateway};
-use arbor_model::{Qwen3Config, Qwen3Model, TreeBatch};
+use arbor_model::{ForwardOptions, Qwen3Config, Qwen3Model, TreeBatch};
 use arbor_policy::{EmbeddedPolicy, PolicyOptions, VERSION_HEADER};
 use serde_json::{Value, json};
 
@@ -191,6 +191,54 @@ async fn recorded_tokens_are_the_byte_rendering_and_the_models_logprobs() -> Res
             .as_str()
             .unwrap_or("?")
     );
+    env.stop().await
+}
+
+/// RL at a sampling temperature below 1 trains against the recorded logprobs: they must be
+/// what the trainer's forward gives with the same temperature (`logits / T`), or every
+/// importance ratio is off by the difference between the two distributions.
+#[tokio::test]
+async fn tempered_logprobs_are_the_trainers_at_the_same_temperature() -> Result<()> {
+    let env = Env::new(tiny(3)?, PolicyOptions::default()).await?;
+    let body = json!({"messages": messages(), "temperature": 0.5, "seed": 11, "max_tokens": 24});
+    env.chat("t", &body).await?;
+    let rec = &env.calls("t")?[0].tokens;
+    let comp = &rec.completions[0];
+    let served = comp.logprobs.clone().context("no logprobs recorded")?;
+    let seq: Vec<u32> = rec.prompt.iter().chain(&comp.ids).copied().collect();
+    let batch = TreeBatch::forest(&[&seq]);
+    let model = env.policy.model()?;
+    let trainer = |temperature: f32| -> Result<Vec<f32>> {
+        let opts = ForwardOptions {
+            temperature,
+            ..ForwardOptions::default()
+        };
+        let lp = model.token_logprobs(&batch, &opts)?.0.to_vec1::<f32>()?;
+        Ok(lp[rec.prompt.len()..].to_vec())
+    };
+    let tempered = trainer(0.5)?;
+    for (i, (a, b)) in served.iter().zip(&tempered).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "token {i}: served {a}, trainer at T=0.5 {b}"
+        );
+    }
+    let untempered = trainer(1.0)?;
+    let gap: f32 = served
+        .iter()
+        .zip(&untempered)
+        .map(|(a, b)| (a - b).abs())
+        .sum();
+    assert!(
+        gap > 1e-2,
+        "T=1 logprobs should differ from the tempered ones"
+    );
+    // Greedy decoding has no distribution to train on.
+    let opts = ForwardOptions {
+        temperature: 0.0,
+        ..ForwardOptions::default()
+    };
+    assert!(model.token_logprobs(&batch, &opts).is_err());
     env.stop().await
 }
 

@@ -237,6 +237,12 @@ pub struct RlSpec {
     /// (no gradient: every sample passed or every sample failed); 0 = never. RL only: distillation
     /// trains every sample.
     pub stop_without_signal: usize,
+    /// Sampling temperature of the stage's rollouts (> 0). The trainer's log-probabilities are
+    /// those of `logits / temperature`, so the importance ratios, IcePop, the KL to the start
+    /// and the distillation term all compare like with like. Below 1 the policy samples closer
+    /// to its greedy answer, where a small model is right far more often (more groups with a
+    /// reward signal), and the update sharpens the tempered distribution.
+    pub temperature: f32,
 }
 
 impl Default for RlSpec {
@@ -256,6 +262,7 @@ impl Default for RlSpec {
             distill_coef: 0.0,
             max_tokens_per_pack: 16_384,
             stop_without_signal: 0,
+            temperature: 1.0,
         }
     }
 }
@@ -300,6 +307,7 @@ impl RlSpec {
             icepop: self.icepop,
             distill_coef: self.distill_coef,
             mcla: Mcla::new(self.mcla_passes.max(1), self.router_noise, step * 1000),
+            temperature: self.temperature,
         }
     }
 
@@ -314,6 +322,13 @@ impl RlSpec {
                 "{what}: tasks_per_iteration, max_tokens_per_pack and lr must be positive"
             ));
         }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(format!(
+                "{what}.temperature must be a positive number (training needs the sampled \
+                 distribution's log-probabilities; greedy decoding has none), got {}",
+                self.temperature
+            ));
+        }
         Ok(())
     }
 }
@@ -326,9 +341,8 @@ pub struct EvalSpec {
     pub heldout_tasks: usize,
     /// Seed of the held-out tasks.
     pub seed: u64,
-    /// Sampling temperature of the evaluated policy (default 1.0, the training temperature;
-    /// 0 = greedy). Training always samples at 1.0: its importance ratios are against the
-    /// model's own distribution.
+    /// Sampling temperature of the evaluated policy (default 1.0; 0 = greedy). Independent of
+    /// the RL and distillation stages' `temperature`, which is what they train at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
 }
@@ -445,6 +459,12 @@ mod tests {
         assert!(e.contains("model"), "{e}");
         let e = PipelineConfig::parse(&format!("{MIN}[eval]\ntemperature = -1\n")).unwrap_err();
         assert!(e.contains("eval.temperature"), "{e}");
+        // Greedy has no distribution to train on: RL temperatures must be positive.
+        let e = PipelineConfig::parse(&format!("{MIN}[distill]\ntemperature = 0\n")).unwrap_err();
+        assert!(e.contains("distill.temperature"), "{e}");
+        let cfg = PipelineConfig::parse(&format!("{MIN}[rl]\ntemperature = 0.5\n")).unwrap();
+        assert_eq!(cfg.rl.rl_config(0).temperature, 0.5);
+        assert_eq!(cfg.distill.temperature, 1.0);
         let e = PipelineConfig::parse(&format!("{MIN}[pretrain]\nsteps = 0\n")).unwrap_err();
         assert!(e.contains("pretrain"), "{e}");
     }

@@ -313,7 +313,7 @@ impl RlStage {
                     &run_dir,
                     self.tasks(it).iter().map(TaskSet::dataset).collect(),
                     self.spec.group_size,
-                    rollouts::served(policy.base_url(), &self.rollout),
+                    rollouts::served(policy.base_url(), &self.rollout, self.spec.temperature),
                     &self.rollout,
                 );
                 let on_progress: RolloutProgressFn = {
@@ -512,16 +512,18 @@ impl UpdateJob {
                 }
             }
             if let Some(teacher) = self.teachers.get(domain) {
-                b.set_expert(teacher)?;
+                b.set_expert(teacher, self.spec.temperature)?;
             }
             // KL(policy || start) on the sampled tokens: with d = logp_ref - logp_behaviour,
             // E[exp(d) - d - 1] (k3, unbiased and non-negative).
             let wanted = b.wanted();
-            let (lp, _) = self.reference.token_logprobs_where(
-                &b.tree,
-                &ForwardOptions::default(),
-                Some(&wanted),
-            )?;
+            let opts = ForwardOptions {
+                temperature: self.spec.temperature,
+                ..ForwardOptions::default()
+            };
+            let (lp, _) = self
+                .reference
+                .token_logprobs_where(&b.tree, &opts, Some(&wanted))?;
             let lp = lp.to_vec1::<f32>()?;
             for p in &b.paths {
                 for ((&i, &m), &old) in p.indices.iter().zip(&p.loss_mask).zip(&p.old_logprobs) {

@@ -130,14 +130,14 @@ pub fn write_demonstration_tasks(sets: &[TaskSet], dir: &Path) -> Result<(Datase
 }
 
 /// An already running OpenAI-compatible server (the RL stage's own embedded policy, whose
-/// weights it swaps between iterations).
-pub fn served(base_url: String, spec: &RolloutSpec) -> PolicySpec {
+/// weights it swaps between iterations), sampled at `temperature`.
+pub fn served(base_url: String, spec: &RolloutSpec, temperature: f32) -> PolicySpec {
     PolicySpec::Upstream {
         base_urls: vec![base_url],
         model: "arbor-embedded".into(),
         api_key_env: None,
         max_tokens: Some(spec.max_tokens),
-        temperature: None,
+        temperature: (temperature != 1.0).then_some(temperature),
     }
 }
 

@@ -65,7 +65,7 @@
 //!     for pack in &packs {
 //!         let mut batch = RlBatch::from_pack(pack)?;
 //!         if let Some(e) = expert {
-//!             batch.set_expert(e)?; // distillation toward the domain expert
+//!             batch.set_expert(e, cfg.temperature)?; // distillation toward the domain expert
 //!         }
 //!         let out = rl_loss(model, &batch, cfg)?;
 //!         stats.merge(&out.stats);

@@ -75,14 +75,16 @@ pub struct McLogprobs {
 
 /// Per-token log-probabilities of `batch` averaged over `K` stochastic-routing passes.
 ///
-/// `wanted` limits the LM head to the tokens that carry a loss (others get 0), and
-/// `aux_token_weights` is passed to every pass (use `g_t` on a tree).
+/// `wanted` limits the LM head to the tokens that carry a loss (others get 0),
+/// `aux_token_weights` is passed to every pass (use `g_t` on a tree), and `temperature` is the
+/// sampling temperature the behaviour log-probabilities were drawn at.
 pub fn mcla_logprobs(
     model: &Qwen3Model,
     batch: &TreeBatch,
     wanted: Option<&[bool]>,
     aux_token_weights: Option<Vec<f32>>,
     mcla: &Mcla,
+    temperature: f32,
 ) -> Result<McLogprobs> {
     let passes = mcla.effective_passes(model);
     let mut sum: Option<Tensor> = None;
@@ -94,6 +96,7 @@ pub fn mcla_logprobs(
             router_noise: mcla.router_noise,
             noise_seed: mcla.seed.wrapping_add(k as u64),
             aux_token_weights: aux_token_weights.clone(),
+            temperature,
         };
         let (lp, a) = model.token_logprobs_where(batch, &opts, wanted)?;
         aux.merge(a)?;

@@ -23,16 +23,25 @@ pub struct RlConfig {
     pub distill_coef: f32,
     /// Log-probability averaging.
     pub mcla: Mcla,
+    /// Sampling temperature of the rollouts: the training log-probabilities are those of
+    /// `logits / temperature`, the distribution the behaviour log-probabilities came from.
+    #[serde(default = "one")]
+    pub temperature: f32,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 impl Default for RlConfig {
-    /// `eps = 0.2`, IcePop `[0.5, 2]`, no distillation, MCLA off.
+    /// `eps = 0.2`, IcePop `[0.5, 2]`, no distillation, MCLA off, temperature 1.
     fn default() -> Self {
         Self {
             clip_eps: 0.2,
             icepop: Some(IcePop::default()),
             distill_coef: 0.0,
             mcla: Mcla::default(),
+            temperature: 1.0,
         }
     }
 }
@@ -112,11 +121,15 @@ impl RlBatch {
     }
 
     /// Scores the batch's tokens with `expert` (deterministic routing, no gradient) for the
-    /// distillation term.
-    pub fn set_expert(&mut self, expert: &Qwen3Model) -> Result<()> {
+    /// distillation term, at the student's sampling `temperature` (the reverse KL is then
+    /// between the two tempered distributions).
+    pub fn set_expert(&mut self, expert: &Qwen3Model, temperature: f32) -> Result<()> {
         let wanted = self.wanted();
-        let (lp, _) =
-            expert.token_logprobs_where(&self.tree, &ForwardOptions::default(), Some(&wanted))?;
+        let opts = ForwardOptions {
+            temperature,
+            ..ForwardOptions::default()
+        };
+        let (lp, _) = expert.token_logprobs_where(&self.tree, &opts, Some(&wanted))?;
         self.expert_logprobs = Some(lp.detach().to_vec1::<f32>()?);
         Ok(())
     }
@@ -193,6 +206,7 @@ pub fn rl_loss(model: &Qwen3Model, batch: &RlBatch, cfg: &RlConfig) -> Result<Rl
         Some(&wanted),
         Some(batch.aux_token_weights.clone()),
         &cfg.mcla,
+        cfg.temperature,
     )?;
     let gcfg = GspoConfig {
         clip_eps: cfg.clip_eps,

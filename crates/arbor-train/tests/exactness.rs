@@ -168,7 +168,7 @@ fn tree_loss(
     let mut aux = AuxStats::default();
     let mut stats = GspoStats::default();
     for mut batch in batches {
-        batch.set_expert(expert).unwrap();
+        batch.set_expert(expert, 1.0).unwrap();
         let out = rl_loss(model, &batch, &cfg()).unwrap();
         assert!(out.stats.distill.tokens > 0);
         stats.merge(&out.stats.gspo);

@@ -55,7 +55,7 @@ fn averaging_passes_reduces_logprob_variance() {
         (0..16u64)
             .map(|r| {
                 let m = Mcla::new(passes, NOISE, 1_000 * (r + 1));
-                let out = mcla_logprobs(&model, &batch.tree, Some(&wanted), None, &m).unwrap();
+                let out = mcla_logprobs(&model, &batch.tree, Some(&wanted), None, &m, 1.0).unwrap();
                 assert_eq!(out.passes, passes);
                 out.mean_values
             })
@@ -81,7 +81,7 @@ fn averaging_passes_reduces_logprob_variance() {
     assert_eq!(off.effective_passes(&model), 1);
     let dense = Qwen3Model::new(Qwen3Config::tiny(VOCAB, 32, 2, 4, 2), 5).unwrap();
     assert_eq!(Mcla::new(K, NOISE, 3).effective_passes(&dense), 1);
-    let a = mcla_logprobs(&model, &batch.tree, Some(&wanted), None, &off).unwrap();
+    let a = mcla_logprobs(&model, &batch.tree, Some(&wanted), None, &off, 1.0).unwrap();
     let b = model
         .token_logprobs_where(&batch.tree, &ForwardOptions::default(), Some(&wanted))
         .unwrap()
@@ -107,6 +107,7 @@ fn mcla_reduces_importance_weight_variance_in_rl_loss() {
                 router_noise: NOISE,
                 noise_seed: 77_000 + 100 * trial + i as u64,
                 aux_token_weights: None,
+                temperature: 1.0,
             };
             let b = TreeBatch::forest(&[&s.tokens]);
             s.logprobs = model
