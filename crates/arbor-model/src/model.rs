@@ -650,12 +650,7 @@ impl Qwen3Model {
         wanted: Option<&[bool]>,
     ) -> Result<(Tensor, AuxStats)> {
         let t = batch.len();
-        if !(opts.temperature > 0.0 && opts.temperature.is_finite()) {
-            return Err(ModelError::Input(format!(
-                "log-probabilities at temperature {}: it must be a positive number",
-                opts.temperature
-            )));
-        }
+        check_temperature(opts.temperature)?;
         if let Some(w) = wanted
             && w.len() != t
         {
@@ -689,10 +684,60 @@ impl Qwen3Model {
         Ok((full, aux))
     }
 
+    /// The whole distribution behind each token of `rows`: row `j` is `log_softmax(logits / T)`
+    /// at the parent of token `rows[j]`, the distribution that token was drawn from;
+    /// `[rows.len(), vocab]`, differentiable. Full-vocabulary objectives (the exact per-token
+    /// reverse KL of distillation) need it. A root token (no parent) has no such row: an error.
+    pub fn next_token_log_softmax(
+        &self,
+        batch: &TreeBatch,
+        opts: &ForwardOptions,
+        rows: &[u32],
+    ) -> Result<(Tensor, AuxStats)> {
+        check_temperature(opts.temperature)?;
+        let parent = batch.mask.parent();
+        let mut src = Vec::with_capacity(rows.len());
+        for &r in rows {
+            match parent.get(r as usize) {
+                Some(&p) if p >= 0 => src.push(p as u32),
+                Some(_) => {
+                    return Err(ModelError::Input(format!(
+                        "token {r} is a root: no distribution was sampled for it"
+                    )));
+                }
+                None => {
+                    return Err(ModelError::Input(format!(
+                        "row {r} of a batch of {} tokens",
+                        batch.len()
+                    )));
+                }
+            }
+        }
+        let (hidden, aux) = self.forward_hidden(batch, opts)?;
+        let n = src.len();
+        let h = hidden.index_select(&Tensor::from_vec(src, n, &self.device)?, 0)?;
+        let mut logits = linear(&h, &self.lm_head)?;
+        if opts.temperature != 1.0 {
+            logits = (logits / opts.temperature as f64)?;
+        }
+        Ok((candle_nn::ops::log_softmax(&logits, 1)?, aux))
+    }
+
     /// Next-token logits `[T, vocab]` at every token of a packed tree (no gradient needed).
     pub fn logits(&self, batch: &TreeBatch) -> Result<Tensor> {
         let (hidden, _) = self.forward_hidden(batch, &ForwardOptions::default())?;
         Ok(linear(&hidden, &self.lm_head)?)
+    }
+}
+
+/// Log-probabilities exist only for a positive, finite temperature (0 is greedy decoding).
+fn check_temperature(temperature: f32) -> Result<()> {
+    if temperature > 0.0 && temperature.is_finite() {
+        Ok(())
+    } else {
+        Err(ModelError::Input(format!(
+            "log-probabilities at temperature {temperature}: it must be a positive number"
+        )))
     }
 }
 

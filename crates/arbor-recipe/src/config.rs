@@ -231,6 +231,8 @@ pub struct RlSpec {
     pub router_noise: f32,
     /// Coefficient of the per-token reverse-KL term toward the domain's expert (distillation).
     pub distill_coef: f32,
+    /// How the reverse KL to the expert is measured per token (distillation).
+    pub distill_estimator: DistillEstimator,
     /// Token budget of one pack.
     pub max_tokens_per_pack: usize,
     /// Stop the stage after this many iterations in a row in which no group had reward variance
@@ -260,11 +262,25 @@ impl Default for RlSpec {
             mcla_passes: 1,
             router_noise: 0.0,
             distill_coef: 0.0,
+            distill_estimator: DistillEstimator::Sampled,
             max_tokens_per_pack: 16_384,
             stop_without_signal: 0,
             temperature: 1.0,
         }
     }
+}
+
+/// The per-token reverse-KL term of distillation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistillEstimator {
+    /// RECIPE §5: `r_t = log pi_expert(y_t) - log pi_student(y_t)` of the sampled token as a
+    /// per-token advantage of a policy-gradient term.
+    #[default]
+    Sampled,
+    /// The exact KL over the vocabulary at each sampled context: the same expectation without
+    /// the variance of the sampled token (one more student forward per update).
+    Full,
 }
 
 /// Namespace for the distillation stage's defaults.

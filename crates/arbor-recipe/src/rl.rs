@@ -42,7 +42,7 @@ use candle::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::advantage::group_advantages;
-use crate::config::{RlSpec, RolloutSpec};
+use crate::config::{DistillEstimator, RlSpec, RolloutSpec};
 use crate::rollouts::{self, Episode, TaskSet};
 use crate::{RecipeError, Result};
 
@@ -512,7 +512,12 @@ impl UpdateJob {
                 }
             }
             if let Some(teacher) = self.teachers.get(domain) {
-                b.set_expert(teacher, self.spec.temperature)?;
+                match self.spec.distill_estimator {
+                    DistillEstimator::Sampled => b.set_expert(teacher, self.spec.temperature)?,
+                    DistillEstimator::Full => {
+                        b.set_expert_distribution(teacher, self.spec.temperature)?
+                    }
+                }
             }
             // KL(policy || start) on the sampled tokens: with d = logp_ref - logp_behaviour,
             // E[exp(d) - d - 1] (k3, unbiased and non-negative).

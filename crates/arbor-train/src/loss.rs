@@ -402,6 +402,116 @@ fn distill_from_selection(
     Ok((rho.mul(&coef)?.sum_all()?, stats))
 }
 
+/// The expert's whole next-token distribution at some tokens of a batch, for the exact
+/// per-token reverse KL ([`ExpertTarget::Distribution`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertDistribution {
+    /// Flat token index of each row, strictly ascending.
+    pub tokens: Vec<u32>,
+    /// `log pi_expert(v | ctx_t)`, row-major `[tokens.len(), vocab]`.
+    pub log_probs: Vec<f32>,
+    /// Vocabulary size (row length).
+    pub vocab: usize,
+}
+
+impl ExpertDistribution {
+    fn row_of(&self, token: u32) -> Option<usize> {
+        self.tokens.binary_search(&token).ok()
+    }
+}
+
+/// What the distillation term compares the student with.
+#[derive(Debug, Clone, Copy)]
+pub enum ExpertTarget<'a> {
+    /// RECIPE §5: the expert's log-probability of each sampled token (one per flat token), used
+    /// in `r_t` as a per-token advantage ([`distill_loss`]).
+    Tokens(&'a [f32]),
+    /// The exact reverse KL over the vocabulary at each sampled context
+    /// ([`distill_full_loss`]): `student` holds the student's differentiable log-softmax rows
+    /// `[rows, vocab]` in the same order as `expert.tokens`.
+    Distribution {
+        /// The student's rows.
+        student: &'a Tensor,
+        /// The expert's rows.
+        expert: &'a ExpertDistribution,
+    },
+}
+
+/// On-policy distillation with the exact per-token reverse KL, arbor's lower-variance option
+/// beside RECIPE §5's sampled estimator. Over the same kept tokens and weights as
+/// [`distill_loss`]:
+///
+/// ```text
+/// KL_t = sum_v pi_theta(v | ctx_t) (log pi_theta(v | ctx_t) - log pi_expert(v | ctx_t))
+/// L_k  = (1/M_k) * sum_{t in path k, kept} KL_t
+/// L    = sum_k c_k * L_k
+/// ```
+///
+/// The contexts are the student's own samples (on-policy), but the expectation over the next
+/// token is taken exactly instead of through the sampled token: every row teaches the student
+/// the expert's whole distribution, not one token's ratio, at no sampling variance. There is no
+/// importance ratio (the KL of a context does not depend on which token was then drawn).
+/// `logprobs` are the per-token values IcePop reads; `student` must have a row for every kept
+/// token. `DistillStats::neg_r_sum` sums the exact `KL_t`.
+pub fn distill_full_loss(
+    logprobs: &Tensor,
+    student: &Tensor,
+    expert: &ExpertDistribution,
+    paths: &[RlPath],
+    icepop: Option<IcePop>,
+) -> Result<(Tensor, DistillStats)> {
+    let values = logprobs.to_vec1::<f32>()?;
+    let sel = select(&values, paths, icepop)?;
+    distill_full_from_selection(logprobs, student, expert, paths, &sel)
+}
+
+fn distill_full_from_selection(
+    logprobs: &Tensor,
+    student: &Tensor,
+    expert: &ExpertDistribution,
+    paths: &[RlPath],
+    sel: &Selection,
+) -> Result<(Tensor, DistillStats)> {
+    let rows = expert.tokens.len();
+    if student.dims() != [rows, expert.vocab] || expert.log_probs.len() != rows * expert.vocab {
+        return Err(TrainError::Input(format!(
+            "student rows {:?}, {} expert values for {rows} rows of {}",
+            student.dims(),
+            expert.log_probs.len(),
+            expert.vocab
+        )));
+    }
+    if expert.tokens.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(TrainError::Input(
+            "expert rows must be in strictly ascending token order".into(),
+        ));
+    }
+    let mut stats = DistillStats::default();
+    if sel.idx.is_empty() {
+        return Ok((zero_like_loss(logprobs)?, stats));
+    }
+    // Per row: the sum of c_k / M_k over the (path, token) entries that keep its token.
+    let mut coef = vec![0f32; rows];
+    let mut entries = vec![0u64; rows];
+    for (j, &t) in sel.idx.iter().enumerate() {
+        let r = expert.row_of(t).ok_or_else(|| {
+            TrainError::Input(format!("no expert distribution for loss token {t}"))
+        })?;
+        let k = sel.path[j];
+        coef[r] += paths[k].weight / sel.path_tokens[k] as f32;
+        entries[r] += 1;
+    }
+    let dev = student.device();
+    let teacher = Tensor::from_vec(expert.log_probs.clone(), (rows, expert.vocab), dev)?;
+    let kl = student.exp()?.mul(&student.sub(&teacher)?)?.sum(1)?;
+    for (v, n) in kl.to_vec1::<f32>()?.iter().zip(&entries) {
+        stats.tokens += n;
+        stats.neg_r_sum += *v as f64 * *n as f64;
+    }
+    let coef = Tensor::from_vec(coef, rows, dev)?;
+    Ok((kl.mul(&coef)?.sum_all()?, stats))
+}
+
 /// The terms of [`rl_objective`].
 #[derive(Debug, Clone)]
 pub struct RlTerms {
@@ -424,13 +534,34 @@ pub fn rl_objective(
     expert_logprobs: Option<&[f32]>,
     distill_coef: f32,
 ) -> Result<RlTerms> {
+    rl_objective_with(
+        logprobs,
+        paths,
+        cfg,
+        expert_logprobs.map(ExpertTarget::Tokens),
+        distill_coef,
+    )
+}
+
+/// [`rl_objective`] with either distillation estimator ([`ExpertTarget`]).
+pub fn rl_objective_with(
+    logprobs: &Tensor,
+    paths: &[RlPath],
+    cfg: &GspoConfig,
+    expert: Option<ExpertTarget<'_>>,
+    distill_coef: f32,
+) -> Result<RlTerms> {
     let values = logprobs.to_vec1::<f32>()?;
     let sel = select(&values, paths, cfg.icepop)?;
-    let distill = match expert_logprobs {
-        Some(e) if distill_coef != 0.0 => {
+    let distill = match expert {
+        _ if distill_coef == 0.0 => None,
+        None => None,
+        Some(ExpertTarget::Tokens(e)) => {
             Some(distill_from_selection(logprobs, &values, e, paths, &sel)?)
         }
-        _ => None,
+        Some(ExpertTarget::Distribution { student, expert }) => Some(distill_full_from_selection(
+            logprobs, student, expert, paths, &sel,
+        )?),
     };
     let (gspo, gspo_stats) = gspo_from_selection(logprobs, &values, paths, cfg, sel)?;
     let total = match &distill {

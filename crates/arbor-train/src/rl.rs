@@ -8,7 +8,10 @@ use arbor_tree::{FlatTree, LossNormalization, Pack};
 use candle::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::loss::{DistillStats, GspoConfig, GspoStats, IcePop, RlPath, rl_objective};
+use crate::loss::{
+    DistillStats, ExpertDistribution, ExpertTarget, GspoConfig, GspoStats, IcePop, RlPath,
+    rl_objective_with,
+};
 use crate::mcla::{ImportanceStats, Mcla, mcla_logprobs};
 use crate::{Result, TrainError};
 
@@ -57,6 +60,10 @@ pub struct RlBatch {
     pub aux_token_weights: Vec<f32>,
     /// The expert's log-probability of each token (for distillation), see [`Self::set_expert`].
     pub expert_logprobs: Option<Vec<f32>>,
+    /// The expert's whole next-token distribution at each trained token (for the exact
+    /// reverse KL), see [`Self::set_expert_distribution`]. Takes precedence over
+    /// `expert_logprobs`.
+    pub expert_distribution: Option<ExpertDistribution>,
 }
 
 impl RlBatch {
@@ -99,6 +106,7 @@ impl RlBatch {
             paths,
             aux_token_weights: flat.leaf_count.iter().map(|&g| g as f32).collect(),
             expert_logprobs: None,
+            expert_distribution: None,
         })
     }
 
@@ -132,6 +140,35 @@ impl RlBatch {
         let (lp, _) = expert.token_logprobs_where(&self.tree, &opts, Some(&wanted))?;
         self.expert_logprobs = Some(lp.detach().to_vec1::<f32>()?);
         Ok(())
+    }
+
+    /// Scores the batch with `expert`'s whole next-token distribution (at `temperature`) at
+    /// every trained token, for the exact per-token reverse KL
+    /// ([`crate::loss::distill_full_loss`]).
+    pub fn set_expert_distribution(&mut self, expert: &Qwen3Model, temperature: f32) -> Result<()> {
+        let tokens = self.trained_tokens();
+        let opts = ForwardOptions {
+            temperature,
+            ..ForwardOptions::default()
+        };
+        let (rows, _) = expert.next_token_log_softmax(&self.tree, &opts, &tokens)?;
+        let vocab = rows.dim(1)?;
+        self.expert_distribution = Some(ExpertDistribution {
+            tokens,
+            log_probs: rows.detach().flatten_all()?.to_vec1::<f32>()?,
+            vocab,
+        });
+        Ok(())
+    }
+
+    /// Indices of [`Self::wanted`] tokens, ascending.
+    fn trained_tokens(&self) -> Vec<u32> {
+        self.wanted()
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w)
+            .map(|(i, _)| i as u32)
+            .collect()
     }
 }
 
@@ -197,7 +234,9 @@ impl RlOutput {
 }
 
 /// The RL loss of one batch: MCLA log-probabilities, turn-level GSPO with IcePop, plus the
-/// distillation term when the batch carries expert log-probabilities and `distill_coef != 0`.
+/// distillation term when the batch carries the expert's log-probabilities (or distributions)
+/// and `distill_coef != 0`. The exact reverse KL takes the student's distributions from one
+/// more forward pass with deterministic routing.
 pub fn rl_loss(model: &Qwen3Model, batch: &RlBatch, cfg: &RlConfig) -> Result<RlOutput> {
     let wanted = batch.wanted();
     let mc = mcla_logprobs(
@@ -212,13 +251,25 @@ pub fn rl_loss(model: &Qwen3Model, batch: &RlBatch, cfg: &RlConfig) -> Result<Rl
         clip_eps: cfg.clip_eps,
         icepop: cfg.icepop,
     };
-    let terms = rl_objective(
-        &mc.mean,
-        &batch.paths,
-        &gcfg,
-        batch.expert_logprobs.as_deref(),
-        cfg.distill_coef,
-    )?;
+    let student_rows = match &batch.expert_distribution {
+        Some(d) if cfg.distill_coef != 0.0 => {
+            let opts = ForwardOptions {
+                temperature: cfg.temperature,
+                ..ForwardOptions::default()
+            };
+            Some(
+                model
+                    .next_token_log_softmax(&batch.tree, &opts, &d.tokens)?
+                    .0,
+            )
+        }
+        _ => None,
+    };
+    let expert = match (&batch.expert_distribution, &student_rows) {
+        (Some(expert), Some(student)) => Some(ExpertTarget::Distribution { student, expert }),
+        _ => batch.expert_logprobs.as_deref().map(ExpertTarget::Tokens),
+    };
+    let terms = rl_objective_with(&mc.mean, &batch.paths, &gcfg, expert, cfg.distill_coef)?;
     let mut stats = RlStats {
         gspo: terms.gspo_stats,
         gspo_loss: terms.gspo.to_scalar::<f32>()? as f64,

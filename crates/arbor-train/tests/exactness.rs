@@ -10,7 +10,8 @@
 
 use arbor_model::{AuxStats, ForwardOptions, Qwen3Config, Qwen3Model, TreeBatch};
 use arbor_train::{
-    GspoConfig, GspoStats, IcePop, RlBatch, RlConfig, RlPath, rl_loss, rl_objective,
+    ExpertDistribution, ExpertTarget, GspoConfig, GspoStats, IcePop, RlBatch, RlConfig, RlPath,
+    rl_loss, rl_objective_with,
 };
 use arbor_tree::{PackOptions, Sequence, TrajectoryTree, pack_tree};
 use candle::Tensor;
@@ -20,11 +21,29 @@ const TOL: f32 = 1e-4;
 const VOCAB: usize = 48;
 const DISTILL: f32 = 0.5;
 
-fn cfg() -> RlConfig {
+/// How the distillation term is computed, and the sampling temperature of the log-probabilities.
+#[derive(Clone, Copy)]
+struct Mode {
+    /// The exact reverse KL over the vocabulary instead of the sampled-token estimator.
+    full_kl: bool,
+    temperature: f32,
+}
+
+const SAMPLED: Mode = Mode {
+    full_kl: false,
+    temperature: 1.0,
+};
+const FULL_TEMPERED: Mode = Mode {
+    full_kl: true,
+    temperature: 0.7,
+};
+
+fn cfg(mode: Mode) -> RlConfig {
     RlConfig {
         clip_eps: 0.2,
         icepop: Some(IcePop::default()),
         distill_coef: DISTILL,
+        temperature: mode.temperature,
         ..RlConfig::default()
     }
 }
@@ -106,9 +125,14 @@ fn per_path_loss(
     model: &Qwen3Model,
     expert: &Qwen3Model,
     seqs: &[Sequence],
+    mode: Mode,
 ) -> (Tensor, GspoStats) {
     let k = seqs.len() as f32;
-    let c = cfg();
+    let c = cfg(mode);
+    let opts = ForwardOptions {
+        temperature: mode.temperature,
+        ..ForwardOptions::default()
+    };
     let gcfg = GspoConfig {
         clip_eps: c.clip_eps,
         icepop: c.icepop,
@@ -118,14 +142,34 @@ fn per_path_loss(
     let mut stats = GspoStats::default();
     for s in seqs {
         let b = TreeBatch::forest(&[&s.tokens]);
-        let (lp, a) = model
-            .token_logprobs(&b, &ForwardOptions::default())
-            .unwrap();
+        let (lp, a) = model.token_logprobs(&b, &opts).unwrap();
         aux.merge(a).unwrap();
-        let (e, _) = expert
-            .token_logprobs(&b, &ForwardOptions::default())
-            .unwrap();
+        let (e, _) = expert.token_logprobs(&b, &opts).unwrap();
         let e = e.to_vec1::<f32>().unwrap();
+        let rows: Vec<u32> = (0..s.tokens.len() as u32)
+            .filter(|&i| s.loss_mask[i as usize])
+            .collect();
+        let student_rows = model.next_token_log_softmax(&b, &opts, &rows).unwrap().0;
+        let expert_rows = ExpertDistribution {
+            log_probs: expert
+                .next_token_log_softmax(&b, &opts, &rows)
+                .unwrap()
+                .0
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+            tokens: rows,
+            vocab: VOCAB,
+        };
+        let target = if mode.full_kl {
+            ExpertTarget::Distribution {
+                student: &student_rows,
+                expert: &expert_rows,
+            }
+        } else {
+            ExpertTarget::Tokens(&e)
+        };
         let path = RlPath {
             id: s.id.clone(),
             indices: (0..s.tokens.len() as u32).collect(),
@@ -135,7 +179,7 @@ fn per_path_loss(
             advantage: s.advantage.unwrap() as f32,
             weight: 1.0 / k,
         };
-        let terms = rl_objective(&lp, &[path], &gcfg, Some(&e), c.distill_coef).unwrap();
+        let terms = rl_objective_with(&lp, &[path], &gcfg, Some(target), c.distill_coef).unwrap();
         stats.merge(&terms.gspo_stats);
         total = add(total, terms.total);
     }
@@ -152,6 +196,7 @@ fn tree_loss(
     expert: &Qwen3Model,
     tree: &TrajectoryTree,
     budget: Option<usize>,
+    mode: Mode,
 ) -> (Tensor, GspoStats) {
     let batches: Vec<RlBatch> = match budget {
         None => vec![RlBatch::from_flat(&tree.flatten(), tree.num_paths()).unwrap()],
@@ -168,8 +213,14 @@ fn tree_loss(
     let mut aux = AuxStats::default();
     let mut stats = GspoStats::default();
     for mut batch in batches {
-        batch.set_expert(expert, 1.0).unwrap();
-        let out = rl_loss(model, &batch, &cfg()).unwrap();
+        if mode.full_kl {
+            batch
+                .set_expert_distribution(expert, mode.temperature)
+                .unwrap();
+        } else {
+            batch.set_expert(expert, mode.temperature).unwrap();
+        }
+        let out = rl_loss(model, &batch, &cfg(mode)).unwrap();
         assert!(out.stats.distill.tokens > 0);
         stats.merge(&out.stats.gspo);
         aux.merge(out.aux).unwrap();
@@ -193,7 +244,13 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     diff / b.iter().map(|y| y.abs()).fold(0f32, f32::max).max(1e-12)
 }
 
-fn compare(model: &Qwen3Model, expert: &Qwen3Model, seqs: &[Sequence], what: &str) -> GspoStats {
+fn compare(
+    model: &Qwen3Model,
+    expert: &Qwen3Model,
+    seqs: &[Sequence],
+    what: &str,
+    mode: Mode,
+) -> GspoStats {
     let tree = TrajectoryTree::from_sequences(seqs).unwrap();
     let flat = tree.flatten();
     assert!(
@@ -204,10 +261,10 @@ fn compare(model: &Qwen3Model, expert: &Qwen3Model, seqs: &[Sequence], what: &st
         flat.paths.iter().any(|p| !p.overrides.is_empty()),
         "{what}: shared tokens should carry per-path old logprobs"
     );
-    let (lp, sp) = per_path_loss(model, expert, seqs);
+    let (lp, sp) = per_path_loss(model, expert, seqs, mode);
     let longest = seqs.iter().map(|s| s.tokens.len()).max().unwrap();
     for budget in [None, Some(longest.max(flat.len() / 2))] {
-        let (lt, st) = tree_loss(model, expert, &tree, budget);
+        let (lt, st) = tree_loss(model, expert, &tree, budget, mode);
         let label = format!(
             "{what} {}",
             if budget.is_some() { "packed" } else { "tree" }
@@ -290,7 +347,7 @@ fn shapes(model: &Qwen3Model) -> Vec<(&'static str, Vec<Sequence>)> {
 fn gspo_icepop_distill_dense_tree_and_packs_equal_per_path() {
     let (m, expert) = (dense(7), dense(11));
     for (name, s) in shapes(&m) {
-        let st = compare(&m, &expert, &s, &format!("{name} dense"));
+        let st = compare(&m, &expert, &s, &format!("{name} dense"), SAMPLED);
         assert!(st.turns > s.len() as u64, "{name}: multi-turn paths");
         assert!(st.clipped_turns > 0, "{name}: some turn should be clipped");
     }
@@ -300,9 +357,27 @@ fn gspo_icepop_distill_dense_tree_and_packs_equal_per_path() {
 fn gspo_icepop_distill_moe_tree_and_packs_equal_per_path() {
     let (m, expert) = (moe(), dense(11));
     for (name, s) in shapes(&m) {
-        let st = compare(&m, &expert, &s, &format!("{name} moe"));
+        let st = compare(&m, &expert, &s, &format!("{name} moe"), SAMPLED);
         assert!(st.turns > s.len() as u64, "{name}: multi-turn paths");
         assert!(st.clipped_turns > 0, "{name}: some turn should be clipped");
+    }
+}
+
+/// The exact-KL distillation term and a sampling temperature below 1 keep the tree exact: a
+/// token's whole next-token distribution depends only on its prefix, like its log-probability.
+#[test]
+fn full_kl_distill_at_temperature_tree_and_packs_equal_per_path() {
+    for (m, expert, kind) in [(dense(7), dense(11), "dense"), (moe(), dense(11), "moe")] {
+        for (name, s) in shapes(&m) {
+            let st = compare(
+                &m,
+                &expert,
+                &s,
+                &format!("{name} {kind} full-kl"),
+                FULL_TEMPERED,
+            );
+            assert!(st.turns > s.len() as u64, "{name}: multi-turn paths");
+        }
     }
 }
 
@@ -323,7 +398,7 @@ fn recorded_gateway_session_equals_per_path() {
     }
     let (m, expert) = (moe(), dense(11));
     set_old_logprobs(&m, &mut seqs, 3);
-    let st = compare(&m, &expert, &seqs, "recorded session moe");
+    let st = compare(&m, &expert, &seqs, "recorded session moe", SAMPLED);
     assert_eq!(st.turns, seqs.len() as u64, "one turn per recorded call");
 }
 

@@ -5,7 +5,10 @@
 // Expected values are written with the digits of the worked examples.
 #![allow(clippy::excessive_precision)]
 
-use arbor_train::{GspoConfig, IcePop, RlPath, distill_loss, gspo_loss, rl_objective};
+use arbor_train::{
+    ExpertDistribution, ExpertTarget, GspoConfig, IcePop, RlPath, distill_full_loss, distill_loss,
+    gspo_loss, rl_objective, rl_objective_with,
+};
 use candle::{Device, Tensor, Var};
 
 const TOL: f32 = 1e-5;
@@ -226,6 +229,111 @@ fn distillation_by_hand() {
         &grad_of(&total, &lp),
         &[0.0, -0.3333333, 0.8142686, 0.0],
         "combined grad",
+    );
+}
+
+/// The exact reverse KL over a 2-token vocabulary. Flat tokens: t0 prompt, t1 shared by both
+/// paths, t2 only in path A, t3 only in path B (a tool output, not trained). Weights 1/2 each;
+/// M_A = 2 loss tokens, M_B = 1.
+///   t1: student p = (.5, .5) (logits 0, 0), expert q = (.8, .2)
+///       KL_1 = .5 ln(.5/.8) + .5 ln(.5/.2) = .5 ln 1.5625 = 0.2231436
+///   t2: student p = (.75, .25) (logits ln 3, 0), expert q = (.5, .5)
+///       KL_2 = .75 ln 1.5 + .25 ln .5 = 0.1308120
+///   row weights: t1 .5/2 + .5/1 = .75; t2 .5/2 = .25
+///   L = .75 KL_1 + .25 KL_2 = 0.2000607
+///   dKL/dlogits = p (ln p - ln q - KL): t1 (-0.3465736, 0.3465736), t2 (0.2059898, -0.2059898),
+///   times the row weights: t1 (-0.2599302, 0.2599302), t2 (0.0514975, -0.0514975)
+///   reverse KL per (path, token) entry: (2 KL_1 + KL_2) / 3 = 0.1923664
+/// With t2 IcePop-masked in path A (old logprob far below): L = .75 KL_1 = 0.1673577.
+#[test]
+fn full_distillation_by_hand() {
+    let logits =
+        Var::from_tensor(&Tensor::new(&[[0.0f32, 0.0], [3f32.ln(), 0.0]], &Device::Cpu).unwrap())
+            .unwrap();
+    let lse = logits
+        .as_tensor()
+        .log_sum_exp(1)
+        .unwrap()
+        .unsqueeze(1)
+        .unwrap();
+    let student = logits.as_tensor().broadcast_sub(&lse).unwrap();
+    let expert = ExpertDistribution {
+        tokens: vec![1, 2],
+        log_probs: [0.8f32, 0.2, 0.5, 0.5].iter().map(|p| p.ln()).collect(),
+        vocab: 2,
+    };
+    let values = [0.0, 0.5f32.ln(), 0.75f32.ln(), -1.0];
+    let lp = var(&values);
+    let paths = |old_t2: f32| {
+        [
+            path(
+                &[0, 1, 2],
+                &[false, true, true],
+                &[0.0, values[1], old_t2],
+                &[0, 0, 1],
+                0.0,
+                0.5,
+            ),
+            path(
+                &[0, 1, 3],
+                &[false, true, false],
+                &[0.0, values[1], values[3]],
+                &[0, 0, 0],
+                0.0,
+                0.5,
+            ),
+        ]
+    };
+    let ip = Some(IcePop::default());
+    let (loss, stats) =
+        distill_full_loss(lp.as_tensor(), &student, &expert, &paths(values[2]), ip).unwrap();
+    close(loss.to_scalar::<f32>().unwrap(), 0.2000607, "loss");
+    assert_eq!(stats.tokens, 3);
+    close(stats.reverse_kl() as f32, 0.1923664, "reverse kl");
+    let g = loss.backward().unwrap();
+    let g = g.get(&logits).unwrap().to_vec2::<f32>().unwrap();
+    close_all(&g[0], &[-0.2599302, 0.2599302], "grad t1");
+    close_all(&g[1], &[0.0514975, -0.0514975], "grad t2");
+
+    let (masked, stats) = distill_full_loss(
+        lp.as_tensor(),
+        &student,
+        &expert,
+        &paths(values[2] - 2.0),
+        ip,
+    )
+    .unwrap();
+    close(masked.to_scalar::<f32>().unwrap(), 0.1673577, "t2 masked");
+    assert_eq!(stats.tokens, 2);
+
+    // Through the combined objective at coefficient 2 (advantages 0: no GSPO term).
+    let target = ExpertTarget::Distribution {
+        student: &student,
+        expert: &expert,
+    };
+    let cfg = GspoConfig::default();
+    let terms =
+        rl_objective_with(lp.as_tensor(), &paths(values[2]), &cfg, Some(target), 2.0).unwrap();
+    close(
+        terms.total.to_scalar::<f32>().unwrap(),
+        0.4001214,
+        "combined",
+    );
+
+    // A loss token without an expert row, or rows out of order, are errors.
+    let short = ExpertDistribution {
+        tokens: vec![1],
+        log_probs: vec![0.8f32.ln(), 0.2f32.ln()],
+        vocab: 2,
+    };
+    let one_row = student.narrow(0, 0, 1).unwrap();
+    assert!(distill_full_loss(lp.as_tensor(), &one_row, &short, &paths(values[2]), ip).is_err());
+    let unordered = ExpertDistribution {
+        tokens: vec![2, 1],
+        ..expert.clone()
+    };
+    assert!(
+        distill_full_loss(lp.as_tensor(), &student, &unordered, &paths(values[2]), ip).is_err()
     );
 }
 
