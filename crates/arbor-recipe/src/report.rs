@@ -8,7 +8,7 @@ use std::path::Path;
 
 use arbor_rollout::plot::{BarChart, BarGroup, Chart, LineChart, Series};
 
-use crate::config::PipelineConfig;
+use crate::config::{DistillEstimator, PipelineConfig};
 use crate::pipeline::{PipelineResults, ROWS};
 use crate::rl::{IterationLog, read_log};
 use crate::{RecipeError, Result};
@@ -70,8 +70,9 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
     let _ = writeln!(
         md,
         "Model: byte-level Qwen3-style decoder, {} parameters (hidden {}, {} layers{}). \
-         Difficulty {}; {} oracle tasks per domain; RL {} iterations x {} tasks x {} samples; \
-         distillation {} iterations; {} held-out tasks per domain, sampled at temperature {}. \
+         Difficulty {}; {} oracle tasks per domain; RL {} iterations x {} tasks x {} samples \
+         at temperature {}; distillation {} iterations at temperature {} ({} reverse KL); {} \
+         held-out tasks per domain, sampled at temperature {}. \
          Wall time of the last invocation: {:.0} s.\n",
         res.params,
         cfg.model.hidden,
@@ -97,12 +98,18 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
         cfg.rl.iterations,
         cfg.rl.tasks_per_iteration,
         cfg.rl.group_size,
+        cfg.rl.temperature,
         cfg.distill.iterations,
+        cfg.distill.temperature,
+        match cfg.distill.distill_estimator {
+            DistillEstimator::Sampled => "sampled-token",
+            DistillEstimator::Full => "exact",
+        },
         cfg.eval.heldout_tasks,
         match cfg.eval.temperature {
             Some(0.0) => "0 (greedy)".to_string(),
             Some(t) => t.to_string(),
-            None => "1 (as in training)".to_string(),
+            None => "1".to_string(),
         },
         res.seconds
     );
