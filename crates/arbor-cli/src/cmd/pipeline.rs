@@ -267,7 +267,7 @@ pub struct EvalArgs {
     #[arg(long)]
     n: Option<usize>,
     /// Sampling temperature of the evaluated policy (overrides `[eval] temperature`; default
-    /// 1.0, the training temperature; 0 = greedy).
+    /// 1.0; 0 = greedy).
     #[arg(long)]
     temperature: Option<f32>,
     /// Run directory of the evaluation rollouts.

@@ -19,12 +19,14 @@ pub enum Command {
     /// Supervised fine-tuning on the passed rollouts of run directories, trained as trees with
     /// the loss on model-generated tokens only. Resumable: rerun the same command.
     Sft(SftArgs),
-    /// RL: group sampling with the embedded policy on fresh training tasks, verifier rewards,
+    /// RL: group sampling with the embedded policy on fresh training tasks (at `[rl]
+    /// temperature`, the temperature the trainer's log-probabilities use), verifier rewards,
     /// group-relative advantages, turn-level GSPO + IcePop + MCLA updates on packed trees,
     /// weights swapped into the running policy. Resumable: rerun the same command.
     Rl(super::pipeline::RlArgs),
     /// On-policy distillation: the student samples mixed-domain tasks, each domain's expert
-    /// scores its tokens; RL loss plus a per-token reverse-KL term. Resumable.
+    /// scores its tokens; RL loss plus a per-token reverse-KL term (`[distill]
+    /// distill_estimator`: "sampled" token or "full" vocabulary). Resumable.
     Distill(super::pipeline::DistillArgs),
     /// Held-out pass rate of a checkpoint on one domain.
     Eval(super::pipeline::EvalArgs),
