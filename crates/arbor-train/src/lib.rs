@@ -1,9 +1,10 @@
 //! `arbor-train`: the training objectives of the recipe on packed trajectory trees.
 //!
 //! - [`loss`]: tensor-level objectives over a `[T]` vector of token log-probabilities:
-//!   turn-level GSPO with IcePop masking ([`gspo_loss`]), on-policy distillation
-//!   ([`distill_loss`]), both from one masking decision ([`rl_objective`]), and SFT
-//!   ([`loss::sft_loss`]).
+//!   turn-level GSPO with IcePop masking ([`gspo_loss`]), on-policy distillation with the
+//!   sampled-token estimator ([`distill_loss`]) or the exact KL over the vocabulary
+//!   ([`distill_full_loss`], which also takes `[rows, vocab]` distributions), both from one
+//!   masking decision ([`rl_objective`], [`rl_objective_with`]), and SFT ([`loss::sft_loss`]).
 //! - [`mcla`]: log-probabilities averaged over `K` stochastic-routing passes ([`mcla_logprobs`])
 //!   and the importance-weight statistics that show its effect ([`ImportanceStats`]).
 //! - [`rl`]: what a trainer calls: [`RlBatch`] (a flattened tree or pack with per-path RL

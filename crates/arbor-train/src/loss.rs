@@ -1,4 +1,5 @@
-//! Tensor-level objectives over a `[T]` vector of per-token log-probabilities.
+//! Tensor-level objectives over a `[T]` vector of per-token log-probabilities (and, for the
+//! exact distillation KL, the `[rows, vocab]` distributions behind some of those tokens).
 //!
 //! Every function here takes the log-probabilities `logp_theta` of one forward pass over a
 //! flattened tree (or a single path) and a list of [`RlPath`]s that say which entries form each
