@@ -671,11 +671,7 @@ impl Qwen3Model {
         let src: Vec<u32> = rows.iter().map(|&i| parent[i as usize] as u32).collect();
         let targets: Vec<u32> = rows.iter().map(|&i| batch.input_ids[i as usize]).collect();
         let h = hidden.index_select(&Tensor::from_vec(src, n, &self.device)?, 0)?;
-        let mut logits = linear(&h, &self.lm_head)?;
-        if opts.temperature != 1.0 {
-            logits = (logits / opts.temperature as f64)?;
-        }
-        let lp = ops::token_logprobs(&logits, &targets)?;
+        let lp = ops::token_logprobs(&self.tempered_logits(&h, opts.temperature)?, &targets)?;
         if n == t {
             return Ok((lp, aux));
         }
@@ -716,11 +712,17 @@ impl Qwen3Model {
         let (hidden, aux) = self.forward_hidden(batch, opts)?;
         let n = src.len();
         let h = hidden.index_select(&Tensor::from_vec(src, n, &self.device)?, 0)?;
-        let mut logits = linear(&h, &self.lm_head)?;
-        if opts.temperature != 1.0 {
-            logits = (logits / opts.temperature as f64)?;
-        }
+        let logits = self.tempered_logits(&h, opts.temperature)?;
         Ok((candle_nn::ops::log_softmax(&logits, 1)?, aux))
+    }
+
+    /// The LM head on hidden states `h`, divided by `temperature` (unchanged at 1).
+    fn tempered_logits(&self, h: &Tensor, temperature: f32) -> Result<Tensor> {
+        let logits = linear(h, &self.lm_head)?;
+        if temperature == 1.0 {
+            return Ok(logits);
+        }
+        Ok((logits / temperature as f64)?)
     }
 
     /// Next-token logits `[T, vocab]` at every token of a packed tree (no gradient needed).

@@ -241,9 +241,9 @@ pub struct RlSpec {
     pub stop_without_signal: usize,
     /// Sampling temperature of the stage's rollouts (> 0). The trainer's log-probabilities are
     /// those of `logits / temperature`, so the importance ratios, IcePop, the KL to the start
-    /// and the distillation term all compare like with like. Below 1 the policy samples closer
-    /// to its greedy answer, where a small model is right far more often (more groups with a
-    /// reward signal), and the update sharpens the tempered distribution.
+    /// and the distillation term all compare like with like. Below 1 the samples are closer to
+    /// the greedy answer (a small model passes more of them) but also more alike within a
+    /// group, so fewer groups carry a reward signal (BENCHMARKS.md, session 6).
     pub temperature: f32,
 }
 
