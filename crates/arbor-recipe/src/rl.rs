@@ -112,8 +112,14 @@ pub struct IterationLog {
     /// KL(policy || start checkpoint) on the trained paths' sampled tokens (k3 estimator;
     /// `None` when nothing was trained).
     pub kl_to_init: Option<f64>,
-    /// Reverse KL(student || teacher) per token on the student's samples (distillation).
+    /// Reverse KL(student || teacher) per token on the student's samples (distillation), as the
+    /// first update's loss measured it (the packs of its minibatch).
     pub reverse_kl_to_teacher: Option<f64>,
+    /// The same per domain over all of the iteration's trained tokens, before any update:
+    /// the mean of `log pi_student(y_t) - log pi_expert(y_t)` over the sampled tokens (an
+    /// unbiased estimate with either estimator).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub domain_reverse_kl_to_teacher: BTreeMap<String, f64>,
     /// Wall seconds sampling and training; generated tokens per second while sampling;
     /// unique tree tokens processed per second while training.
     pub sample_seconds: f64,
@@ -400,6 +406,12 @@ impl RlStage {
                 entry.mcla_passes = upd.first.mcla_passes;
                 entry.kl_to_init = upd.kl_to_init;
                 entry.reverse_kl_to_teacher = distilling.then(|| upd.first.distill.reverse_kl());
+                entry.domain_reverse_kl_to_teacher = upd
+                    .reverse_kl
+                    .iter()
+                    .filter(|(_, (_, n))| *n > 0)
+                    .map(|(d, (s, n))| (d.clone(), s / *n as f64))
+                    .collect();
                 entry.train_seconds = t_train.elapsed().as_secs_f64();
                 entry.steps = upd.steps;
                 entry.train_tokens_per_s = (upd.unique_tokens as f64
@@ -481,6 +493,8 @@ struct UpdateStats {
     /// Optimizer steps taken.
     steps: usize,
     kl_to_init: Option<f64>,
+    /// Per domain: sum over trained tokens of `logp_behaviour - logp_expert`, and the count.
+    reverse_kl: BTreeMap<String, (f64, u64)>,
 }
 
 impl UpdateJob {
@@ -536,6 +550,11 @@ impl UpdateJob {
                         let d = (lp[i as usize] - old) as f64;
                         kl_sum += d.exp() - d - 1.0;
                         kl_n += 1;
+                        if let Some(e) = b.expert_logprob_of(i as usize) {
+                            let r = st.reverse_kl.entry(domain.clone()).or_default();
+                            r.0 += (old - e) as f64;
+                            r.1 += 1;
+                        }
                     }
                 }
             }
@@ -743,58 +762,76 @@ mod tests {
         assert!(after.1 < before.1 - 0.05, "bad: {before:?} -> {after:?}");
     }
 
+    /// With either estimator, a zero-advantage update moves the student toward the teacher, and
+    /// the per-domain reverse KL logged before it is the mean sampled-token gap.
     #[test]
     fn zero_advantage_distillation_moves_the_student_toward_the_teacher() {
-        let cfg = Qwen3Config::tiny(256, 32, 1, 2, 1);
-        let student = Qwen3Model::new(cfg.clone(), 5).unwrap();
-        let teacher = Arc::new(Qwen3Model::new(cfg, 11).unwrap());
-        let prompt = b"<|user|>\nhi<|end|>\n".map(u32::from).to_vec();
-        let sample = b"abcdef".map(u32::from).to_vec();
-        let seqs = vec![call(&student, "s0", &prompt, &sample, 0.0)];
-        // Per-token gaps -r_t = log pi_s - log pi_t on the sample; their squares shrink as the
-        // student moves toward the teacher.
-        let token_lps = |m: &Qwen3Model| {
-            let toks: Vec<u32> = prompt.iter().chain(&sample).copied().collect();
-            let (lp, _) = m
-                .token_logprobs(&TreeBatch::forest(&[&toks]), &ForwardOptions::default())
-                .unwrap();
-            lp.to_vec1::<f32>().unwrap()[prompt.len()..].to_vec()
-        };
-        let teacher_lp = token_lps(&teacher);
-        let gap = |m: &Qwen3Model| -> (f32, f32) {
-            let lp = token_lps(m);
-            let d: Vec<f32> = lp.iter().zip(&teacher_lp).map(|(s, t)| s - t).collect();
-            (d.iter().sum(), d.iter().map(|x| x * x).sum())
-        };
-        let before = gap(&student);
-        let spec = RlSpec {
-            lr: 2e-3,
-            updates_per_iteration: 1,
-            distill_coef: 1.0,
-            ..RlSpec::default()
-        };
-        let mut t = Trainer {
-            opt: AdamWTrainer::new(student.vars(), spec.lr, 0.0).unwrap(),
-            model: student,
-        };
-        let reference = Arc::new(Qwen3Model::new(t.model.config().clone(), 5).unwrap());
-        let job = UpdateJob {
-            spec,
-            iteration: 0,
-            by_domain: BTreeMap::from([("general".to_string(), seqs)]),
-            weights: HashMap::new(),
-            reference,
-            teachers: HashMap::from([("general".to_string(), teacher.clone())]),
-        };
-        let st = job.run(&mut t).unwrap();
-        assert_eq!(st.first.distill.tokens, 6);
-        assert!((st.first.distill.reverse_kl() - before.0 as f64 / 6.0).abs() < 1e-3);
-        // With a zero advantage only the distillation term acts: the student's log-probs of
-        // its sample move toward the teacher's.
-        let after = gap(&t.model);
-        assert!(
-            after.1 < before.1 * 0.9,
-            "squared gap {before:?} -> {after:?}"
-        );
+        for estimator in [DistillEstimator::Sampled, DistillEstimator::Full] {
+            let cfg = Qwen3Config::tiny(256, 32, 1, 2, 1);
+            let student = Qwen3Model::new(cfg.clone(), 5).unwrap();
+            let teacher = Arc::new(Qwen3Model::new(cfg, 11).unwrap());
+            let prompt = b"<|user|>\nhi<|end|>\n".map(u32::from).to_vec();
+            let sample = b"abcdef".map(u32::from).to_vec();
+            let seqs = vec![call(&student, "s0", &prompt, &sample, 0.0)];
+            // Per-token gaps -r_t = log pi_s - log pi_t on the sample; their squares shrink as
+            // the student moves toward the teacher.
+            let token_lps = |m: &Qwen3Model| {
+                let toks: Vec<u32> = prompt.iter().chain(&sample).copied().collect();
+                let (lp, _) = m
+                    .token_logprobs(&TreeBatch::forest(&[&toks]), &ForwardOptions::default())
+                    .unwrap();
+                lp.to_vec1::<f32>().unwrap()[prompt.len()..].to_vec()
+            };
+            let teacher_lp = token_lps(&teacher);
+            let gap = |m: &Qwen3Model| -> (f32, f32) {
+                let lp = token_lps(m);
+                let d: Vec<f32> = lp.iter().zip(&teacher_lp).map(|(s, t)| s - t).collect();
+                (d.iter().sum(), d.iter().map(|x| x * x).sum())
+            };
+            let before = gap(&student);
+            let spec = RlSpec {
+                lr: 2e-3,
+                updates_per_iteration: 1,
+                distill_coef: 1.0,
+                distill_estimator: estimator,
+                ..RlSpec::default()
+            };
+            let mut t = Trainer {
+                opt: AdamWTrainer::new(student.vars(), spec.lr, 0.0).unwrap(),
+                model: student,
+            };
+            let reference = Arc::new(Qwen3Model::new(t.model.config().clone(), 5).unwrap());
+            let job = UpdateJob {
+                spec,
+                iteration: 0,
+                by_domain: BTreeMap::from([("general".to_string(), seqs)]),
+                weights: HashMap::new(),
+                reference,
+                teachers: HashMap::from([("general".to_string(), teacher.clone())]),
+            };
+            let st = job.run(&mut t).unwrap();
+            assert_eq!(st.first.distill.tokens, 6);
+            let (sum, n) = st.reverse_kl["general"];
+            assert_eq!(n, 6);
+            assert!(
+                (sum - before.0 as f64).abs() < 1e-3,
+                "{sum} vs {}",
+                before.0
+            );
+            if estimator == DistillEstimator::Sampled {
+                let est = st.first.distill.reverse_kl();
+                assert!((est - before.0 as f64 / 6.0).abs() < 1e-3);
+            } else {
+                // The exact KL is non-negative, unlike the sampled gaps.
+                assert!(st.first.distill.reverse_kl() > 0.0);
+            }
+            // With a zero advantage only the distillation term acts: the student's log-probs
+            // of its sample move toward the teacher's.
+            let after = gap(&t.model);
+            assert!(
+                after.1 < before.1 * 0.9,
+                "{estimator:?}: squared gap {before:?} -> {after:?}"
+            );
+        }
     }
 }

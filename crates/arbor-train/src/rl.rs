@@ -161,6 +161,18 @@ impl RlBatch {
         Ok(())
     }
 
+    /// The expert's log-probability of token `t` (the sampled one) from whichever of
+    /// [`Self::set_expert`] / [`Self::set_expert_distribution`] scored the batch; `None` when
+    /// neither did or `t` was not scored.
+    pub fn expert_logprob_of(&self, t: usize) -> Option<f32> {
+        if let Some(d) = &self.expert_distribution {
+            let row = d.tokens.binary_search(&(t as u32)).ok()?;
+            let id = *self.tree.input_ids.get(t)? as usize;
+            return d.log_probs.get(row * d.vocab + id).copied();
+        }
+        self.expert_logprobs.as_ref()?.get(t).copied()
+    }
+
     /// Indices of [`Self::wanted`] tokens, ascending.
     fn trained_tokens(&self) -> Vec<u32> {
         self.wanted()
