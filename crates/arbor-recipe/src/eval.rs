@@ -32,16 +32,12 @@ pub async fn evaluate(
     out: &Path,
     on_progress: Option<ProgressFn>,
 ) -> Result<PassRate> {
-    let mut policy = rollouts::embedded(checkpoint, spec);
-    if let arbor_rollout::experiment::PolicySpec::Embedded { temperature, .. } = &mut policy {
-        *temperature = eval.temperature;
-    }
     let exp = rollouts::experiment(
         &format!("eval-{domain}"),
         out,
         vec![heldout(domain, eval, difficulty).dataset()],
         1,
-        policy,
+        rollouts::embedded(checkpoint, spec, eval.temperature),
         spec,
     );
     rollouts::run(&exp, out, on_progress).await?;

@@ -544,6 +544,7 @@ impl UpdateJob {
                 .reference
                 .token_logprobs_where(&b.tree, &opts, Some(&wanted))?;
             let lp = lp.to_vec1::<f32>()?;
+            let mut reverse_kl = (0.0f64, 0u64);
             for p in &b.paths {
                 for ((&i, &m), &old) in p.indices.iter().zip(&p.loss_mask).zip(&p.old_logprobs) {
                     if m {
@@ -551,12 +552,16 @@ impl UpdateJob {
                         kl_sum += d.exp() - d - 1.0;
                         kl_n += 1;
                         if let Some(e) = b.expert_logprob_of(i as usize) {
-                            let r = st.reverse_kl.entry(domain.clone()).or_default();
-                            r.0 += (old - e) as f64;
-                            r.1 += 1;
+                            reverse_kl.0 += (old - e) as f64;
+                            reverse_kl.1 += 1;
                         }
                     }
                 }
+            }
+            if reverse_kl.1 > 0 {
+                let r = st.reverse_kl.entry(domain.clone()).or_default();
+                r.0 += reverse_kl.0;
+                r.1 += reverse_kl.1;
             }
             batches.push(b);
         }
@@ -704,6 +709,32 @@ mod tests {
         s
     }
 
+    /// One iteration's updates of `model` on `seqs` of `domain`; returns the updated model and
+    /// what the updates measured.
+    fn update(
+        model: Qwen3Model,
+        spec: RlSpec,
+        domain: &str,
+        seqs: Vec<Sequence>,
+        reference: Arc<Qwen3Model>,
+        teachers: HashMap<String, Arc<Qwen3Model>>,
+    ) -> (Qwen3Model, UpdateStats) {
+        let mut t = Trainer {
+            opt: AdamWTrainer::new(model.vars(), spec.lr, 0.0).unwrap(),
+            model,
+        };
+        let job = UpdateJob {
+            spec,
+            iteration: 0,
+            by_domain: BTreeMap::from([(domain.to_string(), seqs)]),
+            weights: HashMap::new(),
+            reference,
+            teachers,
+        };
+        let st = job.run(&mut t).unwrap();
+        (t.model, st)
+    }
+
     #[test]
     fn an_update_moves_probability_toward_the_positive_advantage_sample() {
         let cfg = Qwen3Config::tiny(256, 32, 1, 2, 1);
@@ -728,19 +759,7 @@ mod tests {
             minibatches: 4,
             ..RlSpec::default()
         };
-        let mut t = Trainer {
-            opt: AdamWTrainer::new(model.vars(), spec.lr, 0.0).unwrap(),
-            model,
-        };
-        let job = UpdateJob {
-            spec,
-            iteration: 0,
-            by_domain: BTreeMap::from([("terminal".to_string(), seqs)]),
-            weights: HashMap::new(),
-            reference,
-            teachers: HashMap::new(),
-        };
-        let st = job.run(&mut t).unwrap();
+        let (model, st) = update(model, spec, "terminal", seqs, reference, HashMap::new());
         // The two calls share the prompt: one tree, two paths, the prompt stored once.
         assert_eq!(st.paths, 2);
         assert_eq!(
@@ -755,8 +774,8 @@ mod tests {
         assert!(st.kl_to_init.unwrap().abs() < 1e-6, "{:?}", st.kl_to_init);
         assert!(st.first.iw_single.variance() < 1e-9);
         let after = (
-            completion_logprob(&t.model, &prompt, &good),
-            completion_logprob(&t.model, &prompt, &bad),
+            completion_logprob(&model, &prompt, &good),
+            completion_logprob(&model, &prompt, &bad),
         );
         assert!(after.0 > before.0 + 0.05, "good: {before:?} -> {after:?}");
         assert!(after.1 < before.1 - 0.05, "bad: {before:?} -> {after:?}");
@@ -796,20 +815,9 @@ mod tests {
                 distill_estimator: estimator,
                 ..RlSpec::default()
             };
-            let mut t = Trainer {
-                opt: AdamWTrainer::new(student.vars(), spec.lr, 0.0).unwrap(),
-                model: student,
-            };
-            let reference = Arc::new(Qwen3Model::new(t.model.config().clone(), 5).unwrap());
-            let job = UpdateJob {
-                spec,
-                iteration: 0,
-                by_domain: BTreeMap::from([("general".to_string(), seqs)]),
-                weights: HashMap::new(),
-                reference,
-                teachers: HashMap::from([("general".to_string(), teacher.clone())]),
-            };
-            let st = job.run(&mut t).unwrap();
+            let reference = Arc::new(Qwen3Model::new(student.config().clone(), 5).unwrap());
+            let teachers = HashMap::from([("general".to_string(), teacher.clone())]);
+            let (student, st) = update(student, spec, "general", seqs, reference, teachers);
             assert_eq!(st.first.distill.tokens, 6);
             let (sum, n) = st.reverse_kl["general"];
             assert_eq!(n, 6);
@@ -827,7 +835,7 @@ mod tests {
             }
             // With a zero advantage only the distillation term acts: the student's log-probs
             // of its sample move toward the teacher's.
-            let after = gap(&t.model);
+            let after = gap(&student);
             assert!(
                 after.1 < before.1 * 0.9,
                 "{estimator:?}: squared gap {before:?} -> {after:?}"

@@ -72,13 +72,13 @@ pub fn experiment(
     }
 }
 
-/// The embedded policy over a checkpoint directory.
-pub fn embedded(checkpoint: &Path, spec: &RolloutSpec) -> PolicySpec {
+/// The embedded policy over a checkpoint directory, sampled at `temperature` (`None`: 1.0).
+pub fn embedded(checkpoint: &Path, spec: &RolloutSpec, temperature: Option<f32>) -> PolicySpec {
     PolicySpec::Embedded {
         checkpoint: checkpoint.to_path_buf(),
         max_tokens: Some(spec.max_tokens),
         max_concurrency: spec.policy_concurrency,
-        temperature: None,
+        temperature,
     }
 }
 
@@ -137,6 +137,8 @@ pub fn served(base_url: String, spec: &RolloutSpec, temperature: f32) -> PolicyS
         model: "arbor-embedded".into(),
         api_key_env: None,
         max_tokens: Some(spec.max_tokens),
+        // 1.0 is the server's default: leaving it out keeps the experiment text of a
+        // temperature-1 stage what it was, so run directories from before resume.
         temperature: (temperature != 1.0).then_some(temperature),
     }
 }

@@ -416,7 +416,8 @@ pub struct ExpertDistribution {
 }
 
 impl ExpertDistribution {
-    fn row_of(&self, token: u32) -> Option<usize> {
+    /// The row of flat token `token`, if it was scored.
+    pub fn row_of(&self, token: u32) -> Option<usize> {
         self.tokens.binary_search(&token).ok()
     }
 }

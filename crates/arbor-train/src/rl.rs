@@ -166,7 +166,7 @@ impl RlBatch {
     /// neither did or `t` was not scored.
     pub fn expert_logprob_of(&self, t: usize) -> Option<f32> {
         if let Some(d) = &self.expert_distribution {
-            let row = d.tokens.binary_search(&(t as u32)).ok()?;
+            let row = d.row_of(t as u32)?;
             let id = *self.tree.input_ids.get(t)? as usize;
             return d.log_probs.get(row * d.vocab + id).copied();
         }
