@@ -199,14 +199,41 @@ fn json_line(v: &impl Serialize) -> Result<String> {
     serde_json::to_string(v).map_err(|e| RecipeError::Io(e.to_string()))
 }
 
+/// What must match for a checkpoint to be continued: every setting that shapes the stage's
+/// samples and updates (not its label or output directory). Stored as JSON in `state.json` and
+/// compared after parsing, not as text, so a checkpoint written before a setting existed still
+/// resumes when the setting's default is what it ran with (the specs fill missing fields with
+/// their defaults), and one whose settings differ does not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageIdentity {
+    spec: RlSpec,
+    rollout: RolloutSpec,
+    domains: Vec<String>,
+    difficulty: u32,
+    seed: u64,
+    init: PathBuf,
+    teachers: BTreeMap<String, PathBuf>,
+}
+
+impl StageIdentity {
+    /// Whether a stored identity (JSON text) names the same stage; unreadable text does not.
+    fn matches(&self, stored: &str) -> bool {
+        serde_json::from_str::<StageIdentity>(stored).is_ok_and(|s| s == *self)
+    }
+}
+
 impl RlStage {
-    /// What must match for a checkpoint to be continued.
-    fn identity(&self) -> Result<String> {
-        json_line(&serde_json::json!({
-            "spec": self.spec, "rollout": self.rollout, "domains": self.domains,
-            "difficulty": self.difficulty, "seed": self.seed, "init": self.init,
-            "teachers": self.teachers,
-        }))
+    fn identity(&self) -> StageIdentity {
+        StageIdentity {
+            spec: self.spec.clone(),
+            rollout: self.rollout.clone(),
+            domains: self.domains.clone(),
+            difficulty: self.difficulty,
+            seed: self.seed,
+            init: self.init.clone(),
+            teachers: self.teachers.clone(),
+        }
     }
 
     /// The task draw of one iteration: fresh training tasks per domain.
@@ -240,11 +267,15 @@ impl RlStage {
             return serde_json::from_str(&text)
                 .map_err(|e| RecipeError::Io(format!("{}: {e}", report_path.display())));
         }
-        let identity = self.identity()?;
+        let identity = self.identity();
         let ckpt_dir = out.join("checkpoint");
         let best_dir = out.join("best");
         let (model, mut state) = match arbor_train::checkpoint::load_latest::<RlState>(&ckpt_dir)? {
-            Some((m, st)) if st.identity == identity => (m, st),
+            Some((m, mut st)) if identity.matches(&st.identity) => {
+                // Rewritten in today's form with the next checkpoint.
+                st.identity = json_line(&identity)?;
+                (m, st)
+            }
             Some(_) => {
                 return Err(RecipeError::Config(format!(
                     "{} holds a checkpoint of another stage configuration; use another output directory",
@@ -254,7 +285,7 @@ impl RlStage {
             None => (
                 Qwen3Model::load(&self.init)?,
                 RlState {
-                    identity: identity.clone(),
+                    identity: json_line(&identity)?,
                     done: 0,
                     best_iteration: None,
                     best_pass_rate: -1.0,
@@ -678,6 +709,50 @@ mod tests {
         assert!(without_signal(&log, 2));
         assert!(!without_signal(&log, 3), "iteration 2 had signal");
         assert!(!without_signal(&log[..1], 2), "too few iterations yet");
+    }
+
+    /// A checkpoint written before `temperature` and `distill_estimator` existed (its identity
+    /// has neither) resumes under today's defaults, and not under other values of them.
+    #[test]
+    fn an_identity_without_newer_settings_matches_their_defaults_only() {
+        let stage = RlStage {
+            label: "rl/terminal".into(),
+            spec: RlSpec::default(),
+            rollout: RolloutSpec::default(),
+            domains: vec!["terminal".into()],
+            difficulty: 1,
+            seed: 7,
+            init: "ckpt/sft".into(),
+            teachers: BTreeMap::new(),
+            out: "out".into(),
+        };
+        let mut old: serde_json::Value = serde_json::to_value(stage.identity()).unwrap();
+        let spec = old["spec"].as_object_mut().unwrap();
+        assert!(spec.remove("temperature").is_some());
+        assert!(spec.remove("distill_estimator").is_some());
+        let old = old.to_string();
+        assert!(stage.identity().matches(&old));
+        assert!(
+            stage
+                .identity()
+                .matches(&json_line(&stage.identity()).unwrap())
+        );
+
+        let mut hotter = stage.identity();
+        hotter.spec.temperature = 0.5;
+        assert!(
+            !hotter.matches(&old),
+            "another temperature is another stage"
+        );
+        let mut reseeded = stage.identity();
+        reseeded.seed = 8;
+        assert!(!reseeded.matches(&old));
+        assert!(!stage.identity().matches("not json"));
+        let unknown = old.replacen("\"seed\"", "\"extra\":1,\"seed\"", 1);
+        assert!(
+            !stage.identity().matches(&unknown),
+            "a setting this build does not know"
+        );
     }
 
     /// Log-probability of `completion` after `prompt` under `model` (sum over its tokens).
