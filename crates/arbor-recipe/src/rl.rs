@@ -268,12 +268,13 @@ impl RlStage {
                 .map_err(|e| RecipeError::Io(format!("{}: {e}", report_path.display())));
         }
         let identity = self.identity();
+        let identity_text = json_line(&identity)?;
         let ckpt_dir = out.join("checkpoint");
         let best_dir = out.join("best");
         let (model, mut state) = match arbor_train::checkpoint::load_latest::<RlState>(&ckpt_dir)? {
             Some((m, mut st)) if identity.matches(&st.identity) => {
                 // Rewritten in today's form with the next checkpoint.
-                st.identity = json_line(&identity)?;
+                st.identity = identity_text;
                 (m, st)
             }
             Some(_) => {
@@ -285,7 +286,7 @@ impl RlStage {
             None => (
                 Qwen3Model::load(&self.init)?,
                 RlState {
-                    identity: json_line(&identity)?,
+                    identity: identity_text,
                     done: 0,
                     best_iteration: None,
                     best_pass_rate: -1.0,
