@@ -208,6 +208,12 @@ pub struct RlSpec {
     pub iterations: usize,
     /// Training tasks per iteration (per domain for distillation).
     pub tasks_per_iteration: usize,
+    /// Where the tasks come from. 0: fresh generated tasks every iteration (no task is seen
+    /// twice). N > 0: a fixed training set of N tasks per domain, taken `tasks_per_iteration`
+    /// at a time in order and revisited in epochs, as a recipe with a finite task dataset
+    /// trains (and the check that RL can fit a set it sees repeatedly: N =
+    /// `tasks_per_iteration` samples the same tasks every iteration).
+    pub task_pool: usize,
     /// Rollouts per task (the group).
     pub group_size: u32,
     /// Passes (epochs) over each iteration's samples.
@@ -223,6 +229,10 @@ pub struct RlSpec {
     pub normalize_std: bool,
     /// GSPO clip range of the turn ratio.
     pub clip_eps: f32,
+    /// Coefficient `beta` of a KL penalty toward the stage's start checkpoint (k3 estimator on
+    /// the sampled tokens, per-path mean; 0 = off). Holds a small model near its SFT policy at
+    /// a step size that still moves it (BENCHMARKS.md, session 9).
+    pub kl_coef: f32,
     /// IcePop bounds `[alpha, beta]` on the training/behaviour probability ratio (`None` = off).
     pub icepop: Option<IcePop>,
     /// MCLA forward passes `K` (1 = off).
@@ -252,12 +262,14 @@ impl Default for RlSpec {
         Self {
             iterations: 6,
             tasks_per_iteration: 16,
+            task_pool: 0,
             group_size: 4,
             updates_per_iteration: 2,
             minibatches: 1,
             lr: 1e-3,
             normalize_std: false,
             clip_eps: 0.2,
+            kl_coef: 0.0,
             icepop: Some(IcePop::default()),
             mcla_passes: 1,
             router_noise: 0.0,
@@ -324,13 +336,26 @@ impl RlSpec {
             distill_coef: self.distill_coef,
             mcla: Mcla::new(self.mcla_passes.max(1), self.router_noise, step * 1000),
             temperature: self.temperature,
+            kl_coef: self.kl_coef,
         }
     }
 
-    fn validate(&self, what: &str) -> std::result::Result<(), String> {
+    pub(crate) fn validate(&self, what: &str) -> std::result::Result<(), String> {
         if self.group_size < 2 {
             return Err(format!(
                 "{what}.group_size must be at least 2 (advantages are relative to the group)"
+            ));
+        }
+        if !(self.kl_coef >= 0.0 && self.kl_coef.is_finite()) {
+            return Err(format!(
+                "{what}.kl_coef must be a finite number >= 0, not {}",
+                self.kl_coef
+            ));
+        }
+        if self.task_pool != 0 && self.task_pool < self.tasks_per_iteration {
+            return Err(format!(
+                "{what}.task_pool ({}) must be 0 (fresh tasks) or at least tasks_per_iteration ({}): an iteration samples each task once",
+                self.task_pool, self.tasks_per_iteration
             ));
         }
         if self.tasks_per_iteration == 0 || self.max_tokens_per_pack == 0 || self.lr <= 0.0 {

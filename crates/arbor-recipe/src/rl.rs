@@ -2,7 +2,8 @@
 //!
 //! One iteration:
 //!
-//! 1. **Sample.** `tasks_per_iteration` fresh training tasks of each domain, `group_size`
+//! 1. **Sample.** `tasks_per_iteration` training tasks of each domain (fresh ones, or the next
+//!    window of a fixed pool: `task_pool`), `group_size`
 //!    rollouts each, under the bash scaffold, in real sandboxes, against this stage's own
 //!    [`arbor_policy::EmbeddedPolicy`] (an upstream of the run's gateway, which records every
 //!    call as token ids with the policy's behaviour logprobs).
@@ -45,6 +46,7 @@ use crate::advantage::group_advantages;
 use crate::config::{DistillEstimator, RlSpec, RolloutSpec};
 use crate::rollouts::{self, Episode, TaskSet};
 use crate::{RecipeError, Result};
+use arbor_rollout::experiment::DatasetSpec;
 
 /// The run's log, one line per iteration.
 pub const LOG_FILE: &str = "rl_log.jsonl";
@@ -236,23 +238,43 @@ impl RlStage {
         }
     }
 
-    /// The task draw of one iteration: fresh training tasks per domain.
-    fn tasks(&self, iteration: usize) -> Vec<TaskSet> {
-        self.domains
-            .iter()
-            .enumerate()
-            .map(|(d, domain)| TaskSet {
+    /// The task draw of one iteration per domain: fresh training tasks, or the next window of
+    /// the fixed pool (`task_pool`; a window that runs past the pool's end wraps to its start).
+    fn tasks(&self, iteration: usize) -> Vec<DatasetSpec> {
+        let k = self.spec.tasks_per_iteration;
+        let mut out = Vec::new();
+        for (d, domain) in self.domains.iter().enumerate() {
+            let set = |n: usize, draw: u64| TaskSet {
                 domain: domain.clone(),
-                n: self.spec.tasks_per_iteration,
+                n,
                 seed: self
                     .seed
                     .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                    .wrapping_add(((iteration as u64) << 8) | d as u64)
+                    .wrapping_add((draw << 8) | d as u64)
                     .wrapping_add(0x5151),
                 split: "train",
                 difficulty: self.difficulty,
-            })
-            .collect()
+            };
+            let pool = self.spec.task_pool;
+            if pool == 0 {
+                out.push(set(k, iteration as u64).dataset());
+                continue;
+            }
+            // One seed for the whole pool (draw 0: a pool of `tasks_per_iteration` tasks is
+            // iteration 0's fresh draw).
+            let mut start = (iteration * k) % pool;
+            let mut left = k;
+            while left > 0 {
+                let take = left.min(pool - start);
+                let mut ds = set(pool, 0).dataset();
+                ds.skip = start;
+                ds.limit = Some(take);
+                out.push(ds);
+                left -= take;
+                start = 0;
+            }
+        }
+        out
     }
 
     /// Runs (or continues) the stage.
@@ -349,7 +371,7 @@ impl RlStage {
                 let exp = rollouts::experiment(
                     &format!("{}-iter-{it}", self.label.replace('/', "-")),
                     &run_dir,
-                    self.tasks(it).iter().map(TaskSet::dataset).collect(),
+                    self.tasks(it),
                     self.spec.group_size,
                     rollouts::served(policy.base_url(), &self.rollout, self.spec.temperature),
                     &self.rollout,
@@ -576,6 +598,9 @@ impl UpdateJob {
                 .reference
                 .token_logprobs_where(&b.tree, &opts, Some(&wanted))?;
             let lp = lp.to_vec1::<f32>()?;
+            if self.spec.kl_coef != 0.0 {
+                b.reference_logprobs = Some(lp.clone());
+            }
             let mut reverse_kl = (0.0f64, 0u64);
             for p in &b.paths {
                 for ((&i, &m), &old) in p.indices.iter().zip(&p.loss_mask).zip(&p.old_logprobs) {
@@ -710,6 +735,73 @@ mod tests {
         assert!(without_signal(&log, 2));
         assert!(!without_signal(&log, 3), "iteration 2 had signal");
         assert!(!without_signal(&log[..1], 2), "too few iterations yet");
+    }
+
+    /// A fixed pool is walked `tasks_per_iteration` at a time, wrapping at its end, and its
+    /// first window is the fresh draw of iteration 0.
+    #[test]
+    fn a_task_pool_is_revisited_in_windows_and_fresh_draws_never_repeat() {
+        let stage = |pool: usize| RlStage {
+            label: "rl/terminal".into(),
+            spec: RlSpec {
+                tasks_per_iteration: 4,
+                task_pool: pool,
+                ..RlSpec::default()
+            },
+            rollout: RolloutSpec::default(),
+            domains: vec!["terminal".into()],
+            difficulty: 1,
+            seed: 7,
+            init: "ckpt/sft".into(),
+            teachers: BTreeMap::new(),
+            out: "out".into(),
+        };
+        let ids = |s: &RlStage, it: usize| -> Vec<String> {
+            let exp = rollouts::experiment(
+                "t",
+                Path::new("out"),
+                s.tasks(it),
+                2,
+                rollouts::served("http://127.0.0.1:1".into(), &s.rollout, 1.0),
+                &s.rollout,
+            );
+            arbor_rollout::runner::load_tasks(&exp)
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect()
+        };
+        let fresh = stage(0);
+        let (f0, f1) = (ids(&fresh, 0), ids(&fresh, 1));
+        assert_eq!(f0.len(), 4);
+        assert!(f0.iter().all(|id| !f1.contains(id)), "{f0:?} {f1:?}");
+
+        let pooled = stage(6);
+        let all: Vec<String> = (0..3).flat_map(|it| ids(&pooled, it)).collect();
+        assert_eq!(all.len(), 12);
+        // Iterations 0..3 take pool tasks 0-3, 4 5 0 1, 2-5: every task twice.
+        assert_eq!(all[..4], f0[..]);
+        assert_eq!(all[4..6], all[10..12]);
+        assert_eq!(all[6..8], all[..2]);
+        assert_eq!(all[8..10], all[2..4]);
+        let distinct: std::collections::BTreeSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), 6);
+
+        let same = stage(4);
+        assert_eq!(
+            ids(&same, 0),
+            ids(&same, 5),
+            "a pool of one window repeats it"
+        );
+        assert!(
+            RlSpec {
+                task_pool: 3,
+                tasks_per_iteration: 4,
+                ..RlSpec::default()
+            }
+            .validate("rl")
+            .is_err()
+        );
     }
 
     /// A checkpoint written before `temperature` and `distill_estimator` existed (its identity

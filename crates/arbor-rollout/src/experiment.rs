@@ -101,7 +101,10 @@ pub struct DatasetSpec {
     pub split: Option<String>,
     /// 1..=5 (with `domain`; default 2).
     pub difficulty: Option<u32>,
-    /// Keep only the first `limit` tasks of the source.
+    /// Leave out the first `skip` tasks of the source (before `limit`): with `limit`, a window
+    /// of a larger task pool.
+    pub skip: usize,
+    /// Keep only the first `limit` tasks of the source (after `skip`).
     pub limit: Option<usize>,
 }
 

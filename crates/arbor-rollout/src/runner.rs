@@ -118,6 +118,7 @@ pub fn load_tasks(exp: &Experiment) -> Result<Vec<Task>> {
                 ));
             }
         };
+        got.drain(..d.skip.min(got.len()));
         if let Some(l) = d.limit {
             got.truncate(l);
         }

@@ -403,6 +403,53 @@ fn distill_from_selection(
     Ok((rho.mul(&coef)?.sum_all()?, stats))
 }
 
+/// KL penalty toward a reference policy (the GRPO objective's `beta * D_KL(pi_theta || pi_ref)`,
+/// k3 estimator on the sampled tokens), averaged per path then weighted like the other terms:
+///
+/// ```text
+/// d_t = log pi_ref(y_t) - log pi_theta(y_t)
+/// L   = sum_k (c_k / M_k) * sum_{t in path k, loss tokens} ( exp(d_t) - d_t - 1 )
+/// ```
+///
+/// Non-negative, zero where the policy equals the reference; its gradient
+/// `1 - pi_ref / pi_theta` per token pulls each sampled token's probability back toward the
+/// reference's. Without it a small model's RL drifts: pushing down the tokens of failing
+/// samples raises the probability of everything else, and the drift feeds on itself
+/// (BENCHMARKS.md, session 9). `reference` holds `log pi_ref` per flat token (only loss tokens
+/// are read). Returns the term and its per-token mean (the KL estimate).
+pub fn kl_penalty(logprobs: &Tensor, reference: &[f32], paths: &[RlPath]) -> Result<(Tensor, f64)> {
+    let t = logprobs.dims1()?;
+    if reference.len() != t {
+        return Err(TrainError::Input(format!(
+            "{} reference log-probabilities for {t} tokens",
+            reference.len()
+        )));
+    }
+    let (mut idx, mut refs, mut coef) = (Vec::new(), Vec::new(), Vec::new());
+    for p in paths {
+        p.validate(t)?;
+        let m = p.loss_mask.iter().filter(|&&x| x).count();
+        for (&i, &keep) in p.indices.iter().zip(&p.loss_mask) {
+            if keep {
+                idx.push(i);
+                refs.push(reference[i as usize]);
+                coef.push(p.weight / m as f32);
+            }
+        }
+    }
+    if idx.is_empty() {
+        return Ok((zero_like_loss(logprobs)?, 0.0));
+    }
+    let n = idx.len();
+    let dev = logprobs.device();
+    let idx = Tensor::from_vec(idx, n, dev)?;
+    let d = Tensor::from_vec(refs, n, dev)?.sub(&logprobs.index_select(&idx, 0)?)?;
+    let k3 = ((d.exp()? - &d)? - 1.0)?;
+    let mean = k3.mean_all()?.to_scalar::<f32>()? as f64;
+    let coef = Tensor::from_vec(coef, n, dev)?;
+    Ok((k3.mul(&coef)?.sum_all()?, mean))
+}
+
 /// The expert's whole next-token distribution at some tokens of a batch, for the exact
 /// per-token reverse KL ([`ExpertTarget::Distribution`]).
 #[derive(Debug, Clone, PartialEq)]

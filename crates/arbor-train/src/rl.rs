@@ -30,6 +30,10 @@ pub struct RlConfig {
     /// `logits / temperature`, the distribution the behaviour log-probabilities came from.
     #[serde(default = "one")]
     pub temperature: f32,
+    /// Coefficient `beta` of the KL penalty toward the batch's reference log-probabilities
+    /// ([`crate::loss::kl_penalty`]; used when the batch carries them, 0 = off).
+    #[serde(default)]
+    pub kl_coef: f32,
 }
 
 fn one() -> f32 {
@@ -45,6 +49,7 @@ impl Default for RlConfig {
             distill_coef: 0.0,
             mcla: Mcla::default(),
             temperature: 1.0,
+            kl_coef: 0.0,
         }
     }
 }
@@ -64,6 +69,9 @@ pub struct RlBatch {
     /// reverse KL), see [`Self::set_expert_distribution`]. Takes precedence over
     /// `expert_logprobs`.
     pub expert_distribution: Option<ExpertDistribution>,
+    /// The reference policy's log-probability of each token, for the KL penalty
+    /// ([`RlConfig::kl_coef`]); computed by the caller (it usually has them for logging).
+    pub reference_logprobs: Option<Vec<f32>>,
 }
 
 impl RlBatch {
@@ -107,6 +115,7 @@ impl RlBatch {
             aux_token_weights: flat.leaf_count.iter().map(|&g| g as f32).collect(),
             expert_logprobs: None,
             expert_distribution: None,
+            reference_logprobs: None,
         })
     }
 
@@ -195,6 +204,8 @@ pub struct RlStats {
     pub gspo_loss: f64,
     /// Value of the distillation term before its coefficient.
     pub distill_loss: f64,
+    /// Value of the KL-penalty term before its coefficient (0 when off).
+    pub kl_penalty: f64,
     /// Forward passes averaged (MCLA `K` actually run).
     pub mcla_passes: usize,
     /// Importance weights `exp(logp_rollout - logp_train)` with one pass (`K = 1`).
@@ -215,6 +226,7 @@ impl RlStats {
         self.distill.merge(&o.distill);
         self.gspo_loss += o.gspo_loss;
         self.distill_loss += o.distill_loss;
+        self.kl_penalty += o.kl_penalty;
         self.mcla_passes = self.mcla_passes.max(o.mcla_passes);
         self.iw_single.merge(&o.iw_single);
         self.iw_mcla.merge(&o.iw_mcla);
@@ -247,7 +259,8 @@ impl RlOutput {
 
 /// The RL loss of one batch: MCLA log-probabilities, turn-level GSPO with IcePop, plus the
 /// distillation term when the batch carries the expert's log-probabilities (or distributions)
-/// and `distill_coef != 0`. The exact reverse KL takes the student's distributions from one
+/// and `distill_coef != 0`, plus the KL penalty when it carries reference log-probabilities
+/// and `kl_coef != 0`. The exact reverse KL takes the student's distributions from one
 /// more forward pass with deterministic routing.
 pub fn rl_loss(model: &Qwen3Model, batch: &RlBatch, cfg: &RlConfig) -> Result<RlOutput> {
     let wanted = batch.wanted();
@@ -294,6 +307,12 @@ pub fn rl_loss(model: &Qwen3Model, batch: &RlBatch, cfg: &RlConfig) -> Result<Rl
         stats.distill = *ds;
         stats.distill_loss = d.to_scalar::<f32>()? as f64;
     }
+    let mut total = terms.total;
+    if let (Some(reference), true) = (&batch.reference_logprobs, cfg.kl_coef != 0.0) {
+        let (kl, _) = crate::loss::kl_penalty(&mc.mean, reference, &batch.paths)?;
+        stats.kl_penalty = kl.to_scalar::<f32>()? as f64;
+        total = (total + (kl * cfg.kl_coef as f64)?)?;
+    }
     tracing::debug!(
         paths = batch.paths.len(),
         masked = stats.gspo.masked_fraction(),
@@ -301,7 +320,7 @@ pub fn rl_loss(model: &Qwen3Model, batch: &RlBatch, cfg: &RlConfig) -> Result<Rl
         "rl loss"
     );
     Ok(RlOutput {
-        loss: terms.total,
+        loss: total,
         aux: mc.aux,
         stats,
     })

@@ -7,7 +7,7 @@
 
 use arbor_train::{
     ExpertDistribution, ExpertTarget, GspoConfig, IcePop, RlPath, distill_full_loss, distill_loss,
-    gspo_loss, rl_objective, rl_objective_with,
+    gspo_loss, kl_penalty, rl_objective, rl_objective_with,
 };
 use candle::{Device, Tensor, Var};
 
@@ -335,6 +335,51 @@ fn full_distillation_by_hand() {
     assert!(
         distill_full_loss(lp.as_tensor(), &student, &unordered, &paths(values[2]), ip).is_err()
     );
+}
+
+/// KL penalty, k3 on the sampled tokens, per-path mean. Two paths of weight 1/2 share token 1;
+/// token 0 is a prompt token (no loss).
+///
+/// logp_theta = [0, -1, -2, -0.5], logp_ref = [0, -1.5, -1, -0.5]: d = ref - theta is -0.5 at
+/// token 1, +1 at token 2, 0 at token 3, and k3 = e^d - d - 1 is 0.10653066, 0.71828183, 0.
+/// Path A (tokens 1, 2): 0.5 / 2 * 0.82481249; path B (tokens 1, 3): 0.5 / 2 * 0.10653066;
+/// L = 0.23283579. dL/dtheta_t = (sum of c_k / M_k over paths through t) * (1 - e^d):
+/// token 1: 0.5 * 0.39346934, token 2: 0.25 * (1 - e) = -0.42957046, token 3: 0.
+#[test]
+fn kl_penalty_by_hand() {
+    let lp = var(&[0.0, -1.0, -2.0, -0.5]);
+    let reference = [0.0, -1.5, -1.0, -0.5];
+    let paths = vec![
+        path(
+            &[0, 1, 2],
+            &[false, true, true],
+            &[0.0; 3],
+            &[0, 1, 1],
+            1.0,
+            0.5,
+        ),
+        path(
+            &[0, 1, 3],
+            &[false, true, true],
+            &[0.0; 3],
+            &[0, 1, 1],
+            -1.0,
+            0.5,
+        ),
+    ];
+    let (loss, mean) = kl_penalty(lp.as_tensor(), &reference, &paths).unwrap();
+    close(loss.to_scalar::<f32>().unwrap(), 0.23283579, "loss");
+    close(
+        mean as f32,
+        0.93134315 / 4.0,
+        "mean k3 over the gathered tokens",
+    );
+    let g = grad_of(&loss, &lp);
+    close_all(&g, &[0.0, 0.19673467, -0.42957046, 0.0], "gradient");
+    // The advantage plays no part; a policy equal to its reference pays nothing.
+    let (zero, _) = kl_penalty(lp.as_tensor(), &[0.0, -1.0, -2.0, -0.5], &paths).unwrap();
+    close(zero.to_scalar::<f32>().unwrap(), 0.0, "at the reference");
+    assert!(kl_penalty(lp.as_tensor(), &[0.0; 3], &paths).is_err());
 }
 
 #[test]
