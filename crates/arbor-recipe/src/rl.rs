@@ -3,8 +3,8 @@
 //! One iteration:
 //!
 //! 1. **Sample.** `tasks_per_iteration` training tasks of each domain (fresh ones, or the next
-//!    window of a fixed pool: `task_pool`), `group_size`
-//!    rollouts each, under the bash scaffold, in real sandboxes, against this stage's own
+//!    window of a fixed pool: `task_pool`), `group_size` rollouts each, under the bash
+//!    scaffold, in real sandboxes, against this stage's own
 //!    [`arbor_policy::EmbeddedPolicy`] (an upstream of the run's gateway, which records every
 //!    call as token ids with the policy's behaviour logprobs).
 //! 2. **Score.** Verifier rewards; group-relative advantages with infrastructure failures
