@@ -598,9 +598,6 @@ impl UpdateJob {
                 .reference
                 .token_logprobs_where(&b.tree, &opts, Some(&wanted))?;
             let lp = lp.to_vec1::<f32>()?;
-            if self.spec.kl_coef != 0.0 {
-                b.reference_logprobs = Some(lp.clone());
-            }
             let mut reverse_kl = (0.0f64, 0u64);
             for p in &b.paths {
                 for ((&i, &m), &old) in p.indices.iter().zip(&p.loss_mask).zip(&p.old_logprobs) {
@@ -620,6 +617,8 @@ impl UpdateJob {
                 r.0 += reverse_kl.0;
                 r.1 += reverse_kl.1;
             }
+            // The same reference log-probabilities are the KL penalty's target.
+            b.reference_logprobs = (self.spec.kl_coef != 0.0).then_some(lp);
             batches.push(b);
         }
         st.kl_to_init = (kl_n > 0).then(|| kl_sum / kl_n as f64);
@@ -737,17 +736,11 @@ mod tests {
         assert!(!without_signal(&log[..1], 2), "too few iterations yet");
     }
 
-    /// A fixed pool is walked `tasks_per_iteration` at a time, wrapping at its end, and its
-    /// first window is the fresh draw of iteration 0.
-    #[test]
-    fn a_task_pool_is_revisited_in_windows_and_fresh_draws_never_repeat() {
-        let stage = |pool: usize| RlStage {
+    /// A terminal RL stage with `spec` (nothing is run: identity and task-draw tests).
+    fn terminal_stage(spec: RlSpec) -> RlStage {
+        RlStage {
             label: "rl/terminal".into(),
-            spec: RlSpec {
-                tasks_per_iteration: 4,
-                task_pool: pool,
-                ..RlSpec::default()
-            },
+            spec,
             rollout: RolloutSpec::default(),
             domains: vec!["terminal".into()],
             difficulty: 1,
@@ -755,6 +748,19 @@ mod tests {
             init: "ckpt/sft".into(),
             teachers: BTreeMap::new(),
             out: "out".into(),
+        }
+    }
+
+    /// A fixed pool is walked `tasks_per_iteration` at a time, wrapping at its end, and its
+    /// first window is the fresh draw of iteration 0.
+    #[test]
+    fn a_task_pool_is_revisited_in_windows_and_fresh_draws_never_repeat() {
+        let stage = |pool: usize| {
+            terminal_stage(RlSpec {
+                tasks_per_iteration: 4,
+                task_pool: pool,
+                ..RlSpec::default()
+            })
         };
         let ids = |s: &RlStage, it: usize| -> Vec<String> {
             let exp = rollouts::experiment(
@@ -808,17 +814,7 @@ mod tests {
     /// has neither) resumes under today's defaults, and not under other values of them.
     #[test]
     fn an_identity_without_newer_settings_matches_their_defaults_only() {
-        let stage = RlStage {
-            label: "rl/terminal".into(),
-            spec: RlSpec::default(),
-            rollout: RolloutSpec::default(),
-            domains: vec!["terminal".into()],
-            difficulty: 1,
-            seed: 7,
-            init: "ckpt/sft".into(),
-            teachers: BTreeMap::new(),
-            out: "out".into(),
-        };
+        let stage = terminal_stage(RlSpec::default());
         let mut old: serde_json::Value = serde_json::to_value(stage.identity()).unwrap();
         let spec = old["spec"].as_object_mut().unwrap();
         assert!(spec.remove("temperature").is_some());
