@@ -1,4 +1,4 @@
-//! Group-relative advantages (RECIPE §3): a rollout's reward minus the mean reward of the
+//! Group-relative advantages (docs/recipe.md §3): a rollout's reward minus the mean reward of the
 //! rollouts of the same task, optionally divided by the group's standard deviation.
 //! Infrastructure failures are not the policy's doing: they get no advantage and do not enter
 //! their group's statistics.

@@ -231,7 +231,7 @@ pub struct RlSpec {
     pub clip_eps: f32,
     /// Coefficient `beta` of a KL penalty toward the stage's start checkpoint (k3 estimator on
     /// the sampled tokens, per-path mean; 0 = off). Holds a small model near its SFT policy at
-    /// a step size that still moves it (BENCHMARKS.md, session 9).
+    /// a step size that still moves it.
     pub kl_coef: f32,
     /// IcePop bounds `[alpha, beta]` on the training/behaviour probability ratio (`None` = off).
     pub icepop: Option<IcePop>,
@@ -253,7 +253,7 @@ pub struct RlSpec {
     /// those of `logits / temperature`, so the importance ratios, IcePop, the KL to the start
     /// and the distillation term all compare like with like. Below 1 the samples are closer to
     /// the greedy answer (a small model passes more of them) but also more alike within a
-    /// group, so fewer groups carry a reward signal (BENCHMARKS.md, session 6).
+    /// group, so fewer groups carry a reward signal.
     pub temperature: f32,
 }
 
@@ -286,7 +286,7 @@ impl Default for RlSpec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DistillEstimator {
-    /// RECIPE §5: `r_t = log pi_expert(y_t) - log pi_student(y_t)` of the sampled token as a
+    /// docs/recipe.md §5: `r_t = log pi_expert(y_t) - log pi_student(y_t)` of the sampled token as a
     /// per-token advantage of a policy-gradient term.
     #[default]
     Sampled,

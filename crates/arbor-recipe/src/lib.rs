@@ -1,4 +1,4 @@
-//! `arbor-recipe`: the Specialize-then-Unify recipe (RECIPE §5) on arbor's parts.
+//! `arbor-recipe`: the Specialize-then-Unify recipe (docs/recipe.md §5) on arbor's parts.
 //!
 //! - [`config`]: the pipeline file.
 //! - [`rollouts`]: experiments built from it, run into directories, read back as scored

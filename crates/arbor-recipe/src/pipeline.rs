@@ -1,4 +1,4 @@
-//! The Specialize-then-Unify pipeline (RECIPE §5), every stage checkpointed and resumable.
+//! The Specialize-then-Unify pipeline (docs/recipe.md §5), every stage checkpointed and resumable.
 //!
 //! ```text
 //! base/                fresh byte-level model (the `base` row); with `[pretrain]`, the fresh

@@ -73,7 +73,7 @@ pub struct IcePop {
 }
 
 impl Default for IcePop {
-    /// arbor's choice (RECIPE §4): `[0.5, 2.0]`.
+    /// arbor's choice (docs/recipe.md §4): `[0.5, 2.0]`.
     fn default() -> Self {
         Self {
             alpha: 0.5,
@@ -237,7 +237,7 @@ fn zero_like_loss(logprobs: &Tensor) -> Result<Tensor> {
     Ok(logprobs.sum_all()?.affine(0.0, 0.0)?)
 }
 
-/// Turn-level GSPO with IcePop masking (RECIPE §3–§4), averaged per path then over paths.
+/// Turn-level GSPO with IcePop masking (docs/recipe.md §3–§4), averaged per path then over paths.
 ///
 /// For path `k` with advantage `A_k` and turns `T_1..T_{N_k}` (its loss tokens grouped by turn
 /// id; `N_k` counts the turns with at least one loss token):
@@ -341,7 +341,7 @@ impl DistillStats {
     }
 }
 
-/// On-policy distillation as a policy-gradient term with a per-token advantage (RECIPE §5):
+/// On-policy distillation as a policy-gradient term with a per-token advantage (docs/recipe.md §5):
 ///
 /// ```text
 /// r_t   = log pi_expert(y_t) - log pi_theta(y_t)          (detached: a reward, not a path for gradient)
@@ -414,8 +414,8 @@ fn distill_from_selection(
 /// Non-negative, zero where the policy equals the reference; its gradient
 /// `1 - pi_ref / pi_theta` per token pulls each sampled token's probability back toward the
 /// reference's. Without it a small model's RL drifts: pushing down the tokens of failing
-/// samples raises the probability of everything else, and the drift feeds on itself
-/// (BENCHMARKS.md, session 9). `reference` holds `log pi_ref` per flat token (only loss tokens
+/// samples raises the probability of everything else, and the drift feeds on itself.
+/// `reference` holds `log pi_ref` per flat token (only loss tokens
 /// are read). Returns the term and its per-token mean (the KL estimate).
 pub fn kl_penalty(logprobs: &Tensor, reference: &[f32], paths: &[RlPath]) -> Result<(Tensor, f64)> {
     let t = logprobs.dims1()?;
@@ -472,7 +472,7 @@ impl ExpertDistribution {
 /// What the distillation term compares the student with.
 #[derive(Debug, Clone, Copy)]
 pub enum ExpertTarget<'a> {
-    /// RECIPE §5: the expert's log-probability of each sampled token (one per flat token), used
+    /// docs/recipe.md §5: the expert's log-probability of each sampled token (one per flat token), used
     /// in `r_t` as a per-token advantage ([`distill_loss`]).
     Tokens(&'a [f32]),
     /// The exact reverse KL over the vocabulary at each sampled context
@@ -487,7 +487,7 @@ pub enum ExpertTarget<'a> {
 }
 
 /// On-policy distillation with the exact per-token reverse KL, arbor's lower-variance option
-/// beside RECIPE §5's sampled estimator. Over the same kept tokens and weights as
+/// beside docs/recipe.md §5's sampled estimator. Over the same kept tokens and weights as
 /// [`distill_loss`]:
 ///
 /// ```text

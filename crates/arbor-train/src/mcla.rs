@@ -1,4 +1,4 @@
-//! MCLA (Monte-Carlo log-probability averaging, RECIPE §4).
+//! MCLA (Monte-Carlo log-probability averaging, docs/recipe.md §4).
 //!
 //! With stochastic routing (router noise in training mode, [`ForwardOptions::router_noise`]) a
 //! MoE's token log-probability is a random estimate; its noise inflates the variance of the

@@ -545,7 +545,7 @@ pub struct SinglePathDp {
     pub saved: u64,
 }
 
-/// The exact linear-time DP of the single-shared-path model (RECIPE §2).
+/// The exact linear-time DP of the single-shared-path model (docs/recipe.md §2).
 ///
 /// A pack shares one prefix, the path to node `u`, among the `n_u` paths through `u`; it holds
 /// `L(u) + R(u)` tokens, `L(u)` the prefix length and `R(u) = sum over those paths of (len - L(u))` their
