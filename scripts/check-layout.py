@@ -7,6 +7,9 @@
   (an arrow when code under one child names another through `crate::` or `super::`)
   has no cycle. A parent and its own children may name each other freely.
 - The crate arrows listed in FORBIDDEN_DEPS do not exist.
+- No phantom dependency: every crate in `[dependencies]` is named in the crate's `src/`, and
+  every crate in `[dev-dependencies]` in its `src/`, `tests/`, `benches/` or `examples/`
+  (a crate used only through a feature of another can be listed in UNNAMED_DEPS).
 
 Test code (`#[cfg(test)]` modules, `tests/`, `benches/`) is not checked.
 """
@@ -21,6 +24,9 @@ FORBIDDEN_DEPS = {
     "arbor-policy": {"arbor-gateway"},
     "arbor-agent": {"arbor-gateway"},
 }
+
+# Dependencies a crate needs without naming them in code: (crate, dependency).
+UNNAMED_DEPS = set()
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -170,6 +176,36 @@ def forbidden_deps(crate_dir):
     ]
 
 
+def manifest_section(manifest, name):
+    """The dependency names of one `[section]` of a Cargo.toml."""
+    m = re.search(rf"^\[{re.escape(name)}\]\n(.*?)(?=^\[|\Z)", manifest, re.M | re.S)
+    return re.findall(r"^([A-Za-z0-9_-]+)(?:\.workspace)?\s*=", m.group(1), re.M) if m else []
+
+
+def rust_text(crate_dir, subdirs):
+    parts = []
+    for sub in subdirs:
+        for dirpath, _, files in os.walk(os.path.join(crate_dir, sub)):
+            parts += [open(os.path.join(dirpath, f), encoding="utf-8").read() for f in files if f.endswith(".rs")]
+    return "\n".join(parts)
+
+
+def phantom_deps(crate_dir):
+    crate = os.path.basename(crate_dir)
+    manifest = open(os.path.join(crate_dir, "Cargo.toml"), encoding="utf-8").read()
+    problems = []
+    for section, subdirs in (
+        ("dependencies", ["src"]),
+        ("dev-dependencies", ["src", "tests", "benches", "examples"]),
+    ):
+        text = rust_text(crate_dir, subdirs)
+        for dep in manifest_section(manifest, section):
+            ident = dep.replace("-", "_")
+            if (crate, dep) not in UNNAMED_DEPS and not re.search(rf"\b{ident}\b", text):
+                problems.append(f"{crate}: [{section}] {dep} is never named in {'/'.join(subdirs)}")
+    return problems
+
+
 def main():
     crates = sorted(
         os.path.join(ROOT, "crates", c) for c in os.listdir(os.path.join(ROOT, "crates"))
@@ -177,6 +213,7 @@ def main():
     problems = []
     for crate_dir in crates:
         problems += long_files_and_functions(crate_dir) + crate_cycles(crate_dir) + forbidden_deps(crate_dir)
+        problems += phantom_deps(crate_dir)
     for p in problems:
         print(os.path.relpath(p, ROOT) if p.startswith("/") else p, file=sys.stderr)
     if problems:
