@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # arbor's test command (the README's second command; .ci/run calls it).
-# Installs what the tests need, runs the whole suite, then checks that no
-# sandbox process, mount or cgroup was left on the host.
+# Installs what the tests need, fails on a formatting, lint or layout problem,
+# runs the whole suite, then checks that no sandbox process, mount or cgroup
+# was left on the host.
 # Sandbox tests need root (real namespaces, cgroups, overlayfs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,17 @@ if [ "$(id -u)" != 0 ]; then
     echo "scripts/test.sh: the sandbox tests need root (namespaces, cgroups); run with sudo" >&2
     exit 1
 fi
+
+echo "==> formatting, layout and doc paths"
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy
+fi
+cargo fmt --all --check
+python3 scripts/check-layout.py
+python3 scripts/check-doc-paths.py
+
+echo "==> cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "==> installing Python packages used by client-compatibility tests"
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
