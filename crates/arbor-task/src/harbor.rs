@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::dataset::{Dataset, check_unique, deserialize_at, read_text, toml_to_value, validate};
 use crate::error::{Result, TaskError};
 use crate::model::{Environment, FileSpec, Resources, Solution, Task};
+use crate::source::{Dataset, check_unique, deserialize_at, read_text, toml_to_value, validate};
 use crate::verify::{CommandSpec, VerifierSpec};
 
 /// Workdir of Harbor tasks (Terminal-Bench convention).
