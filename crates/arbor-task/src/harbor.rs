@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::dataset::{Dataset, check_unique, deserialize_at, read_text, toml_to_value, validate};
 use crate::error::{Result, TaskError};
 use crate::model::{Environment, FileSpec, Resources, Solution, Task};
+use crate::source::{Dataset, check_unique, deserialize_at, read_text, toml_to_value, validate};
 use crate::verify::{CommandSpec, VerifierSpec};
 
 /// Workdir of Harbor tasks (Terminal-Bench convention).
@@ -142,7 +142,39 @@ pub fn load_task_dir(dir: &Path) -> Result<Task> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| TaskError::invalid(&file, "-", "task folder has no name"))?;
+    let instruction = read_instruction(dir)?;
+    let tests = dir.join("tests");
+    check_fields(&t, &tests, &file)?;
+    let environment = environment(dir, &t, &file, &id)?;
+    let verifier = VerifierSpec::RewardFile(CommandSpec {
+        command: verifier_command(&t.verifier.env),
+        files: vec![FileSpec::host("/tests", &tests)],
+        timeout_s: t.verifier.timeout_sec,
+    });
+    let sol_dir = dir.join("solution");
+    let oracle = sol_dir.join("solve.sh").is_file().then(|| Solution {
+        files: vec![FileSpec::host("/solution", &sol_dir)],
+        script: Some("bash /solution/solve.sh".into()),
+        timeout_s: t.agent.timeout_sec,
+        ..Solution::default()
+    });
+    let metadata = metadata(dir, t, &id);
+    let task = Task {
+        id,
+        domain: "terminal".into(),
+        instruction,
+        environment,
+        verifier,
+        oracle,
+        grade_mode: None,
+        metadata,
+    };
+    validate(&task, &file)?;
+    Ok(task)
+}
 
+/// `instruction.md`, which must exist and not be blank.
+fn read_instruction(dir: &Path) -> Result<String> {
     let instr_path = dir.join("instruction.md");
     let instruction = std::fs::read_to_string(&instr_path).map_err(|e| {
         TaskError::invalid(
@@ -158,8 +190,11 @@ pub fn load_task_dir(dir: &Path) -> Result<Task> {
             "is empty",
         ));
     }
+    Ok(instruction)
+}
 
-    let tests = dir.join("tests");
+/// What serde cannot check: the verifier script exists, timeouts and CPUs are positive.
+fn check_fields(t: &TaskToml, tests: &Path, file: &str) -> Result<()> {
     if !tests.join("test.sh").is_file() {
         return Err(TaskError::invalid(
             tests.join("test.sh").display().to_string(),
@@ -174,41 +209,40 @@ pub fn load_task_dir(dir: &Path) -> Result<Task> {
         if let Some(x) = v
             && (!x.is_finite() || x <= 0.0)
         {
-            return Err(TaskError::invalid(
-                &file,
-                field,
-                "must be a positive number",
-            ));
+            return Err(TaskError::invalid(file, field, "must be a positive number"));
         }
     }
-    let e = &t.environment;
-    if let Some(c) = e.cpus
+    if let Some(c) = t.environment.cpus
         && (!c.is_finite() || c <= 0.0)
     {
         return Err(TaskError::invalid(
-            &file,
+            file,
             "environment.cpus",
             "must be a positive number",
         ));
     }
-    let memory_mb = match (&e.memory_mb, &e.memory) {
-        (Some(m), _) => Some(*m),
-        (None, Some(s)) => Some(parse_size_mb(s).ok_or_else(|| {
-            TaskError::invalid(&file, "environment.memory", format!("not a size: {s:?}"))
-        })?),
-        _ => None,
-    };
-    let storage_mb = match (&e.storage_mb, &e.storage) {
-        (Some(m), _) => Some(*m),
-        (None, Some(s)) => Some(parse_size_mb(s).ok_or_else(|| {
-            TaskError::invalid(&file, "environment.storage", format!("not a size: {s:?}"))
-        })?),
-        _ => None,
-    };
+    Ok(())
+}
+
+/// A size in MiB, given as a number (`mb`) or as text (`"2G"`) in `field`.
+fn size_mb(mb: Option<u64>, text: &Option<String>, file: &str, field: &str) -> Result<Option<u64>> {
+    match (mb, text) {
+        (Some(m), _) => Ok(Some(m)),
+        (None, Some(s)) => Ok(Some(parse_size_mb(s).ok_or_else(|| {
+            TaskError::invalid(file, field, format!("not a size: {s:?}"))
+        })?)),
+        _ => Ok(None),
+    }
+}
+
+/// The sandbox: `/app` holding `environment/` unless it is built from a Dockerfile.
+fn environment(dir: &Path, t: &TaskToml, file: &str, id: &str) -> Result<Environment> {
+    let e = &t.environment;
+    let memory_mb = size_mb(e.memory_mb, &e.memory, file, "environment.memory")?;
+    let storage_mb = size_mb(e.storage_mb, &e.storage, file, "environment.storage")?;
     if e.gpus.unwrap_or(0) > 0 {
         tracing::warn!(task = %id, "task asks for GPUs; the local backend gives none");
     }
-
     let env_dir = dir.join("environment");
     let dockerfile = ["Dockerfile", "docker-compose.yaml", "docker-compose.yml"]
         .iter()
@@ -220,7 +254,7 @@ pub fn load_task_dir(dir: &Path) -> Result<Task> {
     }
     let mut env_vars = e.env.clone();
     env_vars.extend(t.agent.env.clone());
-    let environment = Environment {
+    Ok(Environment {
         image: e.docker_image.clone().filter(|s| !s.trim().is_empty()),
         dockerfile,
         workdir: HARBOR_WORKDIR.to_string(),
@@ -234,21 +268,13 @@ pub fn load_task_dir(dir: &Path) -> Result<Task> {
         },
         allow_internet: e.allow_internet.unwrap_or(false),
         ..Environment::default()
-    };
+    })
+}
 
-    let verifier = VerifierSpec::RewardFile(CommandSpec {
-        command: verifier_command(&t.verifier.env),
-        files: vec![FileSpec::host("/tests", &tests)],
-        timeout_s: t.verifier.timeout_sec,
-    });
-    let sol_dir = dir.join("solution");
-    let oracle = sol_dir.join("solve.sh").is_file().then(|| Solution {
-        files: vec![FileSpec::host("/solution", &sol_dir)],
-        script: Some("bash /solution/solve.sh".into()),
-        timeout_s: t.agent.timeout_sec,
-        ..Solution::default()
-    });
-
+/// Source, path, version and `[metadata]`, plus the keys arbor does not use
+/// (kept so nothing in `task.toml` is silently lost).
+fn metadata(dir: &Path, t: TaskToml, id: &str) -> BTreeMap<String, Value> {
+    let e = &t.environment;
     let mut metadata: BTreeMap<String, Value> = BTreeMap::new();
     metadata.insert("source".into(), Value::String("harbor".into()));
     metadata.insert("path".into(), Value::String(dir.display().to_string()));
@@ -270,18 +296,7 @@ pub fn load_task_dir(dir: &Path) -> Result<Task> {
         tracing::debug!(task = %id, ?ignored, "task.toml keys arbor does not use");
         metadata.insert("unused_keys".into(), serde_json::json!(ignored));
     }
-    let task = Task {
-        id,
-        domain: "terminal".into(),
-        instruction,
-        environment,
-        verifier,
-        oracle,
-        grade_mode: None,
-        metadata,
-    };
-    validate(&task, &file)?;
-    Ok(task)
+    metadata
 }
 
 fn verifier_command(env: &BTreeMap<String, String>) -> String {

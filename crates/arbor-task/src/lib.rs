@@ -30,8 +30,11 @@ pub mod dataset;
 pub mod domains;
 mod error;
 pub mod harbor;
+mod hash;
 pub mod model;
 pub mod run;
+mod sandbox;
+mod source;
 pub mod swebench;
 pub mod verify;
 

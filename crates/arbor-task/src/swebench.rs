@@ -30,10 +30,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::dataset::{Dataset, check_unique, deserialize_at, read_text, toml_to_value, validate};
 use crate::error::{Result, TaskError};
 use crate::model::{Environment, GitCheckout, Solution, Task};
 use crate::run::{PrepareOptions, run_solution};
+use crate::source::{Dataset, check_unique, deserialize_at, read_text, toml_to_value, validate};
 use crate::verify::{GradeOptions, LogParser, TestSuiteSpec, VerifierResult, VerifierSpec};
 
 /// Workdir of SWE-bench tasks (as in SWE-bench's images).

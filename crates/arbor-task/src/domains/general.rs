@@ -67,8 +67,62 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
     }
 }
 
+/// The drawn constraints of a constrained-text task.
+struct TextRules {
+    topic: &'static str,
+    /// Number of lines.
+    n: usize,
+    keywords: Vec<String>,
+    /// 0 none, 1 lower, 2 upper.
+    case: i32,
+    /// Every body line starts with this.
+    prefix: Option<String>,
+    first_word: Option<String>,
+    last: Option<String>,
+    forbid_comma: bool,
+    max_len: i32,
+}
+
+impl TextRules {
+    /// `s` in the required case.
+    fn apply_case(&self, s: &str) -> String {
+        match self.case {
+            1 => s.to_lowercase(),
+            2 => s.to_uppercase(),
+            _ => s.to_string(),
+        }
+    }
+
+    /// Lines before the fixed last line, if any.
+    fn body_lines(&self) -> usize {
+        if self.last.is_some() {
+            self.n - 1
+        } else {
+            self.n
+        }
+    }
+}
+
 fn constrained_text(rng: &mut StdRng, d: usize) -> Task {
-    let topic = pick(
+    let rules = text_rules(rng, d);
+    let (reqs, spec) = text_requirements(&rules);
+    task(
+        format!(
+            "Follow every instruction below.\n\n{}",
+            reqs.iter()
+                .map(|r| format!("- {r}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+        checker(json!([spec])),
+        text_answer(&rules),
+        None,
+    )
+}
+
+/// Draw the constraints; harder levels add a fixed last line and a comma ban.
+fn text_rules(rng: &mut StdRng, d: usize) -> TextRules {
+    let topic = *pick(
         rng,
         &[
             "tea",
@@ -85,7 +139,7 @@ fn constrained_text(rng: &mut StdRng, d: usize) -> Task {
     );
     let n = rng.gen_range(3..=3 + d);
     let keywords: Vec<String> = (0..1 + d / 2).map(|_| word(rng, 2)).collect();
-    let case = rng.gen_range(0..3); // 0 none, 1 lower, 2 upper
+    let case = rng.gen_range(0..3);
     let use_prefix = rng.gen_bool(0.6);
     let prefix = pick(rng, &["- ", "* ", "> "]).to_string();
     let first_word = (!use_prefix)
@@ -93,42 +147,56 @@ fn constrained_text(rng: &mut StdRng, d: usize) -> Task {
     let last = (d >= 2 && rng.gen_bool(0.6)).then(|| format!("END-{}", word(rng, 1)));
     let forbid_comma = d >= 3 && rng.gen_bool(0.5);
     let max_len = 70 + rng.gen_range(0..30);
+    TextRules {
+        topic,
+        n,
+        keywords,
+        case,
+        prefix: use_prefix.then_some(prefix),
+        first_word,
+        last,
+        forbid_comma,
+        max_len,
+    }
+}
 
-    let apply_case = |s: &str| match case {
-        1 => s.to_lowercase(),
-        2 => s.to_uppercase(),
-        _ => s.to_string(),
-    };
-    let mut reqs = vec![format!("Write exactly {n} lines about {topic}.")];
+/// The requirements as stated to the agent, and the checker spec that verifies them.
+fn text_requirements(r: &TextRules) -> (Vec<String>, serde_json::Value) {
+    let (n, max_len) = (r.n, r.max_len);
+    let mut reqs = vec![format!("Write exactly {n} lines about {}.", r.topic)];
     let mut spec = json!({"t": "text", "path": ANSWER, "line_count": n, "max_line_len": max_len});
-    let body_lines = if last.is_some() { n - 1 } else { n };
-    if use_prefix {
+    if let Some(prefix) = &r.prefix {
         reqs.push(format!(
             "{} start with `{prefix}`.",
-            if last.is_some() {
+            if r.last.is_some() {
                 "Every line except the last must"
             } else {
                 "Every line must"
             }
         ));
-        spec["prefix"] = json!(apply_case(&prefix));
-        spec["prefix_lines"] = json!(body_lines);
+        spec["prefix"] = json!(r.apply_case(prefix));
+        spec["prefix_lines"] = json!(r.body_lines());
     }
-    if let Some(w) = &first_word {
-        let w = apply_case(w);
+    if let Some(w) = &r.first_word {
+        let w = r.apply_case(w);
         reqs.push(format!("The response must begin with the word `{w}`."));
         spec["first_word"] = json!(w);
     }
     reqs.push(format!(
         "Mention each of these words at least once: {}.",
-        keywords
+        r.keywords
             .iter()
-            .map(|k| format!("`{}`", apply_case(k)))
+            .map(|k| format!("`{}`", r.apply_case(k)))
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    spec["contains"] = json!(keywords.iter().map(|k| apply_case(k)).collect::<Vec<_>>());
-    match case {
+    spec["contains"] = json!(
+        r.keywords
+            .iter()
+            .map(|k| r.apply_case(k))
+            .collect::<Vec<_>>()
+    );
+    match r.case {
         1 => {
             reqs.push("Use only lowercase letters.".into());
             spec["lowercase"] = json!(true);
@@ -140,16 +208,22 @@ fn constrained_text(rng: &mut StdRng, d: usize) -> Task {
         _ => {}
     }
     reqs.push(format!("No line may be longer than {max_len} characters."));
-    if let Some(l) = &last {
-        let l = apply_case(l);
+    if let Some(l) = &r.last {
+        let l = r.apply_case(l);
         reqs.push(format!("The last line must be exactly `{l}`."));
         spec["last_line"] = json!(l);
     }
-    if forbid_comma {
+    if r.forbid_comma {
         reqs.push("Do not use any commas.".into());
         spec["forbid"] = json!([","]);
     }
+    (reqs, spec)
+}
 
+/// A text meeting every rule (the oracle's answer).
+fn text_answer(r: &TextRules) -> String {
+    let body_lines = r.body_lines();
+    let keywords = &r.keywords;
     let mut lines = Vec::new();
     for i in 0..body_lines {
         let kw = keywords
@@ -157,42 +231,30 @@ fn constrained_text(rng: &mut StdRng, d: usize) -> Task {
             .cloned()
             .unwrap_or_else(|| keywords.join(" and "));
         let mut l = String::new();
-        if use_prefix {
-            l.push_str(&prefix);
+        if let Some(prefix) = &r.prefix {
+            l.push_str(prefix);
         }
         if i == 0
-            && let Some(w) = &first_word
+            && let Some(w) = &r.first_word
         {
             l.push_str(w);
             l.push(' ');
         }
-        l.push_str(&format!("{topic} note {} mentions {kw}", i + 1));
-        lines.push(apply_case(&l));
+        l.push_str(&format!("{} note {} mentions {kw}", r.topic, i + 1));
+        lines.push(r.apply_case(&l));
     }
     // Keywords beyond the body lines go on the first line (bounded length).
     if keywords.len() > body_lines {
         let extra = keywords[body_lines..].join(" ");
         if let Some(first) = lines.first_mut() {
             first.push(' ');
-            first.push_str(&apply_case(&extra));
+            first.push_str(&r.apply_case(&extra));
         }
     }
-    if let Some(l) = &last {
-        lines.push(apply_case(l));
+    if let Some(l) = &r.last {
+        lines.push(r.apply_case(l));
     }
-    let answer = lines.join("\n") + "\n";
-    task(
-        format!(
-            "Follow every instruction below.\n\n{}",
-            reqs.iter()
-                .map(|r| format!("- {r}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        ),
-        checker(json!([spec])),
-        answer,
-        None,
-    )
+    lines.join("\n") + "\n"
 }
 
 fn arithmetic(rng: &mut StdRng, d: usize) -> Task {

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::error::{Result, TaskError};
+pub use crate::hash::hash_str;
 use crate::model::{FileSpec, Task};
 use crate::verify::{CommandSpec, VerifierSpec};
 
@@ -75,16 +76,6 @@ impl Default for GenOptions {
             split: Split::Train,
         }
     }
-}
-
-/// FNV-1a, 64 bits: stable across Rust versions and platforms.
-pub fn hash_str(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 fn split_of(hash: u64) -> &'static str {

@@ -38,8 +38,76 @@ fn unique(rng: &mut StdRng, used: &mut Vec<String>, f: impl Fn(&mut StdRng) -> S
     }
 }
 
+/// The facts the questions are about: cities, inventors, their companies.
+struct World {
+    cities: Vec<City>,
+    people: Vec<Person>,
+    companies: Vec<Company>,
+}
+
+/// A question, its answer, and how the oracle finds it.
+struct Question {
+    text: String,
+    answer: String,
+    mode: MatchMode,
+    /// What the oracle searches for.
+    query: String,
+    /// For the one-hop levels, a sed program that reads the answer out of the
+    /// search results, so the oracle's demonstration shows the lookup a model
+    /// can learn (copy the name from the question, read the answer from the
+    /// output) rather than an answer it could not know. The multi-hop levels
+    /// write the known answer after checking that the collection is searchable.
+    extract: Option<&'static str>,
+}
+
 pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
     let d = difficulty as usize;
+    let world = world(rng, d);
+    let corpus = corpus(rng, &world);
+    let q = question(rng, &world, d);
+    let alternatives = if q.mode == MatchMode::Normalized && d == 4 {
+        vec![
+            format!("{} river", q.answer),
+            format!("the {} river", q.answer),
+        ]
+    } else {
+        Vec::new()
+    };
+    let instruction = format!(
+        "Answer this question using the document collection available through the `search` command \
+         (`search WORDS...` lists matching documents; `search --open ID` prints one):\n\n{}\n\n\
+         Write only the answer to /workspace/answer.txt.",
+        q.text
+    );
+    Task {
+        id: String::new(),
+        domain: "websearch".into(),
+        instruction,
+        environment: Environment {
+            files: vec![
+                FileSpec::text("/srv/corpus/docs.jsonl", corpus),
+                FileSpec::executable("/usr/local/bin/search", SEARCH_PY),
+            ],
+            ..Environment::default()
+        },
+        verifier: VerifierSpec::AnswerMatch(AnswerMatchSpec {
+            path: "/workspace/answer.txt".into(),
+            expected: q.answer.clone(),
+            alternatives,
+            mode: q.mode,
+            tolerance: Some(0.0),
+        }),
+        oracle: Some(Solution {
+            script: Some(oracle_script(&q)),
+            ..Solution::default()
+        }),
+        grade_mode: None,
+        metadata: Default::default(),
+    }
+}
+
+/// Cities, people and companies with unique names; difficulty scales their number.
+fn world(rng: &mut StdRng, d: usize) -> World {
     let mut used = Vec::new();
     let n_cities = 6 + 3 * d;
     let n_people = 5 + 3 * d;
@@ -87,7 +155,16 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
             hq: rng.gen_range(0..n_cities),
         })
         .collect();
+    World {
+        cities,
+        people,
+        companies,
+    }
+}
 
+/// One JSONL document per city, person and company, in shuffled order.
+fn corpus(rng: &mut StdRng, w: &World) -> String {
+    let (cities, people) = (&w.cities, &w.people);
     let mut docs = Vec::new();
     for (i, c) in cities.iter().enumerate() {
         docs.push(json!({
@@ -105,7 +182,7 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
                 p.name, cities[p.born_in].name, p.name, p.invention),
         }));
     }
-    for (i, c) in companies.iter().enumerate() {
+    for (i, c) in w.companies.iter().enumerate() {
         docs.push(json!({
             "id": format!("company-{i}"),
             "title": c.name,
@@ -113,128 +190,96 @@ pub(super) fn generate(rng: &mut StdRng, difficulty: u32) -> Task {
                 c.name, people[c.founder].name, cities[c.hq].name),
         }));
     }
-    // Shuffle document order.
     for i in (1..docs.len()).rev() {
         let j = rng.gen_range(0..=i);
         docs.swap(i, j);
     }
-    let corpus: String = docs.iter().map(|d| d.to_string() + "\n").collect();
+    docs.iter().map(|d| d.to_string() + "\n").collect()
+}
 
-    // `extract`: for the one-hop levels, a sed program that reads the answer out of the
-    // search results, so the oracle's demonstration shows the lookup a model can learn (copy
-    // the name from the question, read the answer from the output) rather than an answer it
-    // could not know. The multi-hop levels write the known answer after checking that the
-    // collection is searchable.
-    let (question, answer, mode, query, extract) = match d {
+/// A question needing `d` hops at most (levels 1-2: one document; 3-5: a chain).
+fn question(rng: &mut StdRng, w: &World, d: usize) -> Question {
+    let (cities, people, companies) = (&w.cities, &w.people, &w.companies);
+    match d {
         1 => {
-            let c = &cities[rng.gen_range(0..n_cities)];
-            (
-                format!("In what year was the city of {} founded?", c.name),
-                c.founded.to_string(),
-                MatchMode::Numeric,
-                c.name.clone(),
-                Some(r"s/.*founded in \([0-9]*\).*/\1/p"),
-            )
+            let c = &cities[rng.gen_range(0..cities.len())];
+            Question {
+                text: format!("In what year was the city of {} founded?", c.name),
+                answer: c.founded.to_string(),
+                mode: MatchMode::Numeric,
+                query: c.name.clone(),
+                extract: Some(r"s/.*founded in \([0-9]*\).*/\1/p"),
+            }
         }
         2 => {
-            let p = &people[rng.gen_range(0..n_people)];
-            (
-                format!("In which city was the inventor {} born?", p.name),
-                cities[p.born_in].name.clone(),
-                MatchMode::Normalized,
-                p.name.clone(),
-                Some(r"s/.*was an inventor born in \([A-Za-z]*\)\..*/\1/p"),
-            )
+            let p = &people[rng.gen_range(0..people.len())];
+            Question {
+                text: format!("In which city was the inventor {} born?", p.name),
+                answer: cities[p.born_in].name.clone(),
+                mode: MatchMode::Normalized,
+                query: p.name.clone(),
+                extract: Some(r"s/.*was an inventor born in \([A-Za-z]*\)\..*/\1/p"),
+            }
         }
         3 => {
-            let p = &people[rng.gen_range(0..n_people)];
+            let p = &people[rng.gen_range(0..people.len())];
             let c = &cities[p.born_in];
-            (
-                format!(
+            Question {
+                text: format!(
                     "In what year was the birthplace of the inventor of the {} founded?",
                     p.invention
                 ),
-                c.founded.to_string(),
-                MatchMode::Numeric,
-                p.invention.clone(),
-                None,
-            )
+                answer: c.founded.to_string(),
+                mode: MatchMode::Numeric,
+                query: p.invention.clone(),
+                extract: None,
+            }
         }
         4 => {
-            let co = &companies[rng.gen_range(0..n_companies)];
+            let co = &companies[rng.gen_range(0..companies.len())];
             let c = &cities[people[co.founder].born_in];
-            (
-                format!(
+            Question {
+                text: format!(
                     "Which river flows through the city where the founder of {} was born? Answer with the river's name.",
                     co.name
                 ),
-                c.river.clone(),
-                MatchMode::Normalized,
-                co.name.clone(),
-                None,
-            )
+                answer: c.river.clone(),
+                mode: MatchMode::Normalized,
+                query: co.name.clone(),
+                extract: None,
+            }
         }
         _ => {
-            let co = &companies[rng.gen_range(0..n_companies)];
+            let co = &companies[rng.gen_range(0..companies.len())];
             let p = &people[co.founder];
             let c = &cities[co.hq];
-            (
-                format!(
+            Question {
+                text: format!(
                     "The company founded by the inventor of the {} has its headquarters in a city. In what year was that city founded?",
                     p.invention
                 ),
-                c.founded.to_string(),
-                MatchMode::Numeric,
-                p.invention.clone(),
-                None,
-            )
+                answer: c.founded.to_string(),
+                mode: MatchMode::Numeric,
+                query: p.invention.clone(),
+                extract: None,
+            }
         }
-    };
-    let alternatives = if mode == MatchMode::Normalized && d == 4 {
-        vec![format!("{answer} river"), format!("the {answer} river")]
-    } else {
-        Vec::new()
-    };
-    let instruction = format!(
-        "Answer this question using the document collection available through the `search` command \
-         (`search WORDS...` lists matching documents; `search --open ID` prints one):\n\n{question}\n\n\
-         Write only the answer to /workspace/answer.txt."
-    );
-    Task {
-        id: String::new(),
-        domain: "websearch".into(),
-        instruction,
-        environment: Environment {
-            files: vec![
-                FileSpec::text("/srv/corpus/docs.jsonl", corpus),
-                FileSpec::executable("/usr/local/bin/search", SEARCH_PY),
-            ],
-            ..Environment::default()
-        },
-        verifier: VerifierSpec::AnswerMatch(AnswerMatchSpec {
-            path: "/workspace/answer.txt".into(),
-            expected: answer.clone(),
-            alternatives,
-            mode,
-            tolerance: Some(0.0),
-        }),
-        oracle: Some(Solution {
-            script: Some(match extract {
-                // The top-ranked match is the document the question names.
-                Some(sed) => format!(
-                    "search {} | sed -n {} | head -n 1 > /workspace/answer.txt",
-                    sq(&query),
-                    sq(sed)
-                ),
-                None => format!(
-                    "search {} | grep -q '^\\[' && printf '%s\\n' {} > /workspace/answer.txt",
-                    sq(&query),
-                    sq(&answer)
-                ),
-            }),
-            ..Solution::default()
-        }),
-        grade_mode: None,
-        metadata: Default::default(),
+    }
+}
+
+/// The oracle's shell script: search, then extract the answer or write the known one.
+fn oracle_script(q: &Question) -> String {
+    match q.extract {
+        // The top-ranked match is the document the question names.
+        Some(sed) => format!(
+            "search {} | sed -n {} | head -n 1 > /workspace/answer.txt",
+            sq(&q.query),
+            sq(sed)
+        ),
+        None => format!(
+            "search {} | grep -q '^\\[' && printf '%s\\n' {} > /workspace/answer.txt",
+            sq(&q.query),
+            sq(&q.answer)
+        ),
     }
 }

@@ -10,7 +10,7 @@
 pub mod answer;
 pub mod judge;
 pub mod parse;
-mod spec;
+mod result;
 
 use std::time::{Duration, Instant};
 
@@ -18,29 +18,20 @@ use arbor_sandbox::{Backend, ExecRequest, ExecResult, Sandbox, SandboxError};
 use serde_json::json;
 use tracing::{debug, warn};
 
-pub use spec::*;
+pub use result::{Fault, JudgeCall, VerifierResult};
+
+pub use crate::model::{
+    AnswerMatchSpec, CommandSpec, CompositeSpec, GradeMode, JudgeSpec, LogParser, MatchMode,
+    TestSuiteSpec, VerifierSpec, WeightedVerifier,
+};
 
 use crate::model::Task;
-use crate::run::{abs_path, sandbox_spec, upload_files};
+use crate::sandbox::{abs_path, sandbox_spec, upload_files};
 
 /// Default timeout of grading commands, seconds.
 pub const DEFAULT_VERIFIER_TIMEOUT_S: f64 = 600.0;
 /// How much of a command's output is kept in result details.
 const TAIL: usize = 4000;
-
-/// Where grading happens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GradeMode {
-    /// In a fork of the agent's final state (processes are not copied).
-    #[default]
-    Fork,
-    /// In a fresh sandbox built from the task's spec, into which only the
-    /// workdir of the final state is copied. Stricter (nothing the agent did
-    /// outside the workdir survives), but only for tasks whose outcome lives
-    /// in the workdir.
-    Fresh,
-}
 
 /// Options of [`grade`].
 #[derive(Debug, Clone, Default)]

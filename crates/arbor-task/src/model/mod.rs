@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use arbor_sandbox::Bind;
 use serde::{Deserialize, Serialize};
 
-use crate::verify::{GradeMode, VerifierSpec};
+mod verifier;
+
+pub use verifier::*;
 
 /// Default working directory of a task's sandbox.
 pub const DEFAULT_WORKDIR: &str = "/workspace";
