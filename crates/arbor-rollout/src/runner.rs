@@ -17,7 +17,7 @@
 //! summary; `attempt` runs one rollout and its attempts, `policy` starts
 //! the policy and the gateway in front of it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -195,7 +195,7 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
 fn plan_rollouts(
     exp: &Experiment,
     tasks: &[Task],
-    done: &std::collections::HashSet<RolloutKey>,
+    done: &HashSet<RolloutKey>,
 ) -> (Vec<Planned>, usize) {
     let mut plan = Vec::new();
     let mut requested = 0usize;

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arbor_agent::scaffold::bash::BashScaffold;
@@ -15,7 +15,6 @@ use arbor_sandbox::{Backend, NetworkSpec, Sandbox, SandboxSpec, TcpBridge};
 use arbor_task::run::{PrepareOptions, prepare_with_spec, sandbox_spec};
 use arbor_task::verify::{self, GradeOptions};
 use arbor_task::{Task, TaskError};
-use std::sync::Arc;
 use tracing::warn;
 
 use crate::experiment::{Experiment, ScaffoldSpec};
