@@ -174,6 +174,24 @@ impl TrajectoryTree {
 
     /// Flattening with caller-provided scratch (left clean afterwards). `leaves` must be valid and distinct.
     pub(crate) fn flatten_with(&self, leaves: &[u32], scratch: &mut Scratch) -> FlatTree {
+        let touched = self.count_paths(leaves, scratch);
+        let mut f = self.lay_out(&touched, leaves.len(), scratch);
+        let mut chain: Vec<u32> = Vec::new();
+        for &k in leaves {
+            let path = self.flat_path(k, &f, scratch, &mut chain);
+            f.paths.push(path);
+        }
+        f.recanonicalize();
+        for &u in &touched {
+            scratch.count[u as usize] = 0;
+            scratch.seg[u as usize] = u32::MAX;
+        }
+        f
+    }
+
+    /// Counts in `scratch.count` the selected paths through each node; returns the nodes reached
+    /// (ascending, i.e. in pre-order).
+    fn count_paths(&self, leaves: &[u32], scratch: &mut Scratch) -> Vec<u32> {
         let nodes = self.nodes();
         let mut touched: Vec<u32> = Vec::new();
         for &k in leaves {
@@ -188,6 +206,13 @@ impl TrajectoryTree {
             }
         }
         touched.sort_unstable();
+        touched
+    }
+
+    /// Lays the `touched` nodes out in pre-order: the per-token arrays and the segments with their
+    /// subtree ends (no paths yet); records each node's segment in `scratch.seg`.
+    fn lay_out(&self, touched: &[u32], num_paths: usize, scratch: &mut Scratch) -> FlatTree {
+        let nodes = self.nodes();
         let total: usize = touched.iter().map(|&u| nodes[u as usize].len()).sum();
         let mut f = FlatTree {
             input_ids: Vec::with_capacity(total),
@@ -199,7 +224,7 @@ impl TrajectoryTree {
             turns: Vec::with_capacity(total),
             leaf_count: Vec::with_capacity(total),
             segments: Vec::with_capacity(touched.len()),
-            paths: Vec::with_capacity(leaves.len()),
+            paths: Vec::with_capacity(num_paths),
         };
         let mut stack: Vec<u32> = Vec::new();
         for (si, &u) in touched.iter().enumerate() {
@@ -248,60 +273,58 @@ impl TrajectoryTree {
                 (s.end - s.start) as usize,
             ));
         }
-        let mut chain: Vec<u32> = Vec::new();
-        for &k in leaves {
-            let leaf = &self.leaves()[k as usize];
-            let end_seg = scratch.seg[leaf.node as usize];
-            chain.clear();
-            let mut s = end_seg as i32;
-            while s >= 0 {
-                chain.push(s as u32);
-                s = f.segments[s as usize].parent;
-            }
-            chain.reverse();
-            let mut ranges: Vec<(u32, u32)> = Vec::new();
-            let mut overrides = Vec::with_capacity(leaf.overrides.len());
-            let mut oi = 0;
-            for &s in &chain {
-                let seg = f.segments[s as usize];
-                match ranges.last_mut() {
-                    Some(r) if r.1 == seg.start => r.1 = seg.end,
-                    _ => ranges.push((seg.start, seg.end)),
-                }
-                let depth = nodes[seg.node as usize].depth;
-                let n = seg.end - seg.start;
-                while let Some(o) = leaf.overrides.get(oi) {
-                    if o.pos >= depth + n {
-                        break;
-                    }
-                    overrides.push(FlatOverride {
-                        index: seg.start + (o.pos - depth),
-                        loss_mask: o.loss_mask,
-                        logprob: o.logprob,
-                        turn: o.turn,
-                    });
-                    oi += 1;
-                }
-            }
-            f.paths.push(FlatPath {
-                leaf: k,
-                id: leaf.id.clone(),
-                tree: self.root_of(leaf.node),
-                len: leaf.len,
-                ranges,
-                end_segment: end_seg,
-                reward: leaf.reward,
-                advantage: leaf.advantage,
-                group: leaf.group.clone(),
-                overrides,
-            });
-        }
-        f.recanonicalize();
-        for &u in &touched {
-            scratch.count[u as usize] = 0;
-            scratch.seg[u as usize] = u32::MAX;
-        }
         f
+    }
+
+    /// Path `k` in the layout `f`: its gather ranges and its overrides at flat indices (`chain` is
+    /// reused scratch).
+    fn flat_path(&self, k: u32, f: &FlatTree, scratch: &Scratch, chain: &mut Vec<u32>) -> FlatPath {
+        let nodes = self.nodes();
+        let leaf = &self.leaves()[k as usize];
+        let end_seg = scratch.seg[leaf.node as usize];
+        chain.clear();
+        let mut s = end_seg as i32;
+        while s >= 0 {
+            chain.push(s as u32);
+            s = f.segments[s as usize].parent;
+        }
+        chain.reverse();
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        let mut overrides = Vec::with_capacity(leaf.overrides.len());
+        let mut oi = 0;
+        for &s in chain.iter() {
+            let seg = f.segments[s as usize];
+            match ranges.last_mut() {
+                Some(r) if r.1 == seg.start => r.1 = seg.end,
+                _ => ranges.push((seg.start, seg.end)),
+            }
+            let depth = nodes[seg.node as usize].depth;
+            let n = seg.end - seg.start;
+            while let Some(o) = leaf.overrides.get(oi) {
+                if o.pos >= depth + n {
+                    break;
+                }
+                overrides.push(FlatOverride {
+                    index: seg.start + (o.pos - depth),
+                    loss_mask: o.loss_mask,
+                    logprob: o.logprob,
+                    turn: o.turn,
+                });
+                oi += 1;
+            }
+        }
+        FlatPath {
+            leaf: k,
+            id: leaf.id.clone(),
+            tree: self.root_of(leaf.node),
+            len: leaf.len,
+            ranges,
+            end_segment: end_seg,
+            reward: leaf.reward,
+            advantage: leaf.advantage,
+            group: leaf.group.clone(),
+            overrides,
+        }
     }
 }
 

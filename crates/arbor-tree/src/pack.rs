@@ -26,6 +26,15 @@ use crate::metrics::{reuse_ratio, speedup};
 use crate::tree::TrajectoryTree;
 use crate::weights::{LossNormalization, Normalizer};
 
+mod first_fit;
+mod greedy;
+mod single_path;
+
+pub use first_fit::first_fit_decreasing;
+use greedy::greedy_items;
+use single_path::single_path_items;
+pub use single_path::{SinglePathDp, single_path_dp};
+
 /// Which packer to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -277,49 +286,9 @@ pub fn plan_packing(tree: &TrajectoryTree, opts: &PackOptions) -> Result<Packing
     let mut items: Vec<Item> = Vec::new();
     let mut oversized: Vec<u32> = Vec::new();
     match opts.strategy {
-        PackStrategy::Greedy => {
-            let mut stamp = vec![u32::MAX; tree.nodes().len()];
-            let mut next_stamp = 0u32;
-            for r in tree.roots() {
-                if info.size[r as usize] <= budget {
-                    items.push(Item {
-                        leaves: tree.nodes()[r as usize].leaves.clone(),
-                        tokens: info.size[r as usize],
-                    });
-                } else {
-                    greedy_split(
-                        tree,
-                        &info,
-                        r,
-                        budget,
-                        &mut stamp,
-                        &mut next_stamp,
-                        &mut items,
-                        &mut oversized,
-                    );
-                }
-            }
-        }
+        PackStrategy::Greedy => greedy_items(tree, &info, budget, &mut items, &mut oversized),
         PackStrategy::SinglePathDp => {
-            let dp = single_path_dp(tree, opts.budget);
-            for &u in &dp.chosen {
-                let node = &tree.nodes()[u as usize];
-                items.push(Item {
-                    leaves: node.leaves.clone(),
-                    tokens: node.depth as u64 + info.size[u as usize],
-                });
-            }
-            for &k in &dp.uncovered {
-                let len = tree.leaves()[k as usize].len as u64;
-                if len > budget {
-                    oversized.push(k);
-                } else {
-                    items.push(Item {
-                        leaves: vec![k],
-                        tokens: len,
-                    });
-                }
-            }
+            single_path_items(tree, &info, opts.budget, &mut items, &mut oversized)
         }
     }
     if opts.oversize == OversizePolicy::Error
@@ -390,226 +359,6 @@ fn union_size(
     }
     touched.clear();
     total
-}
-
-/// Greedy split of the tree rooted at `root` (larger than the budget) into items of at most `budget`
-/// tokens; paths longer than the budget go to `oversized`.
-#[allow(clippy::too_many_arguments)]
-fn greedy_split(
-    tree: &TrajectoryTree,
-    info: &Info,
-    root: u32,
-    budget: u64,
-    stamp: &mut [u32],
-    next_stamp: &mut u32,
-    items: &mut Vec<Item>,
-    oversized: &mut Vec<u32>,
-) {
-    let nodes = tree.nodes();
-    // Leaf order: DFS, deepest child subtree first; paths ending at a node after its children.
-    enum Step {
-        Visit(u32),
-        Emit(u32),
-    }
-    let mut order: Vec<u32> = Vec::new();
-    let mut stack = vec![Step::Visit(root)];
-    let mut kids: Vec<u32> = Vec::new();
-    while let Some(step) = stack.pop() {
-        match step {
-            Step::Visit(u) => {
-                stack.push(Step::Emit(u));
-                kids.clear();
-                kids.extend_from_slice(&nodes[u as usize].children);
-                // Deepest subtree first (stable: input order on ties); pushed reversed so the first
-                // child is popped first.
-                kids.sort_by_key(|&c| std::cmp::Reverse(info.max_depth[c as usize]));
-                stack.extend(kids.iter().rev().map(|&c| Step::Visit(c)));
-            }
-            Step::Emit(u) => order.extend_from_slice(info.ends(u)),
-        }
-    }
-    let mut cur = *next_stamp;
-    *next_stamp += 1;
-    let mut cur_leaves: Vec<u32> = Vec::new();
-    let mut cur_size = 0u64;
-    let cost = |k: u32, cur: u32, stamp: &[u32]| -> u64 {
-        let mut c = 0u64;
-        let mut u = Some(tree.leaves()[k as usize].node);
-        while let Some(x) = u {
-            if stamp[x as usize] == cur {
-                break;
-            }
-            c += nodes[x as usize].len() as u64;
-            u = nodes[x as usize].parent;
-        }
-        c
-    };
-    for k in order {
-        let len = tree.leaves()[k as usize].len as u64;
-        if len > budget {
-            oversized.push(k);
-            continue;
-        }
-        let mut c = cost(k, cur, stamp);
-        if cur_size + c > budget {
-            items.push(Item {
-                leaves: std::mem::take(&mut cur_leaves),
-                tokens: cur_size,
-            });
-            cur = *next_stamp;
-            *next_stamp += 1;
-            cur_size = 0;
-            c = len;
-        }
-        let mut u = Some(tree.leaves()[k as usize].node);
-        while let Some(x) = u {
-            if stamp[x as usize] == cur {
-                break;
-            }
-            stamp[x as usize] = cur;
-            u = nodes[x as usize].parent;
-        }
-        cur_size += c;
-        cur_leaves.push(k);
-    }
-    if !cur_leaves.is_empty() {
-        items.push(Item {
-            leaves: cur_leaves,
-            tokens: cur_size,
-        });
-    }
-}
-
-/// First-fit decreasing bin packing: returns bins as lists of item indices. Items larger than the
-/// capacity get a bin of their own. `O(n log n)` (a max segment tree finds the first bin that fits).
-pub fn first_fit_decreasing(sizes: &[u64], capacity: u64) -> Vec<Vec<usize>> {
-    let n = sizes.len();
-    if n == 0 {
-        return Vec::new();
-    }
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
-    let mut width = 1;
-    while width < n {
-        width *= 2;
-    }
-    // Remaining capacity of bin b at seg[width + b]; unopened bins have the full capacity.
-    let mut seg = vec![capacity; 2 * width];
-    let mut bins: Vec<Vec<usize>> = Vec::new();
-    for i in idx {
-        let s = sizes[i];
-        if s > capacity {
-            bins.push(vec![i]);
-            // Consume one bin slot so unopened-bin indices stay aligned with `bins`.
-            let b = bins.len() - 1;
-            set(&mut seg, width, b, 0);
-            continue;
-        }
-        // Leftmost bin with remaining >= s (exists: there are at least n bin slots).
-        let mut node = 1;
-        while node < width {
-            node = if seg[2 * node] >= s {
-                2 * node
-            } else {
-                2 * node + 1
-            };
-        }
-        let b = node - width;
-        if b == bins.len() {
-            bins.push(Vec::new());
-        }
-        bins[b].push(i);
-        let rem = seg[node] - s;
-        set(&mut seg, width, b, rem);
-    }
-    bins
-}
-
-fn set(seg: &mut [u64], width: usize, b: usize, v: u64) {
-    let mut node = width + b;
-    seg[node] = v;
-    while node > 1 {
-        node /= 2;
-        seg[node] = seg[2 * node].max(seg[2 * node + 1]);
-    }
-}
-
-/// Result of [`single_path_dp`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SinglePathDp {
-    /// Chosen nodes (an antichain): each is the shared prefix of one pack holding every path through it.
-    pub chosen: Vec<u32>,
-    /// Paths through no chosen node (packed alone, no sharing in the model).
-    pub uncovered: Vec<u32>,
-    /// Optimal objective: tokens saved, `sum over chosen u of (n_u - 1) * L(u)`.
-    pub saved: u64,
-}
-
-/// The exact linear-time DP of the single-shared-path model (docs/recipe.md §2).
-///
-/// A pack shares one prefix, the path to node `u`, among the `n_u` paths through `u`; it holds
-/// `L(u) + R(u)` tokens, `L(u)` the prefix length and `R(u) = sum over those paths of (len - L(u))` their
-/// suffix tokens. `u` is feasible iff `L(u) + R(u) <= C`; choosing it saves `(n_u - 1) * L(u)`, and
-/// `DP(u) = max(feasible(u) * (n_u - 1) * L(u), sum over children v of DP(v))`, with ties going to `u`
-/// (fewer packs). Splitting inside a node never helps (deeper is both cheaper and saves more), so nodes
-/// are the only candidates.
-pub fn single_path_dp(tree: &TrajectoryTree, budget: usize) -> SinglePathDp {
-    let nodes = tree.nodes();
-    let n = nodes.len();
-    let c = budget as u64;
-    // S(u): sum of path lengths through u.
-    let mut s = vec![0u64; n];
-    for l in tree.leaves() {
-        s[l.node as usize] += l.len as u64;
-    }
-    for i in (0..n).rev() {
-        if let Some(p) = nodes[i].parent {
-            let v = s[i];
-            s[p as usize] += v;
-        }
-    }
-    let mut dp = vec![0u64; n];
-    let mut take = vec![false; n];
-    for i in (0..n).rev() {
-        let node = &nodes[i];
-        let nu = node.leaves.len() as u64;
-        let l = node.end_depth() as u64;
-        let r = s[i] - nu * l;
-        let children: u64 = node.children.iter().map(|&v| dp[v as usize]).sum();
-        let gain = (nu - 1) * l;
-        if l + r <= c && gain >= children {
-            take[i] = true;
-            dp[i] = gain;
-        } else {
-            dp[i] = children;
-        }
-    }
-    let mut chosen = Vec::new();
-    let mut uncovered = Vec::new();
-    let mut saved = 0;
-    let mut ends: Vec<Vec<u32>> = vec![Vec::new(); n];
-    for (k, l) in tree.leaves().iter().enumerate() {
-        ends[l.node as usize].push(k as u32);
-    }
-    let mut stack: Vec<u32> = tree.roots();
-    stack.reverse();
-    while let Some(u) = stack.pop() {
-        if take[u as usize] {
-            chosen.push(u);
-        } else {
-            uncovered.extend_from_slice(&ends[u as usize]);
-            stack.extend(nodes[u as usize].children.iter().rev());
-        }
-    }
-    for r in tree.roots() {
-        saved += dp[r as usize];
-    }
-    uncovered.sort_unstable();
-    SinglePathDp {
-        chosen,
-        uncovered,
-        saved,
-    }
 }
 
 /// A materialised pack: a flattened forest plus its weights and metadata.

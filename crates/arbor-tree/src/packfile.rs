@@ -145,28 +145,40 @@ pub fn write_pack(path: &Path, pack: &Pack) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| TreeError::io(path, e))
 }
 
+/// A tensor to write: name, dtype, length, little-endian bytes.
+type Tensor = (&'static str, Dtype, usize, Vec<u8>);
+
 /// Encodes `pack` as the bytes of a safetensors file.
 pub fn pack_to_bytes(pack: &Pack) -> Result<Vec<u8>> {
-    let f = &pack.flat;
-    let t = f.len();
+    let t = pack.flat.len();
     if pack.loss_weight.len() != t || pack.advantage.len() != t {
         return Err(TreeError::invalid(
             "pack",
             "loss_weight and advantage must have one entry per token",
         ));
     }
-    let gather = f.path_gather();
-    let k = f.paths.len();
-    let mut path_mask = Vec::with_capacity(gather.indices.len());
-    let mut path_lp = Vec::with_capacity(gather.indices.len());
-    let mut path_turns = Vec::with_capacity(gather.indices.len());
-    for i in 0..k {
-        path_mask.extend(f.path_loss_mask(i));
-        path_lp.extend(f.path_logprobs(i));
-        path_turns.extend(f.path_turns(i));
+    let mut data = token_tensors(pack)?;
+    data.extend(path_tensors(&pack.flat)?);
+    let mut views = Vec::with_capacity(data.len());
+    for (name, dtype, n, bytes) in &data {
+        views.push((
+            *name,
+            TensorView::new(*dtype, vec![*n], bytes).map_err(st_err)?,
+        ));
     }
-    let opt = |x: Option<f64>| x.map_or(f32::NAN, |v| v as f32);
-    let data: Vec<(&str, Dtype, usize, Vec<u8>)> = vec![
+    let meta_json = serde_json::to_string(&pack.meta())
+        .map_err(|e| TreeError::invalid("pack metadata", e.to_string()))?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("arbor".to_string(), meta_json);
+    safetensors::serialize(views, Some(meta)).map_err(st_err)
+}
+
+/// The per-token tensors (length `T`) and the segment tensors (length `S`).
+fn token_tensors(pack: &Pack) -> Result<Vec<Tensor>> {
+    let f = &pack.flat;
+    let t = f.len();
+    Ok(vec![
         (
             "input_ids",
             Dtype::I32,
@@ -229,6 +241,23 @@ pub fn pack_to_bytes(pack: &Pack) -> Result<Vec<u8>> {
             f.segments.len(),
             i32s("node id", f.segments.iter().map(|s| s.node))?,
         ),
+    ])
+}
+
+/// The per-path tensors: gather offsets and indices, each path's own values, advantages and rewards.
+fn path_tensors(f: &FlatTree) -> Result<Vec<Tensor>> {
+    let gather = f.path_gather();
+    let k = f.paths.len();
+    let mut path_mask = Vec::with_capacity(gather.indices.len());
+    let mut path_lp = Vec::with_capacity(gather.indices.len());
+    let mut path_turns = Vec::with_capacity(gather.indices.len());
+    for i in 0..k {
+        path_mask.extend(f.path_loss_mask(i));
+        path_lp.extend(f.path_logprobs(i));
+        path_turns.extend(f.path_turns(i));
+    }
+    let opt = |x: Option<f64>| x.map_or(f32::NAN, |v| v as f32);
+    Ok(vec![
         (
             "path_offsets",
             Dtype::I32,
@@ -266,20 +295,7 @@ pub fn pack_to_bytes(pack: &Pack) -> Result<Vec<u8>> {
             k,
             f32s(f.paths.iter().map(|p| opt(p.reward))),
         ),
-    ];
-    let mut views = Vec::with_capacity(data.len());
-    for (name, dtype, n, bytes) in &data {
-        views.push((
-            *name,
-            TensorView::new(*dtype, vec![*n], bytes).map_err(st_err)?,
-        ));
-    }
-    let meta_json = serde_json::to_string(&pack.meta())
-        .map_err(|e| TreeError::invalid("pack metadata", e.to_string()))?;
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("arbor".to_string(), meta_json);
-    safetensors::serialize(views, Some(meta)).map_err(st_err)
+    ])
 }
 
 /// Reads a pack file written by [`write_pack`], validating its structure.
@@ -343,49 +359,116 @@ impl Reader<'_> {
     }
 }
 
+/// A structural error in a pack file.
+fn bad(reason: impl Into<String>) -> TreeError {
+    TreeError::invalid("pack file", reason.into())
+}
+
 /// Decodes a pack from the bytes of a safetensors file.
 pub fn pack_from_bytes(bytes: &[u8]) -> Result<Pack> {
-    let bad = |r: String| TreeError::invalid("pack file", r);
+    let meta = read_meta(bytes)?;
+    let r = Reader {
+        st: SafeTensors::deserialize(bytes).map_err(st_err)?,
+    };
+    let tok = read_token_tensors(&r)?;
+    check_layout(&tok.position_ids, &tok.parent, &tok.subtree_end)?;
+    let segments = read_segments(&r, &tok.parent, &tok.subtree_end)?;
+    let mut flat = FlatTree {
+        input_ids: tok.input_ids,
+        position_ids: tok.position_ids,
+        parent: tok.parent,
+        subtree_end: tok.subtree_end,
+        loss_mask: tok.loss_mask,
+        logprobs: tok.logprobs,
+        turns: tok.turns,
+        leaf_count: tok.leaf_count,
+        segments,
+        paths: Vec::new(),
+    };
+    let index = read_paths(&r, &meta, &mut flat)?;
+    check_leaf_count(&flat, &index)?;
+    Ok(Pack {
+        index: meta.index,
+        budget: meta.budget,
+        oversized: meta.oversized,
+        flat,
+        loss_weight: tok.loss_weight,
+        advantage: tok.advantage,
+        normalization: meta.normalization,
+        normalizer: Normalizer {
+            num_paths: meta.num_paths_total,
+            loss_tokens: meta.loss_tokens_total,
+        },
+    })
+}
+
+/// The header's `arbor` metadata, of a supported format.
+fn read_meta(bytes: &[u8]) -> Result<PackMeta> {
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(st_err)?;
     let meta_json = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get("arbor"))
-        .ok_or_else(|| bad("no `arbor` metadata in the header".into()))?;
+        .ok_or_else(|| bad("no `arbor` metadata in the header"))?;
     let meta: PackMeta =
         serde_json::from_str(meta_json).map_err(|e| bad(format!("metadata: {e}")))?;
     if meta.format != PACK_FORMAT {
         return Err(bad(format!("unsupported format {:?}", meta.format)));
     }
-    let r = Reader {
-        st: SafeTensors::deserialize(bytes).map_err(st_err)?,
+    Ok(meta)
+}
+
+/// The per-token tensors of a pack file.
+struct TokenTensors {
+    input_ids: Vec<u32>,
+    position_ids: Vec<u32>,
+    parent: Vec<i32>,
+    subtree_end: Vec<u32>,
+    loss_weight: Vec<f32>,
+    loss_mask: Vec<bool>,
+    logprobs: Vec<f32>,
+    turns: Vec<u32>,
+    leaf_count: Vec<u32>,
+    advantage: Vec<f32>,
+}
+
+/// Reads the per-token tensors and checks they all have one entry per token.
+fn read_token_tensors(r: &Reader<'_>) -> Result<TokenTensors> {
+    let tok = TokenTensors {
+        input_ids: r.u32("input_ids")?,
+        position_ids: r.u32("position_ids")?,
+        parent: r.i32("parent")?,
+        subtree_end: r.u32("subtree_end")?,
+        loss_weight: r.f32("loss_weight")?,
+        loss_mask: r.bool("loss_mask")?,
+        logprobs: r.f32("logprobs")?,
+        turns: r.u32("turns")?,
+        leaf_count: r.u32("leaf_count")?,
+        advantage: r.f32("advantage")?,
     };
-    let input_ids = r.u32("input_ids")?;
-    let t = input_ids.len();
-    let position_ids = r.u32("position_ids")?;
-    let parent = r.i32("parent")?;
-    let subtree_end = r.u32("subtree_end")?;
-    let loss_weight = r.f32("loss_weight")?;
-    let loss_mask = r.bool("loss_mask")?;
-    let logprobs = r.f32("logprobs")?;
-    let turns = r.u32("turns")?;
-    let leaf_count = r.u32("leaf_count")?;
-    let advantage = r.f32("advantage")?;
+    let t = tok.input_ids.len();
     for (name, n) in [
-        ("position_ids", position_ids.len()),
-        ("parent", parent.len()),
-        ("subtree_end", subtree_end.len()),
-        ("loss_weight", loss_weight.len()),
-        ("loss_mask", loss_mask.len()),
-        ("logprobs", logprobs.len()),
-        ("turns", turns.len()),
-        ("leaf_count", leaf_count.len()),
-        ("advantage", advantage.len()),
+        ("position_ids", tok.position_ids.len()),
+        ("parent", tok.parent.len()),
+        ("subtree_end", tok.subtree_end.len()),
+        ("loss_weight", tok.loss_weight.len()),
+        ("loss_mask", tok.loss_mask.len()),
+        ("logprobs", tok.logprobs.len()),
+        ("turns", tok.turns.len()),
+        ("leaf_count", tok.leaf_count.len()),
+        ("advantage", tok.advantage.len()),
     ] {
         if n != t {
             return Err(bad(format!("{name} has {n} entries, input_ids has {t}")));
         }
     }
+    Ok(tok)
+}
+
+/// Parents point left, positions are depths, and `subtree_end` is exactly what the parent pointers
+/// imply.
+fn check_layout(position_ids: &[u32], parent: &[i32], subtree_end: &[u32]) -> Result<()> {
+    let t = parent.len();
     for i in 0..t {
         let p = parent[i];
         if p < -1 || p >= i as i32 {
@@ -406,7 +489,6 @@ pub fn pack_from_bytes(bytes: &[u8]) -> Result<Pack> {
             return Err(bad(format!("position_ids[{i}] is not its parent's + 1")));
         }
     }
-    // subtree_end must be exactly what the parent pointers imply.
     let mut implied: Vec<u32> = (1..=t as u32).collect();
     for i in (0..t).rev() {
         let p = parent[i];
@@ -417,9 +499,15 @@ pub fn pack_from_bytes(bytes: &[u8]) -> Result<Pack> {
         }
     }
     if implied != subtree_end {
-        return Err(bad("subtree_end does not match the parent pointers".into()));
+        return Err(bad("subtree_end does not match the parent pointers"));
     }
-    // Segments.
+    Ok(())
+}
+
+/// Reads the segments: strictly ascending starts from 0, each a run of parent-linked tokens; their
+/// parent segments and subtree ends follow from the token layout.
+fn read_segments(r: &Reader<'_>, parent: &[i32], subtree_end: &[u32]) -> Result<Vec<FlatSegment>> {
+    let t = parent.len();
     let seg_start = r.u32("segment_start")?;
     let seg_node = r.u32("segment_node")?;
     if seg_start.len() != seg_node.len()
@@ -428,7 +516,7 @@ pub fn pack_from_bytes(bytes: &[u8]) -> Result<Pack> {
         || seg_start.windows(2).any(|w| w[0] >= w[1])
         || seg_start.last().is_some_and(|&s| s as usize >= t)
     {
-        return Err(bad("segment_start must be strictly ascending from 0".into()));
+        return Err(bad("segment_start must be strictly ascending from 0"));
     }
     let mut segments: Vec<FlatSegment> = Vec::with_capacity(seg_start.len());
     for (s, (&start, &node)) in seg_start.iter().zip(&seg_node).enumerate() {
@@ -454,19 +542,12 @@ pub fn pack_from_bytes(bytes: &[u8]) -> Result<Pack> {
             subtree_end: subtree_end[start as usize],
         });
     }
-    let mut flat = FlatTree {
-        input_ids,
-        position_ids,
-        parent,
-        subtree_end,
-        loss_mask,
-        logprobs,
-        turns,
-        leaf_count,
-        segments,
-        paths: Vec::new(),
-    };
-    // Paths.
+    Ok(segments)
+}
+
+/// Reads the path tensors into `flat.paths` (with the metadata's per-path details); returns the
+/// gather indices of all paths.
+fn read_paths(r: &Reader<'_>, meta: &PackMeta, flat: &mut FlatTree) -> Result<Vec<u32>> {
     let offsets = r.u32("path_offsets")?;
     let index = r.u32("path_index")?;
     let pmask = r.bool("path_loss_mask")?;
@@ -482,82 +563,98 @@ pub fn pack_from_bytes(bytes: &[u8]) -> Result<Pack> {
         || pturns.len() != index.len()
     {
         return Err(bad(
-            "path_offsets / path_* tensors are inconsistent with the metadata".into(),
+            "path_offsets / path_* tensors are inconsistent with the metadata",
         ));
     }
     for (pi, pm) in meta.paths.iter().enumerate() {
         let (a, b) = (offsets[pi] as usize, offsets[pi + 1] as usize);
-        let idx = &index[a..b];
-        // The path must be the parent chain of its last token.
-        let mut j = idx[idx.len() - 1] as i64;
-        for &x in idx.iter().rev() {
-            if j != x as i64 || x as usize >= t {
-                return Err(bad(format!(
-                    "path {pi} is not a root-to-token parent chain"
-                )));
-            }
-            j = flat.parent[x as usize] as i64;
-        }
-        if j != -1 {
-            return Err(bad(format!("path {pi} does not start at a root")));
-        }
-        let mut ranges: Vec<(u32, u32)> = Vec::new();
-        for &x in idx {
-            match ranges.last_mut() {
-                Some(r) if r.1 == x => r.1 = x + 1,
-                _ => ranges.push((x, x + 1)),
-            }
-        }
-        let mut overrides = Vec::new();
-        for (q, &x) in idx.iter().enumerate() {
-            let x = x as usize;
-            let (m, l, tu) = (pmask[a + q], plp[a + q], pturns[a + q]);
-            if m != flat.loss_mask[x]
-                || l.to_bits() != flat.logprobs[x].to_bits()
-                || tu != flat.turns[x]
-            {
-                overrides.push(FlatOverride {
-                    index: x as u32,
-                    loss_mask: m,
-                    logprob: l,
-                    turn: tu,
-                });
-            }
-        }
-        overrides.sort_by_key(|o| o.index);
-        let end_segment = flat.segment_of(idx[idx.len() - 1] as usize) as u32;
-        flat.paths.push(FlatPath {
-            leaf: pm.leaf,
-            id: pm.id.clone(),
-            tree: pm.tree,
-            len: (b - a) as u32,
-            ranges,
-            end_segment,
-            reward: pm.reward,
-            advantage: pm.advantage,
-            group: pm.group.clone(),
-            overrides,
-        });
+        let own = PathValues {
+            mask: &pmask[a..b],
+            logprobs: &plp[a..b],
+            turns: &pturns[a..b],
+        };
+        let path = read_path(flat, pi, pm, &index[a..b], &own)?;
+        flat.paths.push(path);
     }
-    // leaf_count must count the paths through each token.
-    let mut counts = vec![0u32; t];
-    for &x in &index {
+    Ok(index)
+}
+
+/// One path's own per-position values, aligned with its gather indices.
+struct PathValues<'a> {
+    mask: &'a [bool],
+    logprobs: &'a [f32],
+    turns: &'a [u32],
+}
+
+/// Path `pi` from its gather indices `idx`: checks it is a root-to-token parent chain, then derives
+/// its ranges and its overrides of the canonical values.
+fn read_path(
+    flat: &FlatTree,
+    pi: usize,
+    pm: &PackPathMeta,
+    idx: &[u32],
+    own: &PathValues<'_>,
+) -> Result<FlatPath> {
+    let t = flat.len();
+    let mut j = idx[idx.len() - 1] as i64;
+    for &x in idx.iter().rev() {
+        if j != x as i64 || x as usize >= t {
+            return Err(bad(format!(
+                "path {pi} is not a root-to-token parent chain"
+            )));
+        }
+        j = flat.parent[x as usize] as i64;
+    }
+    if j != -1 {
+        return Err(bad(format!("path {pi} does not start at a root")));
+    }
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for &x in idx {
+        match ranges.last_mut() {
+            Some(r) if r.1 == x => r.1 = x + 1,
+            _ => ranges.push((x, x + 1)),
+        }
+    }
+    let mut overrides = Vec::new();
+    for (q, &x) in idx.iter().enumerate() {
+        let x = x as usize;
+        let (m, l, tu) = (own.mask[q], own.logprobs[q], own.turns[q]);
+        if m != flat.loss_mask[x]
+            || l.to_bits() != flat.logprobs[x].to_bits()
+            || tu != flat.turns[x]
+        {
+            overrides.push(FlatOverride {
+                index: x as u32,
+                loss_mask: m,
+                logprob: l,
+                turn: tu,
+            });
+        }
+    }
+    overrides.sort_by_key(|o| o.index);
+    let end_segment = flat.segment_of(idx[idx.len() - 1] as usize) as u32;
+    Ok(FlatPath {
+        leaf: pm.leaf,
+        id: pm.id.clone(),
+        tree: pm.tree,
+        len: idx.len() as u32,
+        ranges,
+        end_segment,
+        reward: pm.reward,
+        advantage: pm.advantage,
+        group: pm.group.clone(),
+        overrides,
+    })
+}
+
+/// `leaf_count` must count the paths through each token.
+fn check_leaf_count(flat: &FlatTree, index: &[u32]) -> Result<()> {
+    let mut counts = vec![0u32; flat.len()];
+    for &x in index {
         counts[x as usize] += 1;
     }
     if counts != flat.leaf_count {
-        return Err(bad("leaf_count does not match the paths".into()));
+        return Err(bad("leaf_count does not match the paths"));
     }
-    Ok(Pack {
-        index: meta.index,
-        budget: meta.budget,
-        oversized: meta.oversized,
-        flat,
-        loss_weight,
-        advantage,
-        normalization: meta.normalization,
-        normalizer: Normalizer {
-            num_paths: meta.num_paths_total,
-            loss_tokens: meta.loss_tokens_total,
-        },
-    })
+    Ok(())
 }

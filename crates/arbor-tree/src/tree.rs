@@ -188,191 +188,14 @@ impl TrajectoryTree {
     /// `sequences[k]`. Fails if a sequence is empty, if a per-token field has the wrong length, or if the
     /// tree would not fit the `u32`/`i32` indices of the flat layout.
     pub fn from_sequences(sequences: &[Sequence]) -> Result<TrajectoryTree> {
-        let mut flat: u64 = 0;
-        for s in sequences {
-            s.validate()?;
-            flat += s.tokens.len() as u64;
-        }
-        if sequences.len() >= u32::MAX as usize || flat >= u32::MAX as u64 {
-            return Err(TreeError::TooLarge(format!(
-                "{} sequences with {flat} tokens (the flat layout indexes tokens and paths with u32)",
-                sequences.len()
-            )));
-        }
-
-        // 1. Insert every sequence into a compressed trie whose nodes reference sequence slices.
-        let mut bnodes: Vec<BuildNode> = Vec::new();
-        let mut child: FxMap<(u32, u32), u32> = FxMap::default();
-        let mut leaf_end: Vec<u32> = Vec::with_capacity(sequences.len());
-        for (si, s) in sequences.iter().enumerate() {
-            let t = &s.tokens;
-            let n = t.len();
-            let mut parent = NONE;
-            let mut pos = 0usize;
-            let end = loop {
-                if pos == n {
-                    break parent;
-                }
-                let Some(&c) = child.get(&(parent, t[pos])) else {
-                    let id = bnodes.len() as u32;
-                    bnodes.push(BuildNode {
-                        seq: si as u32,
-                        start: pos as u32,
-                        len: (n - pos) as u32,
-                        parent,
-                    });
-                    child.insert((parent, t[pos]), id);
-                    break id;
-                };
-                let bn = bnodes[c as usize];
-                let seg = &sequences[bn.seq as usize].tokens
-                    [bn.start as usize..(bn.start + bn.len) as usize];
-                let k = seg
-                    .iter()
-                    .zip(&t[pos..])
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                if k < seg.len() {
-                    // Split: a new head node takes the first k tokens; `c` keeps the tail and its children.
-                    let head = bnodes.len() as u32;
-                    bnodes.push(BuildNode {
-                        seq: bn.seq,
-                        start: bn.start,
-                        len: k as u32,
-                        parent: bn.parent,
-                    });
-                    child.insert((bn.parent, seg[0]), head);
-                    child.insert((head, seg[k]), c);
-                    let cn = &mut bnodes[c as usize];
-                    cn.start += k as u32;
-                    cn.len -= k as u32;
-                    cn.parent = head;
-                    parent = head;
-                } else {
-                    parent = c;
-                }
-                pos += k;
-            };
-            leaf_end.push(end);
-        }
-        drop(child);
+        check_sizes(sequences)?;
+        let (bnodes, leaf_end) = insert_all(sequences);
         if bnodes.len() >= i32::MAX as usize {
             return Err(TreeError::TooLarge(format!("{} nodes", bnodes.len())));
         }
-
-        // 2. Order children by first appearance in the input, then renumber in DFS pre-order.
-        let nb = bnodes.len();
-        let mut first_leaf = vec![NONE; nb];
-        let mut roots: Vec<u32> = Vec::new();
-        let mut kids: Vec<Vec<u32>> = vec![Vec::new(); nb];
-        for (k, &e) in leaf_end.iter().enumerate() {
-            let mut u = e;
-            while u != NONE && first_leaf[u as usize] == NONE {
-                first_leaf[u as usize] = k as u32;
-                let p = bnodes[u as usize].parent;
-                if p == NONE {
-                    roots.push(u);
-                } else {
-                    kids[p as usize].push(u);
-                }
-                u = p;
-            }
-        }
-        // Leaves are visited in input order and a node is pushed to its parent's list when its first leaf
-        // is seen, so every child list (and `roots`) is already in order of first appearance.
-
-        let mut order: Vec<u32> = Vec::with_capacity(nb);
-        let mut new_id = vec![NONE; nb];
-        let mut stack: Vec<u32> = roots.iter().rev().copied().collect();
-        while let Some(u) = stack.pop() {
-            new_id[u as usize] = order.len() as u32;
-            order.push(u);
-            stack.extend(kids[u as usize].iter().rev());
-        }
-
-        // 3. Materialize nodes (tokens copied once), leaves lists, canonical values and overrides.
-        let mut nodes: Vec<Node> = order
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| {
-                let bn = bnodes[b as usize];
-                let s = &sequences[bn.seq as usize];
-                let r = bn.start as usize..(bn.start + bn.len) as usize;
-                Node {
-                    id: i as u32,
-                    parent: (bn.parent != NONE).then(|| new_id[bn.parent as usize]),
-                    depth: bn.start,
-                    tokens: s.tokens[r].to_vec(),
-                    loss_mask: Vec::new(),
-                    logprobs: Vec::new(),
-                    turns: Vec::new(),
-                    leaves: Vec::new(),
-                    children: kids[b as usize]
-                        .iter()
-                        .map(|&c| new_id[c as usize])
-                        .collect(),
-                    subtree_end: 0,
-                }
-            })
-            .collect();
-        let mut leaves: Vec<Leaf> = Vec::with_capacity(sequences.len());
-        for (k, s) in sequences.iter().enumerate() {
-            let node = new_id[leaf_end[k] as usize];
-            let mut u = Some(node);
-            while let Some(x) = u {
-                nodes[x as usize].leaves.push(k as u32);
-                u = nodes[x as usize].parent;
-            }
-            leaves.push(Leaf {
-                id: s.id.clone(),
-                node,
-                len: s.tokens.len() as u32,
-                reward: s.reward,
-                advantage: s.advantage,
-                group: s.group.clone(),
-                overrides: Vec::new(),
-            });
-        }
-        for node in nodes.iter_mut() {
-            let d = node.depth as usize;
-            let n = node.tokens.len();
-            // Canonical values: mask = OR; logprob/turn from the first path that trains the token, else
-            // from the first path through it.
-            let first = &sequences[node.leaves[0] as usize];
-            let mut mask: Vec<bool> = (0..n).map(|i| first.mask_at(d + i)).collect();
-            let mut lp: Vec<f32> = (0..n).map(|i| first.logprob_at(d + i)).collect();
-            let mut tu: Vec<u32> = (0..n).map(|i| first.turn_at(d + i)).collect();
-            if node.leaves.len() > 1 && mask.iter().any(|m| !m) {
-                for &k in &node.leaves[1..] {
-                    let s = &sequences[k as usize];
-                    for i in 0..n {
-                        if !mask[i] && s.mask_at(d + i) {
-                            mask[i] = true;
-                            lp[i] = s.logprob_at(d + i);
-                            tu[i] = s.turn_at(d + i);
-                        }
-                    }
-                }
-            }
-            for &k in &node.leaves {
-                let s = &sequences[k as usize];
-                for i in 0..n {
-                    let (m, l, t) = (s.mask_at(d + i), s.logprob_at(d + i), s.turn_at(d + i));
-                    if m != mask[i] || l.to_bits() != lp[i].to_bits() || t != tu[i] {
-                        leaves[k as usize].overrides.push(TokenOverride {
-                            pos: (d + i) as u32,
-                            loss_mask: m,
-                            logprob: l,
-                            turn: t,
-                        });
-                    }
-                }
-            }
-            node.loss_mask = mask;
-            node.logprobs = lp;
-            node.turns = tu;
-        }
-        // Nodes were visited in pre-order (increasing depth along each path), so overrides are sorted.
+        let pre = preorder(&bnodes, &leaf_end);
+        let (mut nodes, mut leaves) = materialize(sequences, &bnodes, &leaf_end, &pre);
+        canonicalize(sequences, &mut nodes, &mut leaves);
         let mut tree = TrajectoryTree {
             version: TREE_FORMAT_VERSION,
             nodes,
@@ -604,4 +427,230 @@ impl TrajectoryTree {
     pub fn paths(&self) -> Vec<Sequence> {
         (0..self.leaves.len()).map(|k| self.path(k)).collect()
     }
+}
+
+/// Validates every sequence and checks that the forest fits the `u32` indices of the flat layout.
+fn check_sizes(sequences: &[Sequence]) -> Result<()> {
+    let mut flat: u64 = 0;
+    for s in sequences {
+        s.validate()?;
+        flat += s.tokens.len() as u64;
+    }
+    if sequences.len() >= u32::MAX as usize || flat >= u32::MAX as u64 {
+        return Err(TreeError::TooLarge(format!(
+            "{} sequences with {flat} tokens (the flat layout indexes tokens and paths with u32)",
+            sequences.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Step 1: inserts every sequence into a compressed trie whose nodes reference sequence slices.
+/// Returns the nodes and, per sequence, the node holding its last token.
+fn insert_all(sequences: &[Sequence]) -> (Vec<BuildNode>, Vec<u32>) {
+    let mut bnodes: Vec<BuildNode> = Vec::new();
+    let mut child: FxMap<(u32, u32), u32> = FxMap::default();
+    let mut leaf_end: Vec<u32> = Vec::with_capacity(sequences.len());
+    for (si, s) in sequences.iter().enumerate() {
+        let t = &s.tokens;
+        let n = t.len();
+        let mut parent = NONE;
+        let mut pos = 0usize;
+        let end = loop {
+            if pos == n {
+                break parent;
+            }
+            let Some(&c) = child.get(&(parent, t[pos])) else {
+                let id = bnodes.len() as u32;
+                bnodes.push(BuildNode {
+                    seq: si as u32,
+                    start: pos as u32,
+                    len: (n - pos) as u32,
+                    parent,
+                });
+                child.insert((parent, t[pos]), id);
+                break id;
+            };
+            let bn = bnodes[c as usize];
+            let seg =
+                &sequences[bn.seq as usize].tokens[bn.start as usize..(bn.start + bn.len) as usize];
+            let k = seg
+                .iter()
+                .zip(&t[pos..])
+                .take_while(|(a, b)| a == b)
+                .count();
+            if k < seg.len() {
+                // Split: a new head node takes the first k tokens; `c` keeps the tail and its children.
+                let head = bnodes.len() as u32;
+                bnodes.push(BuildNode {
+                    seq: bn.seq,
+                    start: bn.start,
+                    len: k as u32,
+                    parent: bn.parent,
+                });
+                child.insert((bn.parent, seg[0]), head);
+                child.insert((head, seg[k]), c);
+                let cn = &mut bnodes[c as usize];
+                cn.start += k as u32;
+                cn.len -= k as u32;
+                cn.parent = head;
+                parent = head;
+            } else {
+                parent = c;
+            }
+            pos += k;
+        };
+        leaf_end.push(end);
+    }
+    (bnodes, leaf_end)
+}
+
+/// The build nodes in DFS pre-order.
+struct Preorder {
+    /// Build node ids in pre-order (the final node `i` is build node `order[i]`).
+    order: Vec<u32>,
+    /// Final id of each build node.
+    new_id: Vec<u32>,
+    /// Children of each build node, in order of first appearance.
+    kids: Vec<Vec<u32>>,
+}
+
+/// Step 2: orders children by first appearance in the input, then numbers nodes in DFS pre-order.
+fn preorder(bnodes: &[BuildNode], leaf_end: &[u32]) -> Preorder {
+    let nb = bnodes.len();
+    let mut first_leaf = vec![NONE; nb];
+    let mut roots: Vec<u32> = Vec::new();
+    let mut kids: Vec<Vec<u32>> = vec![Vec::new(); nb];
+    for (k, &e) in leaf_end.iter().enumerate() {
+        let mut u = e;
+        while u != NONE && first_leaf[u as usize] == NONE {
+            first_leaf[u as usize] = k as u32;
+            let p = bnodes[u as usize].parent;
+            if p == NONE {
+                roots.push(u);
+            } else {
+                kids[p as usize].push(u);
+            }
+            u = p;
+        }
+    }
+    // Leaves are visited in input order and a node is pushed to its parent's list when its first leaf
+    // is seen, so every child list (and `roots`) is already in order of first appearance.
+
+    let mut order: Vec<u32> = Vec::with_capacity(nb);
+    let mut new_id = vec![NONE; nb];
+    let mut stack: Vec<u32> = roots.iter().rev().copied().collect();
+    while let Some(u) = stack.pop() {
+        new_id[u as usize] = order.len() as u32;
+        order.push(u);
+        stack.extend(kids[u as usize].iter().rev());
+    }
+    Preorder {
+        order,
+        new_id,
+        kids,
+    }
+}
+
+/// Step 3: the final nodes (tokens copied once, per-token values still empty) and leaves, with every
+/// node's list of the paths through it.
+fn materialize(
+    sequences: &[Sequence],
+    bnodes: &[BuildNode],
+    leaf_end: &[u32],
+    pre: &Preorder,
+) -> (Vec<Node>, Vec<Leaf>) {
+    let Preorder {
+        order,
+        new_id,
+        kids,
+    } = pre;
+    let mut nodes: Vec<Node> = order
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            let bn = bnodes[b as usize];
+            let s = &sequences[bn.seq as usize];
+            let r = bn.start as usize..(bn.start + bn.len) as usize;
+            Node {
+                id: i as u32,
+                parent: (bn.parent != NONE).then(|| new_id[bn.parent as usize]),
+                depth: bn.start,
+                tokens: s.tokens[r].to_vec(),
+                loss_mask: Vec::new(),
+                logprobs: Vec::new(),
+                turns: Vec::new(),
+                leaves: Vec::new(),
+                children: kids[b as usize]
+                    .iter()
+                    .map(|&c| new_id[c as usize])
+                    .collect(),
+                subtree_end: 0,
+            }
+        })
+        .collect();
+    let mut leaves: Vec<Leaf> = Vec::with_capacity(sequences.len());
+    for (k, s) in sequences.iter().enumerate() {
+        let node = new_id[leaf_end[k] as usize];
+        let mut u = Some(node);
+        while let Some(x) = u {
+            nodes[x as usize].leaves.push(k as u32);
+            u = nodes[x as usize].parent;
+        }
+        leaves.push(Leaf {
+            id: s.id.clone(),
+            node,
+            len: s.tokens.len() as u32,
+            reward: s.reward,
+            advantage: s.advantage,
+            group: s.group.clone(),
+            overrides: Vec::new(),
+        });
+    }
+    (nodes, leaves)
+}
+
+/// Step 4: each node's canonical mask/logprob/turn (see the crate docs, "Merging rule") and each
+/// path's overrides where its own values differ.
+fn canonicalize(sequences: &[Sequence], nodes: &mut [Node], leaves: &mut [Leaf]) {
+    for node in nodes.iter_mut() {
+        let d = node.depth as usize;
+        let n = node.tokens.len();
+        // Canonical values: mask = OR; logprob/turn from the first path that trains the token, else
+        // from the first path through it.
+        let first = &sequences[node.leaves[0] as usize];
+        let mut mask: Vec<bool> = (0..n).map(|i| first.mask_at(d + i)).collect();
+        let mut lp: Vec<f32> = (0..n).map(|i| first.logprob_at(d + i)).collect();
+        let mut tu: Vec<u32> = (0..n).map(|i| first.turn_at(d + i)).collect();
+        if node.leaves.len() > 1 && mask.iter().any(|m| !m) {
+            for &k in &node.leaves[1..] {
+                let s = &sequences[k as usize];
+                for i in 0..n {
+                    if !mask[i] && s.mask_at(d + i) {
+                        mask[i] = true;
+                        lp[i] = s.logprob_at(d + i);
+                        tu[i] = s.turn_at(d + i);
+                    }
+                }
+            }
+        }
+        for &k in &node.leaves {
+            let s = &sequences[k as usize];
+            for i in 0..n {
+                let (m, l, t) = (s.mask_at(d + i), s.logprob_at(d + i), s.turn_at(d + i));
+                if m != mask[i] || l.to_bits() != lp[i].to_bits() || t != tu[i] {
+                    leaves[k as usize].overrides.push(TokenOverride {
+                        pos: (d + i) as u32,
+                        loss_mask: m,
+                        logprob: l,
+                        turn: t,
+                    });
+                }
+            }
+        }
+        node.loss_mask = mask;
+        node.logprobs = lp;
+        node.turns = tu;
+    }
+    // Nodes are visited in pre-order (increasing depth along each path), so overrides come out sorted.
 }

@@ -91,3 +91,38 @@ fn pack_to_dir_end_to_end() {
     // A second run into the same directory is refused rather than mixing packs.
     assert!(arbor_tree::pack_to_dir(&src, 24, &out).is_err());
 }
+
+/// A pack whose file is pinned in `tests/data/pack-golden.safetensors`: shared prompts, an override,
+/// rewards and advantages, and one path with neither (NaN in the file).
+fn golden_pack() -> arbor_tree::Pack {
+    let mut seqs = sample_sequences();
+    seqs.push(arbor_tree::Sequence::new("bare", vec![1000, 1001, 5]));
+    let tree = TrajectoryTree::from_sequences(&seqs).unwrap();
+    let (_, packs) = pack_tree(&tree, &PackOptions::new(1000)).unwrap();
+    assert_eq!(packs.len(), 1);
+    packs.into_iter().next().unwrap()
+}
+
+/// The header length, the header as JSON and the tensor bytes of a safetensors file.
+fn split_file(bytes: &[u8]) -> (usize, serde_json::Value, &[u8]) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (n, header, &bytes[8 + n..])
+}
+
+/// The pack file format stays byte-identical. safetensors keeps the two `__metadata__` keys in a
+/// `HashMap`, so their order varies between processes; the header is compared as JSON (same length,
+/// same content), the tensor bytes exactly. `ARBOR_BLESS=1` rewrites the golden file.
+#[test]
+fn pack_file_bytes_are_pinned() {
+    let golden_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pack-golden.safetensors");
+    let bytes = pack_to_bytes(&golden_pack()).unwrap();
+    if std::env::var_os("ARBOR_BLESS").is_some() {
+        std::fs::write(&golden_path, &bytes).unwrap();
+    }
+    let golden = std::fs::read(&golden_path).unwrap();
+    assert_eq!(bytes.len(), golden.len());
+    assert_eq!(split_file(&bytes), split_file(&golden));
+    assert_same_pack(&pack_from_bytes(&golden).unwrap(), &golden_pack());
+}

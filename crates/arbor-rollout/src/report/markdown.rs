@@ -108,7 +108,35 @@ pub fn render(input: &Input<'_>) -> String {
     let s = input.stats;
     let mut out = String::new();
     let _ = writeln!(out, "# Run report: {}\n", input.title);
+    oracle_banner(&mut out, s);
+    if s.rollouts == 0 {
+        out.push_str("No results yet: `results.jsonl` is empty.\n");
+        return out;
+    }
+    overview(&mut out, s);
+    summary(&mut out, s);
+    out.push_str("\n## By domain\n\n");
+    group_table(&mut out, "domain", &s.by_domain);
+    out.push_str("\n## By scaffold\n\n");
+    group_table(&mut out, "scaffold", &s.by_scaffold);
+    plot_link(&mut out, input, "pass_rate.svg");
+    out.push_str("\n## Rewards\n");
+    plot_link(&mut out, input, "reward_hist.svg");
+    failures(&mut out, input);
+    tokens_and_time(&mut out, input);
+    if let Some(exp) = input.experiment {
+        let fence = if exp.contains("```") { "~~~~" } else { "```" };
+        let _ = writeln!(
+            out,
+            "\n## Experiment\n\n{fence}toml\n{}\n{fence}",
+            exp.trim_end()
+        );
+    }
+    out
+}
 
+/// The warning that some or all rollouts replayed reference solutions.
+fn oracle_banner(out: &mut String, s: &Stats) {
     if s.infrastructure_test {
         let _ = writeln!(
             out,
@@ -125,12 +153,10 @@ pub fn render(input: &Input<'_>) -> String {
             s.oracle_rollouts, s.rollouts
         );
     }
+}
 
-    if s.rollouts == 0 {
-        out.push_str("No results yet: `results.jsonl` is empty.\n");
-        return out;
-    }
-
+/// The opening paragraph: policies and rollouts by status.
+fn overview(out: &mut String, s: &Stats) {
     let policies: Vec<String> = s.policies.iter().map(|p| format!("`{p}`")).collect();
     let _ = writeln!(
         out,
@@ -146,7 +172,10 @@ pub fn render(input: &Input<'_>) -> String {
         s.scored,
         s.scored_tasks,
     );
+}
 
+/// The summary table and, when there are enough samples, pass@k.
+fn summary(out: &mut String, s: &Stats) {
     out.push_str("## Summary\n\n| metric | value |\n|---|--:|\n");
     let _ = writeln!(out, "| pass@1 | {} |", opt3(s.pass_at_1));
     let _ = writeln!(out, "| mean reward ± se | {} |", mean_se(s.mean_reward));
@@ -174,37 +203,36 @@ pub fn render(input: &Input<'_>) -> String {
             let _ = writeln!(out, "| {} | {:.3} | {} |", p.k, p.value, p.tasks);
         }
     }
+}
 
-    out.push_str("\n## By domain\n\n");
-    group_table(&mut out, "domain", &s.by_domain);
-    out.push_str("\n## By scaffold\n\n");
-    group_table(&mut out, "scaffold", &s.by_scaffold);
-    plot_link(&mut out, input, "pass_rate.svg");
-
-    out.push_str("\n## Rewards\n");
-    plot_link(&mut out, input, "reward_hist.svg");
-
+/// Failures by class, with an example message each.
+fn failures(out: &mut String, input: &Input<'_>) {
+    let s = input.stats;
     out.push_str("\n## Failures by class\n\n");
     if s.failures.is_empty() {
         out.push_str("No failures recorded.\n");
-    } else {
-        out.push_str(
-            "| class | rollouts | infra errors | agent failures | example |\n|---|--:|--:|--:|---|\n",
-        );
-        for f in &s.failures {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} |",
-                cell(&f.class),
-                f.count,
-                f.infra_errors,
-                f.agent_failures,
-                cell(&f.example)
-            );
-        }
-        plot_link(&mut out, input, "failures.svg");
+        return;
     }
+    out.push_str(
+        "| class | rollouts | infra errors | agent failures | example |\n|---|--:|--:|--:|---|\n",
+    );
+    for f in &s.failures {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            cell(&f.class),
+            f.count,
+            f.infra_errors,
+            f.agent_failures,
+            cell(&f.example)
+        );
+    }
+    plot_link(out, input, "failures.svg");
+}
 
+/// Token totals, time per rollout and per-step overhead.
+fn tokens_and_time(out: &mut String, input: &Input<'_>) {
+    let s = input.stats;
     out.push_str("\n## Tokens and time\n\n");
     let t = &s.tokens;
     let _ = writeln!(
@@ -218,9 +246,9 @@ pub fn render(input: &Input<'_>) -> String {
         t.format_errors,
     );
     out.push_str("| time per rollout | total | p50 | p90 | max |\n|---|--:|--:|--:|--:|\n");
-    spread_row(&mut out, "whole rollout", &s.time.total_s);
-    spread_row(&mut out, "agent", &s.time.agent_s);
-    spread_row(&mut out, "verify", &s.time.verify_s);
+    spread_row(out, "whole rollout", &s.time.total_s);
+    spread_row(out, "agent", &s.time.agent_s);
+    spread_row(out, "verify", &s.time.verify_s);
     let _ = writeln!(
         out,
         "\nModel calls {} and commands {} in total. Per-step overhead (time in a step that is \
@@ -231,15 +259,5 @@ pub fn render(input: &Input<'_>) -> String {
         s.time.overhead_p99_ms,
         s.time.overhead_steps,
     );
-    plot_link(&mut out, input, "duration_cdf.svg");
-
-    if let Some(exp) = input.experiment {
-        let fence = if exp.contains("```") { "~~~~" } else { "```" };
-        let _ = writeln!(
-            out,
-            "\n## Experiment\n\n{fence}toml\n{}\n{fence}",
-            exp.trim_end()
-        );
-    }
-    out
+    plot_link(out, input, "duration_cdf.svg");
 }
