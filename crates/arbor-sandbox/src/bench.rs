@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::local::{LocalBackend, gc};
+use crate::local::{LocalBackend, LocalSandbox, gc};
 use crate::pool::Pool;
 use crate::{Backend, ExecRequest, Result, Sandbox, SandboxError, SandboxSpec};
 
@@ -90,48 +90,103 @@ fn check(r: &crate::ExecResult, what: &str) -> Result<()> {
 pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchReport> {
     let spec = SandboxSpec::default();
     let n = opts.n.max(1);
-
-    // Warm-up: the first sandbox builds the rootfs mask and faults in the init binary.
+    warm_up(backend, &spec).await?;
+    let cold = create_exec_destroy(backend, &spec, n).await?;
+    let pooled = pooled_create_exec_destroy(backend, &spec, n).await?;
     let sb = backend.create(&spec).await?;
-    sb.exec(ExecRequest::new(["true"])).await?;
+    let rt = exec_roundtrips(sb.as_ref(), n * 4).await?;
+    let (forks, state_kb) = forks(sb.as_ref(), n).await?;
     sb.destroy().await?;
+    let live = live_phase(backend, &spec, opts).await;
+    let leaks = gc::leaks(backend.state_root(), backend.cgroups());
+    let count = live.held.max(1) as f64;
+    Ok(BenchReport {
+        create_exec_destroy_ms: percentiles(cold),
+        pooled_create_exec_destroy_ms: percentiles(pooled),
+        exec_roundtrip_ms: percentiles(rt),
+        fork_ms: percentiles(forks),
+        fork_state_mb: state_kb / 1024.0,
+        live_sandboxes: live.alive,
+        live_requested: opts.live,
+        live_create_s: live.create_s,
+        rss_mb_per_live_sandbox: live.rss_kb as f64 / 1024.0 / count,
+        host_mb_per_live_sandbox: (live.mem_before_kb.saturating_sub(live.mem_after_kb)) as f64
+            / 1024.0
+            / count,
+        leaked: leaks.total(),
+        n,
+        cgroup: match backend.cgroups() {
+            crate::local::cgroup::Cgroups::V1 { .. } => "v1".into(),
+            crate::local::cgroup::Cgroups::V2 { .. } => "v2".into(),
+        },
+    })
+}
 
+/// The first sandbox builds the rootfs mask and faults in the init binary:
+/// keep that out of the measurements.
+async fn warm_up(backend: &LocalBackend, spec: &SandboxSpec) -> Result<()> {
+    let sb = backend.create(spec).await?;
+    sb.exec(ExecRequest::new(["true"])).await?;
+    sb.destroy().await
+}
+
+/// Milliseconds of `n` fresh sandboxes, each created, running `true`, destroyed.
+async fn create_exec_destroy(
+    backend: &LocalBackend,
+    spec: &SandboxSpec,
+    n: usize,
+) -> Result<Vec<f64>> {
     eprintln!("bench: create+exec+destroy x{n}");
     let mut cold = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let sb = backend.create(&spec).await?;
+        let sb = backend.create(spec).await?;
         check(&sb.exec(ExecRequest::new(["true"])).await?, "true")?;
         sb.destroy().await?;
         cold.push(ms(t.elapsed()));
     }
+    Ok(cold)
+}
 
+/// The same through a warm pool, each taken when one is ready.
+async fn pooled_create_exec_destroy(
+    backend: &LocalBackend,
+    spec: &SandboxSpec,
+    n: usize,
+) -> Result<Vec<f64>> {
     eprintln!("bench: pooled create+exec+destroy x{n}");
     let pool = Pool::new(Arc::new(backend.clone()), 4, 16);
-    pool.prefill(&spec).await?;
+    pool.prefill(spec).await?;
     let mut pooled = Vec::with_capacity(n);
     for _ in 0..n {
         // Measure the steady state the pool is for: a warm sandbox is ready.
-        while pool.warm(&spec) == 0 {
+        while pool.warm(spec) == 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let t = Instant::now();
-        let sb = pool.get(&spec).await?;
+        let sb = pool.get(spec).await?;
         check(&sb.exec(ExecRequest::new(["true"])).await?, "true")?;
         sb.destroy().await?;
         pooled.push(ms(t.elapsed()));
     }
     pool.close().await;
+    Ok(pooled)
+}
 
-    eprintln!("bench: exec roundtrip x{}", n * 4);
-    let sb = backend.create(&spec).await?;
-    let mut rt = Vec::with_capacity(n * 4);
-    for _ in 0..n * 4 {
+/// Milliseconds of `count` runs of `true` in one sandbox.
+async fn exec_roundtrips(sb: &dyn Sandbox, count: usize) -> Result<Vec<f64>> {
+    eprintln!("bench: exec roundtrip x{count}");
+    let mut rt = Vec::with_capacity(count);
+    for _ in 0..count {
         let t = Instant::now();
         check(&sb.exec(ExecRequest::new(["true"])).await?, "true")?;
         rt.push(ms(t.elapsed()));
     }
+    Ok(rt)
+}
 
+/// Milliseconds of `n` forks of `sb` after it wrote 10 MB, and the KiB it wrote.
+async fn forks(sb: &dyn Sandbox, n: usize) -> Result<(Vec<f64>, f64)> {
     eprintln!("bench: fork of a sandbox holding 10 MB x{n}");
     let r = sb
         .exec(ExecRequest::shell(
@@ -152,13 +207,72 @@ pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchRep
         forks.push(ms(t.elapsed()));
         child.destroy().await?;
     }
-    sb.destroy().await?;
+    Ok((forks, state_kb))
+}
 
+/// What the density phase measured.
+struct LivePhase {
+    /// Sandboxes created (the per-sandbox figures divide by it).
+    held: usize,
+    /// Of those, how many still had their process running.
+    alive: usize,
+    create_s: f64,
+    rss_kb: u64,
+    mem_before_kb: u64,
+    mem_after_kb: u64,
+}
+
+/// Hold `opts.live` sandboxes at once, each with a process running, measure
+/// them, destroy them. Errors are reported on stderr, not returned: the
+/// figures of what did start are still the result.
+async fn live_phase(backend: &LocalBackend, spec: &SandboxSpec, opts: &BenchOptions) -> LivePhase {
     let live = opts.live;
     eprintln!("bench: holding {live} live sandboxes");
-    let mem_before = mem_available_kb();
+    let mem_before_kb = mem_available_kb();
     let t = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
+    let (sandboxes, mut first_err) = create_live(backend, spec, live, opts.concurrency).await;
+    let create_s = t.elapsed().as_secs_f64();
+    // Every one must still have its process running.
+    let mut alive = 0;
+    let mut rss_kb = 0u64;
+    for sb in &sandboxes {
+        if let Ok(r) = sb
+            .exec(ExecRequest::shell("pgrep -x sleep >/dev/null"))
+            .await
+            && r.exit_code == 0
+        {
+            alive += 1;
+        }
+        rss_kb += tree_rss_kb(sb.cgroup().dirs());
+    }
+    let mem_after_kb = mem_available_kb();
+    eprintln!("bench: {alive}/{live} alive; destroying");
+    let held = sandboxes.len();
+    if let Some(e) = destroy_all(sandboxes, opts.concurrency).await {
+        first_err.get_or_insert(e);
+    }
+    if let Some(e) = first_err {
+        eprintln!("bench: error during live phase: {e}");
+    }
+    LivePhase {
+        held,
+        alive,
+        create_s,
+        rss_kb,
+        mem_before_kb,
+        mem_after_kb,
+    }
+}
+
+/// Create `live` sandboxes, `concurrency` at a time, each left running a
+/// sleeper; returns those created and the first error.
+async fn create_live(
+    backend: &LocalBackend,
+    spec: &SandboxSpec,
+    live: usize,
+    concurrency: usize,
+) -> (Vec<LocalSandbox>, Option<SandboxError>) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut handles = Vec::with_capacity(live);
     for _ in 0..live {
         let backend = backend.clone();
@@ -190,24 +304,12 @@ pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchRep
             }
         }
     }
-    let live_create_s = t.elapsed().as_secs_f64();
-    // Every one must still have its process running.
-    let mut alive = 0;
-    let mut rss_kb = 0u64;
-    for sb in &sandboxes {
-        if let Ok(r) = sb
-            .exec(ExecRequest::shell("pgrep -x sleep >/dev/null"))
-            .await
-            && r.exit_code == 0
-        {
-            alive += 1;
-        }
-        rss_kb += tree_rss_kb(sb.cgroup().dirs());
-    }
-    let mem_after = mem_available_kb();
-    eprintln!("bench: {alive}/{live} alive; destroying");
-    let count = sandboxes.len().max(1) as f64;
-    let dsem = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
+    (sandboxes, first_err)
+}
+
+/// Destroy sandboxes, `concurrency` at a time; returns the first error.
+async fn destroy_all(sandboxes: Vec<LocalSandbox>, concurrency: usize) -> Option<SandboxError> {
+    let dsem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut dh = Vec::new();
     for sb in sandboxes {
         let dsem = dsem.clone();
@@ -216,33 +318,13 @@ pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchRep
             sb.destroy().await
         }));
     }
+    let mut first_err = None;
     for h in dh {
         if let Ok(Err(e)) = h.await {
             first_err.get_or_insert(e);
         }
     }
-    if let Some(e) = first_err {
-        eprintln!("bench: error during live phase: {e}");
-    }
-    let leaks = gc::leaks(backend.state_root(), backend.cgroups());
-    Ok(BenchReport {
-        create_exec_destroy_ms: percentiles(cold),
-        pooled_create_exec_destroy_ms: percentiles(pooled),
-        exec_roundtrip_ms: percentiles(rt),
-        fork_ms: percentiles(forks),
-        fork_state_mb: state_kb / 1024.0,
-        live_sandboxes: alive,
-        live_requested: live,
-        live_create_s,
-        rss_mb_per_live_sandbox: rss_kb as f64 / 1024.0 / count,
-        host_mb_per_live_sandbox: (mem_before.saturating_sub(mem_after)) as f64 / 1024.0 / count,
-        leaked: leaks.total(),
-        n,
-        cgroup: match backend.cgroups() {
-            crate::local::cgroup::Cgroups::V1 { .. } => "v1".into(),
-            crate::local::cgroup::Cgroups::V2 { .. } => "v2".into(),
-        },
-    })
+    first_err
 }
 
 fn mem_available_kb() -> u64 {

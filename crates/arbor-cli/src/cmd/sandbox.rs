@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use arbor_sandbox::bench::{self, BenchOptions};
 use arbor_sandbox::local::{LocalBackend, gc};
-use arbor_sandbox::{Backend, ExecRequest, SandboxSpec};
+use arbor_sandbox::{Backend, ExecRequest, NetworkSpec, SandboxSpec};
 use clap::{Args, Subcommand, ValueEnum};
 
 #[derive(Subcommand)]
@@ -20,10 +20,22 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
+/// The sandbox's network, as `--net` names it.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Net {
-    /// Own network namespace with loopback only (the default and only mode).
+    /// Own network namespace with only a loopback interface; nothing routes out
+    /// (the only mode the sandbox backend has).
     None,
+}
+
+impl Net {
+    /// The spec's network for this mode (bridges to host services are set up
+    /// by the library's callers, e.g. `arbor run` for black-box agents; none here).
+    fn spec(self) -> NetworkSpec {
+        match self {
+            Net::None => NetworkSpec::default(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -37,7 +49,7 @@ pub struct ExecArgs {
     /// Wall-clock timeout, seconds; the whole process tree is killed.
     #[arg(long, default_value_t = 600.0)]
     timeout_s: f64,
-    /// Network mode.
+    /// Network mode of the sandbox.
     #[arg(long, value_enum, default_value = "none")]
     net: Net,
     /// Max processes.
@@ -95,13 +107,13 @@ async fn exec(a: ExecArgs) -> Result<i32> {
     let backend = LocalBackend::with_defaults().context("starting the local sandbox backend")?;
     let mut spec = SandboxSpec {
         rootfs: a.rootfs,
+        network: a.net.spec(),
         ..Default::default()
     };
     spec.limits.memory_mb = a.memory_mb;
     spec.limits.pids = a.pids;
     spec.limits.cpus = a.cpus;
     spec.limits.workspace_mb = a.workspace_mb;
-    let _ = a.net;
     let sb = backend
         .create(&spec)
         .await
