@@ -20,129 +20,21 @@ fn block_text(content: &Value) -> String {
 }
 
 /// Translates a Messages request into a Chat Completions request.
+///
+/// Steps: the system prompt, the messages (with their content blocks and tool results), the
+/// tools and tool choice, then the sampling parameters; keys keep this order on the wire.
 pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
     let obj = req
         .as_object()
         .ok_or("the request body must be a JSON object")?;
     let mut messages: Vec<Value> = Vec::new();
-    if let Some(system) = obj.get("system") {
-        let text = block_text(system);
-        if !text.is_empty() {
-            messages.push(json!({"role": "system", "content": text}));
-        }
-    }
+    push_system(obj, &mut messages);
     let msgs = obj
         .get("messages")
         .and_then(Value::as_array)
         .ok_or("`messages` must be an array")?;
     for (i, m) in msgs.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-        let content = m.get("content").cloned().unwrap_or(Value::Null);
-        match (role, content) {
-            ("user" | "assistant" | "system", Value::String(s)) => {
-                messages.push(json!({"role": role, "content": s}));
-            }
-            ("user" | "system", Value::Array(blocks)) => {
-                let mut parts: Vec<Value> = Vec::new();
-                let mut tool_msgs: Vec<Value> = Vec::new();
-                for b in &blocks {
-                    match b.get("type").and_then(Value::as_str).unwrap_or("text") {
-                        "text" => parts.push(json!({"type": "text",
-                            "text": b.get("text").and_then(Value::as_str).unwrap_or("")})),
-                        "image" => {
-                            let src = b.get("source");
-                            let url = match src.and_then(|s| s.get("type")).and_then(Value::as_str)
-                            {
-                                Some("base64") => format!(
-                                    "data:{};base64,{}",
-                                    src.and_then(|s| s.get("media_type"))
-                                        .and_then(Value::as_str)
-                                        .unwrap_or("image/png"),
-                                    src.and_then(|s| s.get("data"))
-                                        .and_then(Value::as_str)
-                                        .unwrap_or("")
-                                ),
-                                _ => src
-                                    .and_then(|s| s.get("url"))
-                                    .and_then(Value::as_str)
-                                    .unwrap_or("")
-                                    .to_string(),
-                            };
-                            parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
-                        }
-                        "tool_result" => {
-                            let mut text = block_text(b.get("content").unwrap_or(&Value::Null));
-                            if b.get("is_error").and_then(Value::as_bool).unwrap_or(false)
-                                && !text.starts_with("Error")
-                            {
-                                text = format!("Error: {text}");
-                            }
-                            tool_msgs.push(json!({"role": "tool",
-                                "tool_call_id": b.get("tool_use_id").and_then(Value::as_str).unwrap_or(""),
-                                "content": text}));
-                        }
-                        // Thinking, documents, server tool results and the like are kept in the
-                        // record but not sent upstream.
-                        _ => {}
-                    }
-                }
-                messages.extend(tool_msgs);
-                if !parts.is_empty() {
-                    let all_text = parts.iter().all(|p| p["type"] == "text");
-                    let content = if all_text {
-                        json!(
-                            parts
-                                .iter()
-                                .filter_map(|p| p["text"].as_str())
-                                .collect::<Vec<_>>()
-                                .join("\n")
-                        )
-                    } else {
-                        Value::Array(parts)
-                    };
-                    messages.push(json!({"role": role, "content": content}));
-                }
-            }
-            ("assistant", Value::Array(blocks)) => {
-                let mut text = String::new();
-                let mut tool_calls = Vec::new();
-                for b in &blocks {
-                    match b.get("type").and_then(Value::as_str).unwrap_or("text") {
-                        "text" => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
-                        "tool_use" => tool_calls.push(json!({
-                            "id": b.get("id").and_then(Value::as_str).unwrap_or(""),
-                            "type": "function",
-                            "function": {
-                                "name": b.get("name").and_then(Value::as_str).unwrap_or(""),
-                                "arguments": serde_json::to_string(b.get("input").unwrap_or(&json!({})))
-                                    .unwrap_or_else(|_| "{}".into()),
-                            }
-                        })),
-                        _ => {}
-                    }
-                }
-                let mut m = Map::new();
-                m.insert("role".into(), json!("assistant"));
-                if tool_calls.is_empty() {
-                    m.insert("content".into(), json!(text));
-                } else {
-                    m.insert(
-                        "content".into(),
-                        if text.is_empty() {
-                            Value::Null
-                        } else {
-                            json!(text)
-                        },
-                    );
-                    m.insert("tool_calls".into(), Value::Array(tool_calls));
-                }
-                messages.push(Value::Object(m));
-            }
-            ("user" | "assistant", Value::Null) => {
-                messages.push(json!({"role": role, "content": ""}));
-            }
-            _ => return Err(format!("messages[{i}]: unsupported role or content")),
-        }
+        push_message(i, m, &mut messages)?;
     }
     let mut body = Map::new();
     body.insert(
@@ -152,46 +44,211 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
             .unwrap_or_else(|| json!(opts.default_model.clone().unwrap_or_default())),
     );
     body.insert("messages".into(), Value::Array(messages));
-    if let Some(tools) = obj.get("tools").and_then(Value::as_array) {
-        let mut out = Vec::new();
-        for t in tools {
-            let ty = t.get("type").and_then(Value::as_str).unwrap_or("custom");
-            if ty == "custom" && t.get("input_schema").is_some() {
-                let mut f = Map::new();
-                f.insert("name".into(), t.get("name").cloned().unwrap_or(json!("")));
-                if let Some(d) = t.get("description") {
-                    f.insert("description".into(), d.clone());
-                }
-                f.insert(
-                    "parameters".into(),
-                    t.get("input_schema").cloned().unwrap_or(json!({})),
-                );
-                out.push(json!({"type": "function", "function": Value::Object(f)}));
-            } else if opts.tool_policy == ToolPolicy::Refuse {
-                return Err(format!(
-                    "tool type `{ty}` is not supported by this gateway (only custom tools with an input_schema); \
-                     start it with --drop-unsupported-tools to drop such tools"
-                ));
-            }
-        }
-        if !out.is_empty() {
-            body.insert("tools".into(), Value::Array(out));
-            if let Some(tc) = obj.get("tool_choice") {
-                let choice = match tc.get("type").and_then(Value::as_str) {
-                    Some("any") => json!("required"),
-                    Some("none") => json!("none"),
-                    Some("tool") => {
-                        json!({"type": "function", "function": {"name": tc.get("name")}})
-                    }
-                    _ => json!("auto"),
-                };
-                body.insert("tool_choice".into(), choice);
-                if tc.get("disable_parallel_tool_use").and_then(Value::as_bool) == Some(true) {
-                    body.insert("parallel_tool_calls".into(), json!(false));
-                }
-            }
+    insert_tools(obj, opts, &mut body)?;
+    copy_sampling(obj, &mut body);
+    Ok(Value::Object(body))
+}
+
+/// The top-level `system` (a string or text blocks) becomes a leading system message.
+fn push_system(obj: &Map<String, Value>, messages: &mut Vec<Value>) {
+    if let Some(system) = obj.get("system") {
+        let text = block_text(system);
+        if !text.is_empty() {
+            messages.push(json!({"role": "system", "content": text}));
         }
     }
+}
+
+/// Translates `messages[i]` into zero or more Chat messages.
+fn push_message(i: usize, m: &Value, messages: &mut Vec<Value>) -> Result<(), String> {
+    let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+    let content = m.get("content").cloned().unwrap_or(Value::Null);
+    match (role, content) {
+        ("user" | "assistant" | "system", Value::String(s)) => {
+            messages.push(json!({"role": role, "content": s}));
+        }
+        ("user" | "system", Value::Array(blocks)) => push_user_blocks(role, &blocks, messages),
+        ("assistant", Value::Array(blocks)) => messages.push(assistant_message(&blocks)),
+        ("user" | "assistant", Value::Null) => {
+            messages.push(json!({"role": role, "content": ""}));
+        }
+        _ => return Err(format!("messages[{i}]: unsupported role or content")),
+    }
+    Ok(())
+}
+
+/// User (or system) content blocks: tool results become `tool` messages, sent first; text and
+/// images become one message (plain text when there is no image).
+fn push_user_blocks(role: &str, blocks: &[Value], messages: &mut Vec<Value>) {
+    let mut parts: Vec<Value> = Vec::new();
+    let mut tool_msgs: Vec<Value> = Vec::new();
+    for b in blocks {
+        match b.get("type").and_then(Value::as_str).unwrap_or("text") {
+            "text" => parts.push(json!({"type": "text",
+                "text": b.get("text").and_then(Value::as_str).unwrap_or("")})),
+            "image" => parts.push(json!({"type": "image_url", "image_url": {"url": image_url(b)}})),
+            "tool_result" => tool_msgs.push(tool_result_message(b)),
+            // Thinking, documents, server tool results and the like are kept in the
+            // record but not sent upstream.
+            _ => {}
+        }
+    }
+    messages.extend(tool_msgs);
+    if !parts.is_empty() {
+        let all_text = parts.iter().all(|p| p["type"] == "text");
+        let content = if all_text {
+            json!(
+                parts
+                    .iter()
+                    .filter_map(|p| p["text"].as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        } else {
+            Value::Array(parts)
+        };
+        messages.push(json!({"role": role, "content": content}));
+    }
+}
+
+/// The URL of an image block: a data URL for base64 sources, the source URL otherwise.
+fn image_url(block: &Value) -> String {
+    let src = block.get("source");
+    match src.and_then(|s| s.get("type")).and_then(Value::as_str) {
+        Some("base64") => format!(
+            "data:{};base64,{}",
+            src.and_then(|s| s.get("media_type"))
+                .and_then(Value::as_str)
+                .unwrap_or("image/png"),
+            src.and_then(|s| s.get("data"))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        ),
+        _ => src
+            .and_then(|s| s.get("url"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+    }
+}
+
+/// A `tool_result` block as a `tool` message; errors are prefixed `Error: ` so the model sees
+/// them as such.
+fn tool_result_message(block: &Value) -> Value {
+    let mut text = block_text(block.get("content").unwrap_or(&Value::Null));
+    if block
+        .get("is_error")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+        && !text.starts_with("Error")
+    {
+        text = format!("Error: {text}");
+    }
+    json!({"role": "tool",
+        "tool_call_id": block.get("tool_use_id").and_then(Value::as_str).unwrap_or(""),
+        "content": text})
+}
+
+/// Assistant content blocks: text is concatenated, `tool_use` blocks become tool calls.
+fn assistant_message(blocks: &[Value]) -> Value {
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    for b in blocks {
+        match b.get("type").and_then(Value::as_str).unwrap_or("text") {
+            "text" => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
+            "tool_use" => tool_calls.push(json!({
+                "id": b.get("id").and_then(Value::as_str).unwrap_or(""),
+                "type": "function",
+                "function": {
+                    "name": b.get("name").and_then(Value::as_str).unwrap_or(""),
+                    "arguments": serde_json::to_string(b.get("input").unwrap_or(&json!({})))
+                        .unwrap_or_else(|_| "{}".into()),
+                }
+            })),
+            _ => {}
+        }
+    }
+    let mut m = Map::new();
+    m.insert("role".into(), json!("assistant"));
+    if tool_calls.is_empty() {
+        m.insert("content".into(), json!(text));
+    } else {
+        m.insert(
+            "content".into(),
+            if text.is_empty() {
+                Value::Null
+            } else {
+                json!(text)
+            },
+        );
+        m.insert("tool_calls".into(), Value::Array(tool_calls));
+    }
+    Value::Object(m)
+}
+
+/// Custom tools with an `input_schema` become functions (others are refused or dropped by
+/// policy); the tool choice follows when any tool is left.
+fn insert_tools(
+    obj: &Map<String, Value>,
+    opts: &NormOptions,
+    body: &mut Map<String, Value>,
+) -> Result<(), String> {
+    let Some(tools) = obj.get("tools").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    let mut out = Vec::new();
+    for t in tools {
+        let ty = t.get("type").and_then(Value::as_str).unwrap_or("custom");
+        if ty == "custom" && t.get("input_schema").is_some() {
+            out.push(function_tool(t));
+        } else if opts.tool_policy == ToolPolicy::Refuse {
+            return Err(format!(
+                "tool type `{ty}` is not supported by this gateway (only custom tools with an input_schema); \
+                 start it with --drop-unsupported-tools to drop such tools"
+            ));
+        }
+    }
+    if !out.is_empty() {
+        body.insert("tools".into(), Value::Array(out));
+        if let Some(tc) = obj.get("tool_choice") {
+            insert_tool_choice(tc, body);
+        }
+    }
+    Ok(())
+}
+
+/// A custom tool as a Chat function tool.
+fn function_tool(t: &Value) -> Value {
+    let mut f = Map::new();
+    f.insert("name".into(), t.get("name").cloned().unwrap_or(json!("")));
+    if let Some(d) = t.get("description") {
+        f.insert("description".into(), d.clone());
+    }
+    f.insert(
+        "parameters".into(),
+        t.get("input_schema").cloned().unwrap_or(json!({})),
+    );
+    json!({"type": "function", "function": Value::Object(f)})
+}
+
+/// Maps `tool_choice` (`any`, `none`, `tool`, `auto`) and `disable_parallel_tool_use`.
+fn insert_tool_choice(tc: &Value, body: &mut Map<String, Value>) {
+    let choice = match tc.get("type").and_then(Value::as_str) {
+        Some("any") => json!("required"),
+        Some("none") => json!("none"),
+        Some("tool") => {
+            json!({"type": "function", "function": {"name": tc.get("name")}})
+        }
+        _ => json!("auto"),
+    };
+    body.insert("tool_choice".into(), choice);
+    if tc.get("disable_parallel_tool_use").and_then(Value::as_bool) == Some(true) {
+        body.insert("parallel_tool_calls".into(), json!(false));
+    }
+}
+
+/// Copies the sampling parameters that are set, under their Chat names.
+fn copy_sampling(obj: &Map<String, Value>, body: &mut Map<String, Value>) {
     for (from, to) in [
         ("max_tokens", "max_tokens"),
         ("temperature", "temperature"),
@@ -206,7 +263,6 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
             body.insert(to.into(), v.clone());
         }
     }
-    Ok(Value::Object(body))
 }
 
 fn stop_reason(finish: Option<&str>) -> &'static str {
@@ -471,6 +527,75 @@ mod tests {
         assert_eq!(
             r["content"][0],
             json!({"type":"tool_use","id":"t2","name":"get","input":{"b":2}})
+        );
+    }
+
+    #[test]
+    fn translates_images_errors_and_tool_choice() {
+        let req = json!({"model":"m","stream":true,"top_k":null,"stop_sequences":["x"],
+            "tools":[{"name":"get","input_schema":{"type":"object"}},{"type":"web_search_20250305","name":"ws"}],
+            "tool_choice":{"type":"tool","name":"get","disable_parallel_tool_use":true},
+            "messages":[{"role":"user","content":[
+                {"type":"tool_result","tool_use_id":"t1","content":"boom","is_error":true},
+                {"type":"tool_result","tool_use_id":"t2","content":"Error: kept","is_error":true},
+                {"type":"text","text":"see"},
+                {"type":"image","source":{"type":"base64","media_type":"image/jpeg","data":"AAA"}},
+                {"type":"image","source":{"type":"url","url":"http://x/y.png"}},
+                {"type":"thinking","thinking":"dropped"}]},
+              {"role":"assistant","content":[{"type":"tool_use","id":"t3","name":"get","input":{}}]},
+              {"role":"assistant","content":null}]});
+        let refused = to_chat(&req, &NormOptions::default()).unwrap_err();
+        assert!(refused.contains("web_search_20250305"), "{refused}");
+        let drop = NormOptions {
+            tool_policy: ToolPolicy::Drop,
+            ..NormOptions::default()
+        };
+        let chat = to_chat(&req, &drop).unwrap();
+        let m = chat["messages"].as_array().unwrap();
+        assert_eq!(
+            m[0],
+            json!({"role":"tool","tool_call_id":"t1","content":"Error: boom"})
+        );
+        assert_eq!(
+            m[1],
+            json!({"role":"tool","tool_call_id":"t2","content":"Error: kept"})
+        );
+        assert_eq!(
+            m[2]["content"],
+            json!([{"type":"text","text":"see"},
+                {"type":"image_url","image_url":{"url":"data:image/jpeg;base64,AAA"}},
+                {"type":"image_url","image_url":{"url":"http://x/y.png"}}])
+        );
+        assert_eq!(m[3]["content"], Value::Null);
+        assert_eq!(m[4], json!({"role":"assistant","content":""}));
+        let keys: Vec<&str> = chat
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "model",
+                "messages",
+                "tools",
+                "tool_choice",
+                "parallel_tool_calls",
+                "stop",
+                "stream"
+            ]
+        );
+        assert_eq!(chat["tools"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            chat["tool_choice"],
+            json!({"type":"function","function":{"name":"get"}})
+        );
+        assert_eq!(chat["parallel_tool_calls"], false);
+        let bad = json!({"messages":[{"role":"tool","content":"x"}]});
+        assert_eq!(
+            to_chat(&bad, &NormOptions::default()).unwrap_err(),
+            "messages[0]: unsupported role or content"
         );
     }
 }

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::error::GatewayError;
 use crate::standin::{self, StandinConfig};
-use crate::{GatewayConfig, start};
+use crate::{GatewayConfig, RunningGateway, start};
 
 /// Options of [`bench`].
 #[derive(Debug, Clone)]
@@ -181,19 +181,57 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, GatewayError> {
         .tcp_nodelay(true)
         .build()?;
     let direct_url = format!("{}/chat/completions", sa.url());
-    // Phase 1: overhead.
+    let overhead = measure_overhead(&client, &direct_url, &gw.url(), opts.latency_samples).await?;
+    tracing::info!(?overhead, "overhead measured");
+    let load = run_load(&client, &gw, opts.sessions, opts.calls).await;
+    let mut lat = load.latency_ms;
+    let report = BenchReport {
+        sessions: opts.sessions,
+        calls: opts.calls,
+        overhead_ms: overhead,
+        calls_per_s: round3(load.answered as f64 / load.seconds.max(1e-9)),
+        answered: load.answered,
+        recorded: load.recorded,
+        lost: load.lost,
+        errors: load.errors,
+        streams: gw.metrics().active_streams.max(),
+        load_latency_ms: {
+            let p = pct(&mut lat);
+            Percentiles {
+                p50: round3(p.p50),
+                p99: round3(p.p99),
+            }
+        },
+        load_seconds: round3(load.seconds),
+        fsync_ms,
+        reply_tokens: opts.reply_tokens,
+        chunk_delay_ms: opts.chunk_delay.as_secs_f64() * 1000.0,
+    };
+    gw.shutdown().await?;
+    sa.shutdown().await;
+    Ok(report)
+}
+
+/// Phase 1: `samples` sequential pairs of the same call direct and through the gateway
+/// (alternating which goes first), after a warm-up.
+async fn measure_overhead(
+    client: &reqwest::Client,
+    direct_url: &str,
+    gw_base: &str,
+    samples: usize,
+) -> Result<Overhead, GatewayError> {
     let mut direct = Vec::new();
     let mut through = Vec::new();
     let warmup = 20;
-    for i in 0..(opts.latency_samples + warmup) {
+    for i in 0..(samples + warmup) {
         let body = json!({"model": "bench", "messages": [{"role": "user", "content": format!("hello {i}")}]});
-        let gw_url = format!("{}/s/lat-{i}/v1/chat/completions", gw.url());
+        let gw_url = format!("{gw_base}/s/lat-{i}/v1/chat/completions");
         let (d, g) = if i % 2 == 0 {
-            let d = timed_post(&client, &direct_url, &body).await?;
-            (d, timed_post(&client, &gw_url, &body).await?)
+            let d = timed_post(client, direct_url, &body).await?;
+            (d, timed_post(client, &gw_url, &body).await?)
         } else {
-            let g = timed_post(&client, &gw_url, &body).await?;
-            (timed_post(&client, &direct_url, &body).await?, g)
+            let g = timed_post(client, &gw_url, &body).await?;
+            (timed_post(client, direct_url, &body).await?, g)
         };
         if i >= warmup {
             direct.push(d);
@@ -202,7 +240,7 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, GatewayError> {
     }
     let d = pct(&mut direct);
     let g = pct(&mut through);
-    let overhead = Overhead {
+    Ok(Overhead {
         p50: round3(g.p50 - d.p50),
         p99: round3(g.p99 - d.p99),
         gateway: Percentiles {
@@ -215,57 +253,54 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, GatewayError> {
         },
         samples: direct.len(),
         concurrency: 1,
-    };
-    tracing::info!(?overhead, "overhead measured");
-    // Phase 2: load.
+    })
+}
+
+/// What the load phase measured.
+struct Load {
+    answered: u64,
+    recorded: u64,
+    lost: u64,
+    errors: u64,
+    latency_ms: Vec<f64>,
+    seconds: f64,
+}
+
+/// Phase 2: `sessions` concurrent sessions released together, then the store is checked for
+/// every answered call.
+async fn run_load(
+    client: &reqwest::Client,
+    gw: &RunningGateway,
+    sessions: usize,
+    calls: usize,
+) -> Load {
     let answered = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let start_gate = Arc::new(tokio::sync::Barrier::new(opts.sessions + 1));
-    let mut tasks = Vec::with_capacity(opts.sessions);
-    for s in 0..opts.sessions {
-        let client = client.clone();
+    let start_gate = Arc::new(tokio::sync::Barrier::new(sessions + 1));
+    let mut tasks = Vec::with_capacity(sessions);
+    for s in 0..sessions {
         let url = format!("{}/s/load-{s}/v1/chat/completions", gw.url());
-        let answered = answered.clone();
-        let errors = errors.clone();
-        let gate = start_gate.clone();
-        let calls = opts.calls;
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(calls);
-            let mut answered_here = 0u64;
-            let mut messages = vec![json!({"role": "system", "content": "You are a bench."})];
-            gate.wait().await;
-            for c in 0..calls {
-                messages.push(json!({"role": "user", "content": format!("session {s} call {c}")}));
-                let body = json!({"model": "bench", "messages": messages, "stream": true});
-                let t = Instant::now();
-                match stream_call(&client, &url, &body).await {
-                    Ok(text) => {
-                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                        answered.fetch_add(1, Ordering::Relaxed);
-                        answered_here += 1;
-                        messages.push(json!({"role": "assistant", "content": text}));
-                    }
-                    Err(e) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "bench call failed");
-                        messages.pop();
-                    }
-                }
-            }
-            (s, answered_here, lat)
-        }));
+        tasks.push(tokio::spawn(load_session(
+            client.clone(),
+            url,
+            s,
+            calls,
+            answered.clone(),
+            errors.clone(),
+            start_gate.clone(),
+        )));
     }
     start_gate.wait().await;
     let t0 = Instant::now();
-    let mut per_session = Vec::with_capacity(opts.sessions);
-    let mut lat = Vec::new();
+    let mut per_session = Vec::with_capacity(sessions);
+    let mut latency_ms = Vec::new();
     for t in tasks {
         if let Ok((s, n, l)) = t.await {
             per_session.push((s, n));
-            lat.extend(l);
+            latency_ms.extend(l);
         }
     }
-    let load_seconds = t0.elapsed().as_secs_f64();
+    let seconds = t0.elapsed().as_secs_f64();
     let mut recorded = 0u64;
     let mut lost = 0u64;
     for (s, n) in &per_session {
@@ -273,32 +308,50 @@ pub async fn bench(opts: BenchOptions) -> Result<BenchReport, GatewayError> {
         recorded += r;
         lost += n.saturating_sub(r);
     }
-    let answered = answered.load(Ordering::Relaxed);
-    let report = BenchReport {
-        sessions: opts.sessions,
-        calls: opts.calls,
-        overhead_ms: overhead,
-        calls_per_s: round3(answered as f64 / load_seconds.max(1e-9)),
-        answered,
+    Load {
+        answered: answered.load(Ordering::Relaxed),
         recorded,
         lost,
         errors: errors.load(Ordering::Relaxed),
-        streams: gw.metrics().active_streams.max(),
-        load_latency_ms: {
-            let p = pct(&mut lat);
-            Percentiles {
-                p50: round3(p.p50),
-                p99: round3(p.p99),
+        latency_ms,
+        seconds,
+    }
+}
+
+/// One load session: waits at the gate, then makes `calls` streaming calls of a growing
+/// conversation. Returns (session, calls answered, latencies in ms).
+async fn load_session(
+    client: reqwest::Client,
+    url: String,
+    s: usize,
+    calls: usize,
+    answered: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    gate: Arc<tokio::sync::Barrier>,
+) -> (usize, u64, Vec<f64>) {
+    let mut lat = Vec::with_capacity(calls);
+    let mut answered_here = 0u64;
+    let mut messages = vec![json!({"role": "system", "content": "You are a bench."})];
+    gate.wait().await;
+    for c in 0..calls {
+        messages.push(json!({"role": "user", "content": format!("session {s} call {c}")}));
+        let body = json!({"model": "bench", "messages": messages, "stream": true});
+        let t = Instant::now();
+        match stream_call(&client, &url, &body).await {
+            Ok(text) => {
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                answered.fetch_add(1, Ordering::Relaxed);
+                answered_here += 1;
+                messages.push(json!({"role": "assistant", "content": text}));
             }
-        },
-        load_seconds: round3(load_seconds),
-        fsync_ms,
-        reply_tokens: opts.reply_tokens,
-        chunk_delay_ms: opts.chunk_delay.as_secs_f64() * 1000.0,
-    };
-    gw.shutdown().await?;
-    sa.shutdown().await;
-    Ok(report)
+            Err(e) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "bench call failed");
+                messages.pop();
+            }
+        }
+    }
+    (s, answered_here, lat)
 }
 
 fn fsync_probe(dir: &std::path::Path, n: usize) -> Result<Percentiles, GatewayError> {

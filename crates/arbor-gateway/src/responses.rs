@@ -42,6 +42,10 @@ fn parts_text(content: &Value) -> Result<Value, String> {
 }
 
 /// Translates a Responses request into a Chat Completions request.
+///
+/// Steps: refuse server-side state, the instructions as system prompt, the input items
+/// (messages, function calls and their outputs), the tools and tool choice, then the sampling
+/// parameters; keys keep this order on the wire.
 pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
     let obj = req
         .as_object()
@@ -62,66 +66,7 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
         Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                let ty = item.get("type").and_then(Value::as_str).unwrap_or(
-                    if item.get("role").is_some() {
-                        "message"
-                    } else {
-                        ""
-                    },
-                );
-                match ty {
-                    "message" => {
-                        let role = item.get("role").and_then(Value::as_str).unwrap_or("user");
-                        let role = if role == "developer" { "system" } else { role };
-                        let content = parts_text(item.get("content").unwrap_or(&Value::Null))
-                            .map_err(|e| format!("input[{i}]: {e}"))?;
-                        messages.push(json!({"role": role, "content": content}));
-                    }
-                    "function_call" => {
-                        let tc = json!({
-                            "id": item.get("call_id").and_then(Value::as_str).unwrap_or(""),
-                            "type": "function",
-                            "function": {
-                                "name": item.get("name").and_then(Value::as_str).unwrap_or(""),
-                                "arguments": item.get("arguments").and_then(Value::as_str).unwrap_or("{}"),
-                            }
-                        });
-                        let last_is_assistant = messages.last().is_some_and(|m| {
-                            m.get("role").and_then(Value::as_str) == Some("assistant")
-                        });
-                        if last_is_assistant {
-                            if let Some(m) = messages.last_mut().and_then(Value::as_object_mut) {
-                                let calls = m.entry("tool_calls").or_insert_with(|| json!([]));
-                                if let Some(a) = calls.as_array_mut() {
-                                    a.push(tc);
-                                }
-                            }
-                        } else {
-                            messages.push(
-                                json!({"role": "assistant", "content": null, "tool_calls": [tc]}),
-                            );
-                        }
-                    }
-                    "function_call_output" => {
-                        let out = match item.get("output") {
-                            Some(Value::String(s)) => s.clone(),
-                            Some(v @ Value::Array(_)) => parts_text(v)
-                                .ok()
-                                .and_then(|t| t.as_str().map(String::from))
-                                .unwrap_or_default(),
-                            Some(v) => v.to_string(),
-                            None => String::new(),
-                        };
-                        messages.push(json!({"role": "tool",
-                            "tool_call_id": item.get("call_id").and_then(Value::as_str).unwrap_or(""),
-                            "content": out}));
-                    }
-                    // Reasoning items (possibly encrypted) are kept in the record only.
-                    "reasoning" => {}
-                    other => {
-                        return Err(format!("input[{i}]: item type `{other}` is not supported"));
-                    }
-                }
+                push_item(i, item, &mut messages)?;
             }
         }
         _ => return Err("`input` must be a string or an array of items".into()),
@@ -134,46 +79,139 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
             .unwrap_or_else(|| json!(opts.default_model.clone().unwrap_or_default())),
     );
     body.insert("messages".into(), Value::Array(messages));
-    if let Some(tools) = obj.get("tools").and_then(Value::as_array) {
-        let mut out = Vec::new();
-        for t in tools {
-            let ty = t.get("type").and_then(Value::as_str).unwrap_or("");
-            if ty == "function" {
-                let mut f = Map::new();
-                for k in ["name", "description", "parameters", "strict"] {
-                    if let Some(v) = t.get(k)
-                        && !v.is_null()
-                    {
-                        f.insert(k.into(), v.clone());
-                    }
-                }
-                out.push(json!({"type": "function", "function": Value::Object(f)}));
-            } else if opts.tool_policy == ToolPolicy::Refuse {
-                return Err(format!(
-                    "tool type `{ty}` is not supported by this gateway (only function tools); \
-                     start it with --drop-unsupported-tools to drop such tools"
-                ));
-            }
+    insert_tools(obj, opts, &mut body)?;
+    copy_sampling(obj, &mut body);
+    Ok(Value::Object(body))
+}
+
+/// Translates `input[i]` into Chat messages (an item without a type but with a role is a
+/// message).
+fn push_item(i: usize, item: &Value, messages: &mut Vec<Value>) -> Result<(), String> {
+    let ty = item
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or(if item.get("role").is_some() {
+            "message"
+        } else {
+            ""
+        });
+    match ty {
+        "message" => {
+            let role = item.get("role").and_then(Value::as_str).unwrap_or("user");
+            let role = if role == "developer" { "system" } else { role };
+            let content = parts_text(item.get("content").unwrap_or(&Value::Null))
+                .map_err(|e| format!("input[{i}]: {e}"))?;
+            messages.push(json!({"role": role, "content": content}));
         }
-        if !out.is_empty() {
-            body.insert("tools".into(), Value::Array(out));
-            if let Some(tc) = obj.get("tool_choice") {
-                let c = match tc {
-                    Value::String(_) => tc.clone(),
-                    Value::Object(o)
-                        if o.get("type").and_then(Value::as_str) == Some("function") =>
-                    {
-                        json!({"type": "function", "function": {"name": o.get("name")}})
-                    }
-                    _ => json!("auto"),
-                };
-                body.insert("tool_choice".into(), c);
-            }
-            if let Some(p) = obj.get("parallel_tool_calls") {
-                body.insert("parallel_tool_calls".into(), p.clone());
-            }
+        "function_call" => push_function_call(item, messages),
+        "function_call_output" => messages.push(function_output_message(item)),
+        // Reasoning items (possibly encrypted) are kept in the record only.
+        "reasoning" => {}
+        other => {
+            return Err(format!("input[{i}]: item type `{other}` is not supported"));
         }
     }
+    Ok(())
+}
+
+/// A `function_call` item joins the previous assistant message's tool calls (parallel calls
+/// are separate items), or starts an assistant message without content.
+fn push_function_call(item: &Value, messages: &mut Vec<Value>) {
+    let tc = json!({
+        "id": item.get("call_id").and_then(Value::as_str).unwrap_or(""),
+        "type": "function",
+        "function": {
+            "name": item.get("name").and_then(Value::as_str).unwrap_or(""),
+            "arguments": item.get("arguments").and_then(Value::as_str).unwrap_or("{}"),
+        }
+    });
+    let last_is_assistant = messages
+        .last()
+        .is_some_and(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
+    if last_is_assistant {
+        if let Some(m) = messages.last_mut().and_then(Value::as_object_mut) {
+            let calls = m.entry("tool_calls").or_insert_with(|| json!([]));
+            if let Some(a) = calls.as_array_mut() {
+                a.push(tc);
+            }
+        }
+    } else {
+        messages.push(json!({"role": "assistant", "content": null, "tool_calls": [tc]}));
+    }
+}
+
+/// A `function_call_output` item as a `tool` message (text parts joined, other JSON as text).
+fn function_output_message(item: &Value) -> Value {
+    let out = match item.get("output") {
+        Some(Value::String(s)) => s.clone(),
+        Some(v @ Value::Array(_)) => parts_text(v)
+            .ok()
+            .and_then(|t| t.as_str().map(String::from))
+            .unwrap_or_default(),
+        Some(v) => v.to_string(),
+        None => String::new(),
+    };
+    json!({"role": "tool",
+        "tool_call_id": item.get("call_id").and_then(Value::as_str).unwrap_or(""),
+        "content": out})
+}
+
+/// Function tools keep their fields (others are refused or dropped by policy); the tool choice
+/// and `parallel_tool_calls` follow when any tool is left.
+fn insert_tools(
+    obj: &Map<String, Value>,
+    opts: &NormOptions,
+    body: &mut Map<String, Value>,
+) -> Result<(), String> {
+    let Some(tools) = obj.get("tools").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    let mut out = Vec::new();
+    for t in tools {
+        let ty = t.get("type").and_then(Value::as_str).unwrap_or("");
+        if ty == "function" {
+            let mut f = Map::new();
+            for k in ["name", "description", "parameters", "strict"] {
+                if let Some(v) = t.get(k)
+                    && !v.is_null()
+                {
+                    f.insert(k.into(), v.clone());
+                }
+            }
+            out.push(json!({"type": "function", "function": Value::Object(f)}));
+        } else if opts.tool_policy == ToolPolicy::Refuse {
+            return Err(format!(
+                "tool type `{ty}` is not supported by this gateway (only function tools); \
+                 start it with --drop-unsupported-tools to drop such tools"
+            ));
+        }
+    }
+    if !out.is_empty() {
+        body.insert("tools".into(), Value::Array(out));
+        if let Some(tc) = obj.get("tool_choice") {
+            body.insert("tool_choice".into(), tool_choice(tc));
+        }
+        if let Some(p) = obj.get("parallel_tool_calls") {
+            body.insert("parallel_tool_calls".into(), p.clone());
+        }
+    }
+    Ok(())
+}
+
+/// A string tool choice passes through; `{"type": "function", "name"}` takes the Chat shape;
+/// anything else is `auto`.
+fn tool_choice(tc: &Value) -> Value {
+    match tc {
+        Value::String(_) => tc.clone(),
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            json!({"type": "function", "function": {"name": o.get("name")}})
+        }
+        _ => json!("auto"),
+    }
+}
+
+/// Copies the sampling parameters that are set, under their Chat names.
+fn copy_sampling(obj: &Map<String, Value>, body: &mut Map<String, Value>) {
     for (from, to) in [
         ("max_output_tokens", "max_tokens"),
         ("temperature", "temperature"),
@@ -186,7 +224,6 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
             body.insert(to.into(), v.clone());
         }
     }
-    Ok(Value::Object(body))
 }
 
 fn suffix(full: &Value) -> String {
@@ -537,5 +574,64 @@ mod tests {
         assert_eq!(chat["max_tokens"], 5);
         let bad = json!({"input":"x","tools":[{"type":"web_search"}]});
         assert!(to_chat(&bad, &NormOptions::default()).is_err());
+    }
+
+    #[test]
+    fn translates_outputs_and_tool_choice() {
+        let req = json!({"input":[
+            {"role":"user","content":[{"type":"input_text","text":"a"},{"type":"input_image","image_url":"http://i"}]},
+            {"type":"function_call_output","call_id":"c1","output":[{"type":"input_text","text":"p"},{"type":"output_text","text":"q"}]},
+            {"type":"function_call_output","call_id":"c2","output":{"k":1}},
+            {"type":"function_call_output","call_id":"c3"}],
+            "tools":[{"type":"function","name":"f","description":null,"strict":true},{"type":"web_search"}],
+            "tool_choice":{"type":"function","name":"f"},"parallel_tool_calls":false,"temperature":null,"top_p":0.5});
+        assert!(to_chat(&req, &NormOptions::default()).is_err());
+        let opts = NormOptions {
+            tool_policy: ToolPolicy::Drop,
+            default_model: Some("dflt".into()),
+            ..NormOptions::default()
+        };
+        let chat = to_chat(&req, &opts).unwrap();
+        let m = chat["messages"].as_array().unwrap();
+        assert_eq!(
+            m[0]["content"],
+            json!([{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"http://i"}}])
+        );
+        assert_eq!(m[1]["content"], "p\nq");
+        assert_eq!(m[2]["content"], "{\"k\":1}");
+        assert_eq!(m[3]["content"], "");
+        let keys: Vec<&str> = chat
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "model",
+                "messages",
+                "tools",
+                "tool_choice",
+                "parallel_tool_calls",
+                "top_p"
+            ]
+        );
+        assert_eq!(chat["model"], "dflt");
+        assert_eq!(
+            chat["tools"],
+            json!([{"type":"function","function":{"name":"f","strict":true}}])
+        );
+        assert_eq!(
+            chat["tool_choice"],
+            json!({"type":"function","function":{"name":"f"}})
+        );
+        let unknown = json!({"input":[{"type":"item_reference","id":"x"}]});
+        assert_eq!(
+            to_chat(&unknown, &opts).unwrap_err(),
+            "input[0]: item type `item_reference` is not supported"
+        );
+        let stateful = json!({"input":"x","previous_response_id":"r"});
+        assert!(to_chat(&stateful, &opts).is_err());
     }
 }

@@ -174,6 +174,8 @@ async fn call(
     }
 }
 
+/// One call: admit the request, translate it to Chat Completions, open the upstream, then
+/// answer at once (recorded first) or relay a stream (recorded when it ends).
 async fn run_call(
     state: &Arc<AppState>,
     api: Api,
@@ -182,7 +184,35 @@ async fn run_call(
     t0: Instant,
 ) -> Result<Response, ApiError> {
     let started_ms = now_ms();
-    let request: Value = serde_json::from_slice(&body)
+    let request = admit(api, &body)?;
+    let (upstream_request, info) = upstream_request(state, api, &request)?;
+    let t_upstream = Instant::now();
+    let opened = state
+        .pool
+        .open(&session, &upstream_request, info.stream, &state.metrics)
+        .await
+        .map_err(|f| upstream_error(api, f))?;
+    let input = CallInput {
+        session,
+        api,
+        stream: info.stream,
+        started_ms,
+        upstream: String::new(),
+        request,
+        upstream_request,
+        full: Value::Null,
+        response: Value::Null,
+    };
+    if info.stream {
+        start_stream(state, input, opened, &info, t0)
+    } else {
+        answer_full(state, input, opened, &info, t_upstream, t0).await
+    }
+}
+
+/// Parses the body; it must be a JSON object.
+fn admit(api: Api, body: &[u8]) -> Result<Value, ApiError> {
+    let request: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(api, format!("the request body is not valid JSON: {e}")))?;
     if !request.is_object() {
         return Err(ApiError::invalid(
@@ -190,13 +220,23 @@ async fn run_call(
             "the request body must be a JSON object",
         ));
     }
+    Ok(request)
+}
+
+/// The Chat Completions request sent upstream (translated from the caller's dialect and
+/// normalized), and what the caller asked for.
+fn upstream_request(
+    state: &AppState,
+    api: Api,
+    request: &Value,
+) -> Result<(Value, chat::NormInfo), ApiError> {
     let mut upstream_request = match api {
         Api::Chat => request.clone(),
         Api::Messages => {
-            anthropic::to_chat(&request, &state.norm).map_err(|e| ApiError::invalid(api, e))?
+            anthropic::to_chat(request, &state.norm).map_err(|e| ApiError::invalid(api, e))?
         }
         Api::Responses => {
-            responses::to_chat(&request, &state.norm).map_err(|e| ApiError::invalid(api, e))?
+            responses::to_chat(request, &state.norm).map_err(|e| ApiError::invalid(api, e))?
         }
     };
     let info = match upstream_request.as_object_mut() {
@@ -208,88 +248,101 @@ async fn run_call(
             ));
         }
     };
-    let t_upstream = Instant::now();
-    let opened = state
-        .pool
-        .open(&session, &upstream_request, info.stream, &state.metrics)
-        .await
-        .map_err(|f| upstream_error(api, f))?;
-    let mut input = CallInput {
-        session,
-        api,
-        stream: info.stream,
-        started_ms,
-        upstream: String::new(),
-        request,
-        upstream_request,
-        full: Value::Null,
-        response: Value::Null,
+    Ok((upstream_request, info))
+}
+
+/// Non-streaming call: collect the upstream answer, shape it for the caller, record it, and
+/// answer with the upstream's time in [`UPSTREAM_MS_HEADER`].
+async fn answer_full(
+    state: &Arc<AppState>,
+    mut input: CallInput,
+    opened: Opened,
+    info: &chat::NormInfo,
+    t_upstream: Instant,
+    t0: Instant,
+) -> Result<Response, ApiError> {
+    let api = input.api;
+    let full = collect_full(api, opened, &mut input).await?;
+    let upstream_ms = t_upstream.elapsed().as_secs_f64() * 1e3;
+    let caller = match api {
+        Api::Chat => {
+            let mut r = full.clone();
+            chat::strip_for_caller(&mut r, info.wants_logprobs);
+            r
+        }
+        Api::Messages => anthropic::from_chat(&full, &input.request),
+        Api::Responses => responses::from_chat(&full, &input.request),
     };
-    if !info.stream {
-        let full = match opened {
-            Opened::Full { upstream, body } => {
-                input.upstream = upstream;
-                body
-            }
-            Opened::Stream {
-                upstream,
-                mut stream,
-            } => {
-                input.upstream = upstream;
-                let mut acc = Accumulator::new();
-                loop {
-                    match stream.next().await {
-                        Ok(Some(c)) => acc.push(&c),
-                        Ok(None) => break,
-                        Err(e) => {
-                            return Err(ApiError::new(
-                                api,
-                                StatusCode::BAD_GATEWAY,
-                                ApiErrorKind::Upstream,
-                                e,
-                            ));
-                        }
+    input.response = caller.clone();
+    if api == Api::Chat {
+        chat::strip_for_caller(&mut input.response, false);
+    }
+    input.full = full;
+    state
+        .recorder
+        .record(input, &state.metrics)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                api,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ApiErrorKind::Internal,
+                format!("recording the call failed: {e}"),
+            )
+        })?;
+    state.metrics.request_seconds[api_index(api)].observe(t0.elapsed());
+    let mut resp = axum::Json(caller).into_response();
+    // How long the upstream (the policy) took, so callers can tell the
+    // policy's time from the gateway's own (parsing, recording, fsync).
+    if let Ok(v) = HeaderValue::from_str(&format!("{upstream_ms:.3}")) {
+        resp.headers_mut().insert(UPSTREAM_MS_HEADER, v);
+    }
+    Ok(resp)
+}
+
+/// The complete upstream answer: as sent, or accumulated from a stream the upstream sent
+/// anyway. Notes which upstream answered in `input`.
+async fn collect_full(api: Api, opened: Opened, input: &mut CallInput) -> Result<Value, ApiError> {
+    match opened {
+        Opened::Full { upstream, body } => {
+            input.upstream = upstream;
+            Ok(body)
+        }
+        Opened::Stream {
+            upstream,
+            mut stream,
+        } => {
+            input.upstream = upstream;
+            let mut acc = Accumulator::new();
+            loop {
+                match stream.next().await {
+                    Ok(Some(c)) => acc.push(&c),
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Err(ApiError::new(
+                            api,
+                            StatusCode::BAD_GATEWAY,
+                            ApiErrorKind::Upstream,
+                            e,
+                        ));
                     }
                 }
-                acc.finish()
             }
-        };
-        let upstream_ms = t_upstream.elapsed().as_secs_f64() * 1e3;
-        let caller = match api {
-            Api::Chat => {
-                let mut r = full.clone();
-                chat::strip_for_caller(&mut r, info.wants_logprobs);
-                r
-            }
-            Api::Messages => anthropic::from_chat(&full, &input.request),
-            Api::Responses => responses::from_chat(&full, &input.request),
-        };
-        input.response = caller.clone();
-        if api == Api::Chat {
-            chat::strip_for_caller(&mut input.response, false);
+            Ok(acc.finish())
         }
-        input.full = full;
-        state
-            .recorder
-            .record(input, &state.metrics)
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    api,
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ApiErrorKind::Internal,
-                    format!("recording the call failed: {e}"),
-                )
-            })?;
-        state.metrics.request_seconds[api_index(api)].observe(t0.elapsed());
-        let mut resp = axum::Json(caller).into_response();
-        // How long the upstream (the policy) took, so callers can tell the
-        // policy's time from the gateway's own (parsing, recording, fsync).
-        if let Ok(v) = HeaderValue::from_str(&format!("{upstream_ms:.3}")) {
-            resp.headers_mut().insert(UPSTREAM_MS_HEADER, v);
-        }
-        return Ok(resp);
     }
+}
+
+/// Streaming call: relays the upstream stream through the caller's dialect from a task
+/// ([`drive_stream`], which records the call at the end) and answers with an SSE body.
+fn start_stream(
+    state: &Arc<AppState>,
+    mut input: CallInput,
+    opened: Opened,
+    info: &chat::NormInfo,
+    t0: Instant,
+) -> Result<Response, ApiError> {
+    let api = input.api;
     let sink: Box<dyn StreamSink> = match api {
         Api::Chat => Box::new(ChatSink {
             wants_logprobs: info.wants_logprobs,

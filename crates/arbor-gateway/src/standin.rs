@@ -338,39 +338,102 @@ fn last_user_text(req: &Value) -> String {
         .unwrap_or_default()
 }
 
+/// A JSON error answer.
+fn error_response(status: StatusCode, error: Value) -> Response {
+    (status, axum::Json(json!({ "error": error }))).into_response()
+}
+
+/// What one call answers, shared by the plain and the streamed shape.
+struct Answer<'a> {
+    inner: &'a Inner,
+    id: String,
+    model: Value,
+    prompt: Vec<u32>,
+    plans: Vec<Plan>,
+    want_ids: bool,
+    want_lp: bool,
+    usage: Value,
+}
+
+impl Answer<'_> {
+    /// A chunk (`chat.completion.chunk`) carrying `choices`.
+    fn chunk(&self, choices: Value) -> Value {
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": self.model,
+               "system_fingerprint": self.inner.cfg.name, "choices": choices})
+    }
+
+    /// Logprobs of `ids` starting at position `start`, or null when not asked for.
+    fn logprobs(&self, ids: &[u32], start: usize) -> Value {
+        if self.want_lp {
+            json!({"content": logprob_entries(ids, start)})
+        } else {
+            Value::Null
+        }
+    }
+}
+
+fn finish_reason(p: &Plan) -> &'static str {
+    if p.tool.is_some() {
+        "tool_calls"
+    } else {
+        "stop"
+    }
+}
+
+/// Steps: configured or marker-driven failures, parsing, planning the choices, then the plain
+/// answer or the stream frames.
 async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
     let n_call = inner.counter.fetch_add(1, Ordering::Relaxed);
     if let Some(s) = inner.cfg.fail_status {
         let status = StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return (status, axum::Json(json!({"error": {"message": "stand-in configured to fail", "type": "server_error"}})))
-            .into_response();
+        return error_response(
+            status,
+            json!({"message": "stand-in configured to fail", "type": "server_error"}),
+        );
     }
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                axum::Json(json!({"error": {"message": e.to_string()}})),
-            )
-                .into_response();
+            return error_response(StatusCode::BAD_REQUEST, json!({"message": e.to_string()}));
         }
     };
     let Some(messages) = req.get("messages").and_then(Value::as_array) else {
-        return (
+        return error_response(
             StatusCode::BAD_REQUEST,
-            axum::Json(json!({"error": {"message": "messages required"}})),
-        )
-            .into_response();
+            json!({"message": "messages required"}),
+        );
     };
     let marker = last_user_text(&req);
     if marker.contains("[[fail]]") {
-        return (
+        return error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
-            axum::Json(json!({"error": {"message": "asked to fail"}})),
-        )
-            .into_response();
+            json!({"message": "asked to fail"}),
+        );
     }
     let die = marker.contains("[[die]]");
+    let answer = plan_answer(&inner, &req, messages, n_call);
+    let stream =
+        !inner.cfg.ignore_stream && req.get("stream").and_then(Value::as_bool) == Some(true);
+    if !stream {
+        if die {
+            let body = Body::from_stream(stream::once(async {
+                Err::<Bytes, std::io::Error>(std::io::Error::other("stand-in died"))
+            }));
+            return Response::new(body);
+        }
+        return axum::Json(full_answer(&answer)).into_response();
+    }
+    let include_usage = req
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    let frames = stream_frames(&answer, include_usage);
+    sse_response(frames, die, inner.cfg.chunk_delay)
+}
+
+/// Renders the prompt and plans the `n` choices (at most 8) with their usage.
+fn plan_answer<'a>(inner: &'a Inner, req: &Value, messages: &[Value], n_call: u64) -> Answer<'a> {
     let tools = req.get("tools").and_then(Value::as_array);
     let prompt = render_prompt(messages, tools);
     let want_ids =
@@ -381,110 +444,114 @@ async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
         .and_then(Value::as_u64)
         .unwrap_or(1)
         .clamp(1, 8) as usize;
-    let stream =
-        !inner.cfg.ignore_stream && req.get("stream").and_then(Value::as_bool) == Some(true);
     let model = req.get("model").cloned().unwrap_or(json!("standin"));
     let id = format!("chatcmpl-{}-{n_call}", inner.cfg.name);
-    let plans: Vec<Plan> = (0..n).map(|c| plan(&inner, &req, n_call, c)).collect();
-    let finish = |p: &Plan| {
-        if p.tool.is_some() {
-            "tool_calls"
-        } else {
-            "stop"
-        }
-    };
+    let plans: Vec<Plan> = (0..n).map(|c| plan(inner, req, n_call, c)).collect();
     let completion_tokens: usize = plans
         .iter()
         .map(|p| segments(p).iter().map(|s| s.1.len()).sum::<usize>())
         .sum();
     let usage = json!({"prompt_tokens": prompt.len(), "completion_tokens": completion_tokens,
                        "total_tokens": prompt.len() + completion_tokens});
-    if !stream {
-        if die {
-            let body = Body::from_stream(stream::once(async {
-                Err::<Bytes, std::io::Error>(std::io::Error::other("stand-in died"))
-            }));
-            return Response::new(body);
-        }
-        let choices: Vec<Value> = plans
-            .iter()
-            .enumerate()
-            .map(|(c, p)| {
-                let ids: Vec<u32> = segments(p).into_iter().flat_map(|s| s.1).collect();
-                let mut msg = json!({"role": "assistant", "content": if p.tool.is_some() { Value::Null } else { json!(p.text) }});
-                if let Some((tid, name, args)) = &p.tool {
-                    msg["tool_calls"] = json!([{"id": tid, "type": "function", "function": {"name": name, "arguments": args}}]);
-                }
-                let mut ch = json!({"index": c, "message": msg,
-                    "logprobs": if want_lp { json!({"content": logprob_entries(&ids, 0)}) } else { Value::Null },
-                    "finish_reason": finish(p)});
-                if want_ids {
-                    ch["token_ids"] = json!(ids);
-                }
-                ch
-            })
-            .collect();
-        let mut out = json!({"id": id, "object": "chat.completion", "created": 1_700_000_000u64, "model": model,
-            "system_fingerprint": inner.cfg.name, "choices": choices, "usage": usage});
-        if want_ids {
-            out["prompt_token_ids"] = json!(prompt);
-        }
-        return axum::Json(out).into_response();
+    Answer {
+        inner,
+        id,
+        model,
+        prompt,
+        plans,
+        want_ids,
+        want_lp,
+        usage,
     }
-    let include_usage = req
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        == Some(true);
+}
+
+/// The plain `chat.completion` answer.
+fn full_answer(a: &Answer) -> Value {
+    let choices: Vec<Value> = a
+        .plans
+        .iter()
+        .enumerate()
+        .map(|(c, p)| {
+            let ids: Vec<u32> = segments(p).into_iter().flat_map(|s| s.1).collect();
+            let mut msg = json!({"role": "assistant", "content": if p.tool.is_some() { Value::Null } else { json!(p.text) }});
+            if let Some((tid, name, args)) = &p.tool {
+                msg["tool_calls"] = json!([{"id": tid, "type": "function", "function": {"name": name, "arguments": args}}]);
+            }
+            let mut ch = json!({"index": c, "message": msg,
+                "logprobs": a.logprobs(&ids, 0),
+                "finish_reason": finish_reason(p)});
+            if a.want_ids {
+                ch["token_ids"] = json!(ids);
+            }
+            ch
+        })
+        .collect();
+    let mut out = json!({"id": a.id, "object": "chat.completion", "created": 1_700_000_000u64, "model": a.model,
+        "system_fingerprint": a.inner.cfg.name, "choices": choices, "usage": a.usage});
+    if a.want_ids {
+        out["prompt_token_ids"] = json!(a.prompt);
+    }
+    out
+}
+
+/// The SSE frames of a streamed answer: per choice a role chunk then one chunk per segment,
+/// an optional usage chunk, and `[DONE]`.
+fn stream_frames(a: &Answer, include_usage: bool) -> Vec<Bytes> {
     let mut frames: Vec<Bytes> = Vec::new();
-    let base = |choices: Value| {
-        json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": model,
-               "system_fingerprint": inner.cfg.name, "choices": choices})
-    };
-    for (c, p) in plans.iter().enumerate() {
-        let mut first = base(
+    for (c, p) in a.plans.iter().enumerate() {
+        let mut first = a.chunk(
             json!([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
         );
-        if want_ids && c == 0 {
-            first["prompt_token_ids"] = json!(prompt);
+        if a.want_ids && c == 0 {
+            first["prompt_token_ids"] = json!(a.prompt);
         }
-        if want_ids {
+        if a.want_ids {
             first["choices"][0]["token_ids"] = json!([]);
         }
         frames.push(sse::data_frame(&first));
-        let mut pos = 0usize;
-        let segs = segments(p);
-        let nseg = segs.len();
-        for (k, (piece, ids)) in segs.into_iter().enumerate() {
-            let last = k + 1 == nseg;
-            let delta = match (&p.tool, piece) {
-                (_, None) => json!({}),
-                (Some((tid, name, _)), Some(piece)) if k == 0 => {
-                    json!({"tool_calls": [{"index": 0, "id": tid, "type": "function",
-                    "function": {"name": name, "arguments": piece}}]})
-                }
-                (Some(_), Some(piece)) => {
-                    json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-                }
-                (None, Some(piece)) => json!({"content": piece}),
-            };
-            let mut ch = json!({"index": c, "delta": delta,
-                "logprobs": if want_lp { json!({"content": logprob_entries(&ids, pos)}) } else { Value::Null },
-                "finish_reason": if last { json!(finish(p)) } else { Value::Null }});
-            if want_ids {
-                ch["token_ids"] = json!(ids);
-            }
-            pos += ids.len();
-            frames.push(sse::data_frame(&base(json!([ch]))));
-        }
+        choice_frames(a, c, p, &mut frames);
     }
     if include_usage {
-        let mut u = base(json!([]));
-        u["usage"] = usage;
+        let mut u = a.chunk(json!([]));
+        u["usage"] = a.usage.clone();
         frames.push(sse::data_frame(&u));
     }
     frames.push(sse::done_frame());
-    let delay = inner.cfg.chunk_delay;
+    frames
+}
+
+/// One chunk per segment of choice `c`; the last one carries the finish reason.
+fn choice_frames(a: &Answer, c: usize, p: &Plan, frames: &mut Vec<Bytes>) {
+    let mut pos = 0usize;
+    let segs = segments(p);
+    let nseg = segs.len();
+    for (k, (piece, ids)) in segs.into_iter().enumerate() {
+        let last = k + 1 == nseg;
+        let delta = match (&p.tool, piece) {
+            (_, None) => json!({}),
+            (Some((tid, name, _)), Some(piece)) if k == 0 => {
+                json!({"tool_calls": [{"index": 0, "id": tid, "type": "function",
+                "function": {"name": name, "arguments": piece}}]})
+            }
+            (Some(_), Some(piece)) => {
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            }
+            (None, Some(piece)) => json!({"content": piece}),
+        };
+        let mut ch = json!({"index": c, "delta": delta,
+            "logprobs": a.logprobs(&ids, pos),
+            "finish_reason": if last { json!(finish_reason(p)) } else { Value::Null }});
+        if a.want_ids {
+            ch["token_ids"] = json!(ids);
+        }
+        pos += ids.len();
+        frames.push(sse::data_frame(&a.chunk(json!([ch]))));
+    }
+}
+
+/// An SSE body sending `frames` with `delay` between them; when `die`, the connection breaks
+/// after two frames.
+fn sse_response(frames: Vec<Bytes>, die: bool, delay: Duration) -> Response {
     let frames: Vec<Result<Bytes, std::io::Error>> = if die {
         let mut f: Vec<_> = frames.into_iter().take(2).map(Ok).collect();
         f.push(Err(std::io::Error::other("stand-in died mid-stream")));
