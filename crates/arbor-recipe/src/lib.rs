@@ -56,11 +56,6 @@ impl From<arbor_model::ModelError> for RecipeError {
         RecipeError::Train(e.to_string())
     }
 }
-impl From<candle::Error> for RecipeError {
-    fn from(e: candle::Error) -> Self {
-        RecipeError::Train(e.to_string())
-    }
-}
 impl From<arbor_tree::TreeError> for RecipeError {
     fn from(e: arbor_tree::TreeError) -> Self {
         RecipeError::Train(format!("trajectory tree: {e}"))
