@@ -282,18 +282,8 @@ impl Default for RlSpec {
     }
 }
 
-/// The per-token reverse-KL term of distillation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DistillEstimator {
-    /// docs/recipe.md §5: `r_t = log pi_expert(y_t) - log pi_student(y_t)` of the sampled token as a
-    /// per-token advantage of a policy-gradient term.
-    #[default]
-    Sampled,
-    /// The exact KL over the vocabulary at each sampled context: the same expectation without
-    /// the variance of the sampled token (one more student forward per update).
-    Full,
-}
+/// The per-token reverse-KL term of distillation (`arbor-train` owns it: it picks the loss).
+pub use arbor_train::DistillEstimator;
 
 /// Namespace for the distillation stage's defaults.
 pub struct DistillSpec;

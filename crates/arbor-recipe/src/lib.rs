@@ -11,6 +11,7 @@
 //! - [`pipeline`]: oracle rollouts -> SFT per domain -> RL per domain -> distillation ->
 //!   held-out evaluation, each stage checkpointed and resumable; `arbor quickstart` is a
 //!   small pipeline.
+//! - [`results`]: `results.json`, the held-out table the pipeline writes and the report reads.
 //! - [`report`]: the pipeline's Markdown report with learning curves.
 //!
 //! The objectives themselves live in `arbor-train`, tree logic in `arbor-tree`, rollouts in
@@ -21,6 +22,7 @@ pub mod config;
 pub mod eval;
 pub mod pipeline;
 pub mod report;
+pub mod results;
 pub mod rl;
 pub mod rollouts;
 
@@ -51,11 +53,6 @@ impl From<arbor_train::TrainError> for RecipeError {
 }
 impl From<arbor_model::ModelError> for RecipeError {
     fn from(e: arbor_model::ModelError) -> Self {
-        RecipeError::Train(e.to_string())
-    }
-}
-impl From<candle::Error> for RecipeError {
-    fn from(e: candle::Error) -> Self {
         RecipeError::Train(e.to_string())
     }
 }

@@ -32,15 +32,14 @@ use arbor_rollout::Progress;
 use arbor_rollout::experiment::PolicySpec;
 use arbor_rollout::runner::ProgressFn;
 use arbor_train::sft::{SftConfig, SftEvent, SftInit, train_sft};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::PipelineConfig;
-use crate::rl::{IterationLog, RlEvent, RlStage};
+use crate::rl::{IterationLog, RlEvent, RlReport, RlStage};
 use crate::rollouts::{self, PassRate, TaskSet};
 use crate::{RecipeError, Result};
 
-/// The rows of the results table, in order.
-pub const ROWS: [&str; 5] = ["base", "sft", "rl", "expert", "unified"];
+pub use crate::results::{Cell, PipelineResults, ROWS};
 
 /// Progress of a pipeline, for a display.
 #[derive(Debug, Clone)]
@@ -80,50 +79,11 @@ pub enum PipelineEvent {
 /// A progress callback.
 pub type PipelineProgress = Arc<dyn Fn(PipelineEvent) + Send + Sync>;
 
-/// One cell of the results table.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Cell {
-    /// Held-out pass rate.
-    pub pass_rate: f64,
-    /// Held-out tasks scored (infrastructure errors excluded).
-    pub n: usize,
-    pub passed: usize,
-    /// Binomial standard error of `pass_rate`.
-    pub std_err: f64,
-    pub infra_errors: usize,
-}
-
-impl From<PassRate> for Cell {
-    fn from(r: PassRate) -> Self {
-        Cell {
-            pass_rate: r.rate(),
-            n: r.n,
-            passed: r.passed,
-            std_err: r.std_err(),
-            infra_errors: r.infra_errors,
-        }
-    }
-}
-
-/// `results.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PipelineResults {
-    pub name: String,
-    /// domain -> row -> held-out pass rate.
-    pub domains: BTreeMap<String, BTreeMap<String, Cell>>,
-    /// Parameters of the model.
-    pub params: usize,
-    /// Output directory and report.
-    pub output: PathBuf,
-    pub report: PathBuf,
-    /// Wall seconds of this invocation.
-    pub seconds: f64,
-}
-
 fn io(path: &Path, e: std::io::Error) -> RecipeError {
     RecipeError::Io(format!("{}: {e}", path.display()))
 }
 
+/// Rollout progress of `stage` as pipeline events.
 fn rollout_progress(stage: String, p: PipelineProgress) -> ProgressFn {
     Arc::new(move |pr: &Progress| {
         p(PipelineEvent::Rollouts {
@@ -143,9 +103,49 @@ pub async fn run_pipeline(
 ) -> Result<PipelineResults> {
     let wall = Instant::now();
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    // The configuration a directory was started with is kept. Settings of stages that have not
-    // started yet may change (tune RL after looking at the SFT models); a change to a stage that
-    // has started, or to one before it, is refused (stages would silently mix).
+    bind_config(cfg, out)?;
+    let run = Run { cfg, out, progress };
+    let base = run.base_model().await?;
+    let params = arbor_model::Qwen3Model::load(&base)?.num_params();
+    let oracle = run.demonstrations().await?;
+    let sft_dirs = run.sft_stages(&base, &oracle).await?;
+    let rl_reports = run.rl_experts(&sft_dirs).await?;
+    let unified = run.distill(&sft_dirs, &rl_reports).await?;
+    let mut domains: BTreeMap<String, BTreeMap<String, Cell>> = BTreeMap::new();
+    for d in &cfg.domains {
+        let rl = &rl_reports[d];
+        let rows: [(&str, PathBuf); 5] = [
+            ("base", base.clone()),
+            ("sft", sft_dirs[d].clone()),
+            ("rl", rl.final_checkpoint.clone()),
+            ("expert", rl.best_checkpoint.clone()),
+            ("unified", unified.final_checkpoint.clone()),
+        ];
+        domains.insert(d.clone(), run.evaluate(d, rows).await?);
+    }
+    let results = PipelineResults {
+        name: cfg.name.clone(),
+        domains,
+        params,
+        output: out.to_path_buf(),
+        report: out.join("report.md"),
+        seconds: wall.elapsed().as_secs_f64(),
+    };
+    arbor_train::checkpoint::write_atomic(
+        &out.join("results.json"),
+        serde_json::to_string_pretty(&results)
+            .map_err(|e| RecipeError::Io(e.to_string()))?
+            .as_bytes(),
+    )?;
+    crate::report::write(cfg, out, &results)?;
+    Ok(results)
+}
+
+/// Binds `out` to `cfg`: the configuration a directory was started with is kept in
+/// `pipeline.json`. Settings of stages that have not started yet may change (tune RL after
+/// looking at the SFT models); a change to a stage that has started, or to one before it, is
+/// refused (stages would silently mix).
+fn bind_config(cfg: &PipelineConfig, out: &Path) -> Result<()> {
     let cfg_path = out.join("pipeline.json");
     let cfg_json =
         serde_json::to_string_pretty(cfg).map_err(|e| RecipeError::Config(e.to_string()))?;
@@ -168,134 +168,168 @@ pub async fn run_pipeline(
         Ok(_) => {}
         Err(_) => arbor_train::checkpoint::write_atomic(&cfg_path, cfg_json.as_bytes())?,
     }
+    Ok(())
+}
 
-    // Base model.
-    let base = out.join("base");
-    let stage = |name: &str, skipped: bool| {
-        progress(PipelineEvent::Stage {
+/// One invocation of the pipeline: what every stage reads.
+struct Run<'a> {
+    cfg: &'a PipelineConfig,
+    out: &'a Path,
+    progress: PipelineProgress,
+}
+
+impl Run<'_> {
+    /// Reports that stage `name` starts (or is found finished: `skipped`).
+    fn stage(&self, name: &str, skipped: bool) {
+        (self.progress)(PipelineEvent::Stage {
             stage: name.to_string(),
             skipped,
         })
-    };
-    match &cfg.pretrain {
-        None => {
+    }
+
+    /// The base model `base/`: a fresh model, or with `[pretrain]` the fresh model `init/`
+    /// after pretraining on the copy corpus.
+    async fn base_model(&self) -> Result<PathBuf> {
+        let (cfg, base) = (self.cfg, self.out.join("base"));
+        let Some(pcfg) = &cfg.pretrain else {
             let base_done = base.join("model.safetensors").is_file();
-            stage("base", base_done);
+            self.stage("base", base_done);
             if !base_done {
                 arbor_policy::init_checkpoint(&base, cfg.model.config(), cfg.seed)
                     .map_err(|e| RecipeError::Train(format!("initializing the base model: {e}")))?;
             }
+            return Ok(base);
+        };
+        let init = self.out.join("init");
+        self.stage("init", init.join("model.safetensors").is_file());
+        if !init.join("model.safetensors").is_file() {
+            arbor_policy::init_checkpoint(&init, cfg.model.config(), cfg.seed)
+                .map_err(|e| RecipeError::Train(format!("initializing the fresh model: {e}")))?;
         }
-        Some(pcfg) => {
-            // The fresh model is init/; base/ is it after pretraining on the copy corpus.
-            let init = out.join("init");
-            stage("init", init.join("model.safetensors").is_file());
-            if !init.join("model.safetensors").is_file() {
-                arbor_policy::init_checkpoint(&init, cfg.model.config(), cfg.seed).map_err(
-                    |e| RecipeError::Train(format!("initializing the fresh model: {e}")),
-                )?;
-            }
-            stage(
-                "pretrain",
-                base.join(arbor_train::sft::REPORT_FILE).is_file(),
-            );
-            let (pcfg, base2, p) = (pcfg.clone(), base.clone(), progress.clone());
-            tokio::task::spawn_blocking(move || {
-                let mut total = 0;
-                let mut on = |phase, ev: SftEvent<'_>| match ev {
-                    SftEvent::Start { total_steps, .. } => total = total_steps,
-                    SftEvent::Step(l) => p(PipelineEvent::SftStep {
-                        stage: match phase {
-                            arbor_train::pretrain::Phase::Induction => "pretrain/induction",
-                            arbor_train::pretrain::Phase::Mixed => "pretrain",
-                        }
-                        .into(),
-                        step: l.step,
-                        total,
-                        loss: l.loss,
-                    }),
-                    _ => {}
-                };
-                arbor_train::pretrain::train_pretrain(&SftInit::Dir(init), &base2, &pcfg, &mut on)
-                    .map_err(RecipeError::from)
-            })
-            .await
-            .map_err(|e| RecipeError::Train(format!("pretraining task: {e}")))??;
-        }
-    }
-    let params = arbor_model::Qwen3Model::load(&base)?.num_params();
-
-    // Demonstrations.
-    let oracle = out.join("oracle");
-    let oracle_tasks: Vec<TaskSet> = cfg
-        .domains
-        .iter()
-        .map(|d| TaskSet {
-            domain: d.clone(),
-            n: cfg.oracle.tasks(d),
-            seed: cfg.seed,
-            split: "train",
-            difficulty: cfg.difficulty,
-        })
-        .collect();
-    let (dataset, dropped) =
-        rollouts::write_demonstration_tasks(&oracle_tasks, &out.join("oracle-tasks"))?;
-    if dropped > 0 {
-        tracing::info!(
-            dropped,
-            "demonstration tasks with a repeated instruction left out"
+        self.stage(
+            "pretrain",
+            base.join(arbor_train::sft::REPORT_FILE).is_file(),
         );
-    }
-    let exp = rollouts::experiment(
-        "oracle",
-        &oracle,
-        vec![dataset],
-        1,
-        PolicySpec::ScriptedOracle,
-        &cfg.rollout,
-    );
-    stage("oracle", false);
-    let s = rollouts::run(
-        &exp,
-        &oracle,
-        Some(rollout_progress("oracle".into(), progress.clone())),
-    )
-    .await?;
-    if s.passed == 0 {
-        return Err(RecipeError::Rollout(format!(
-            "no oracle rollout passed ({} infrastructure errors): nothing to learn from; see {}",
-            s.infra_errors,
-            oracle.display()
-        )));
+        let (pcfg, base2, p) = (pcfg.clone(), base.clone(), self.progress.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut total = 0;
+            let mut on = |phase, ev: SftEvent<'_>| match ev {
+                SftEvent::Start { total_steps, .. } => total = total_steps,
+                SftEvent::Step(l) => p(PipelineEvent::SftStep {
+                    stage: match phase {
+                        arbor_train::pretrain::Phase::Induction => "pretrain/induction",
+                        arbor_train::pretrain::Phase::Mixed => "pretrain",
+                    }
+                    .into(),
+                    step: l.step,
+                    total,
+                    loss: l.loss,
+                }),
+                _ => {}
+            };
+            arbor_train::pretrain::train_pretrain(&SftInit::Dir(init), &base2, &pcfg, &mut on)
+                .map_err(RecipeError::from)
+        })
+        .await
+        .map_err(|e| RecipeError::Train(format!("pretraining task: {e}")))??;
+        Ok(base)
     }
 
-    // SFT on all domains (the student's start) and per domain (the experts'): from the base
-    // model, or with `[sft_expert]` each domain's continuing from the all-domain SFT.
-    let mut sft_dirs = BTreeMap::new();
-    let all_dir = out.join("sft").join("all");
-    let mut sft_targets: Vec<(String, Option<Vec<String>>, SftConfig, PathBuf)> = cfg
-        .domains
-        .iter()
-        .map(|d| {
-            let (c, init) = match &cfg.sft_expert {
-                Some(c) => (c.clone(), all_dir.clone()),
-                None => (cfg.sft.clone(), base.clone()),
-            };
-            (d.clone(), Some(vec![d.clone()]), c, init)
-        })
-        .collect();
-    let all = ("all".to_string(), None, cfg.sft.clone(), base.clone());
-    if cfg.sft_expert.is_some() {
-        sft_targets.insert(0, all);
-    } else {
-        sft_targets.push(all);
+    /// The demonstrations: scripted-oracle rollouts on the training tasks in `oracle/`
+    /// (refused when none passed: nothing to learn from).
+    async fn demonstrations(&self) -> Result<PathBuf> {
+        let cfg = self.cfg;
+        let oracle = self.out.join("oracle");
+        let oracle_tasks: Vec<TaskSet> = cfg
+            .domains
+            .iter()
+            .map(|d| TaskSet {
+                domain: d.clone(),
+                n: cfg.oracle.tasks(d),
+                seed: cfg.seed,
+                split: "train",
+                difficulty: cfg.difficulty,
+            })
+            .collect();
+        let (dataset, dropped) =
+            rollouts::write_demonstration_tasks(&oracle_tasks, &self.out.join("oracle-tasks"))?;
+        if dropped > 0 {
+            tracing::info!(
+                dropped,
+                "demonstration tasks with a repeated instruction left out"
+            );
+        }
+        let exp = rollouts::experiment(
+            "oracle",
+            &oracle,
+            vec![dataset],
+            1,
+            PolicySpec::ScriptedOracle,
+            &cfg.rollout,
+        );
+        self.stage("oracle", false);
+        let s = rollouts::run(
+            &exp,
+            &oracle,
+            Some(rollout_progress("oracle".into(), self.progress.clone())),
+        )
+        .await?;
+        if s.passed == 0 {
+            return Err(RecipeError::Rollout(format!(
+                "no oracle rollout passed ({} infrastructure errors): nothing to learn from; see {}",
+                s.infra_errors,
+                oracle.display()
+            )));
+        }
+        Ok(oracle)
     }
-    for (name, domains, mut scfg, init) in sft_targets {
-        let dir = out.join("sft").join(&name);
-        let label = format!("sft/{name}");
-        stage(&label, dir.join(arbor_train::sft::REPORT_FILE).is_file());
-        scfg.domains = domains;
-        let (base, oracle, dir2, p) = (init, oracle.clone(), dir.clone(), progress.clone());
+
+    /// SFT on all domains (the student's start) and per domain (the experts'), each in
+    /// `sft/<name>`: from the base model, or with `[sft_expert]` each domain's continuing from
+    /// the all-domain SFT (which then runs first). Returns the directory by name.
+    async fn sft_stages(&self, base: &Path, oracle: &Path) -> Result<BTreeMap<String, PathBuf>> {
+        let cfg = self.cfg;
+        let all_dir = self.out.join("sft").join("all");
+        let mut sft_targets: Vec<(String, Option<Vec<String>>, SftConfig, PathBuf)> = cfg
+            .domains
+            .iter()
+            .map(|d| {
+                let (c, init) = match &cfg.sft_expert {
+                    Some(c) => (c.clone(), all_dir.clone()),
+                    None => (cfg.sft.clone(), base.to_path_buf()),
+                };
+                (d.clone(), Some(vec![d.clone()]), c, init)
+            })
+            .collect();
+        let all = ("all".to_string(), None, cfg.sft.clone(), base.to_path_buf());
+        if cfg.sft_expert.is_some() {
+            sft_targets.insert(0, all);
+        } else {
+            sft_targets.push(all);
+        }
+        let mut sft_dirs = BTreeMap::new();
+        for (name, domains, mut scfg, init) in sft_targets {
+            let dir = self.out.join("sft").join(&name);
+            let label = format!("sft/{name}");
+            self.stage(&label, dir.join(arbor_train::sft::REPORT_FILE).is_file());
+            scfg.domains = domains;
+            self.sft(label, init, oracle.to_path_buf(), dir.clone(), scfg)
+                .await?;
+            sft_dirs.insert(name, dir);
+        }
+        Ok(sft_dirs)
+    }
+
+    /// One SFT stage into `dir` from `init` on the `oracle` sessions, on a blocking thread.
+    async fn sft(
+        &self,
+        label: String,
+        init: PathBuf,
+        oracle: PathBuf,
+        dir: PathBuf,
+        scfg: SftConfig,
+    ) -> Result<()> {
+        let p = self.progress.clone();
         tokio::task::spawn_blocking(move || {
             let mut total = 0;
             let mut on = |ev: SftEvent<'_>| match ev {
@@ -309,9 +343,9 @@ pub async fn run_pipeline(
                 _ => {}
             };
             match train_sft(
-                &SftInit::Dir(base.clone()),
+                &SftInit::Dir(init.clone()),
                 std::slice::from_ref(&oracle),
-                &dir2,
+                &dir,
                 &scfg,
                 &mut on,
             ) {
@@ -319,140 +353,130 @@ pub async fn run_pipeline(
                 // the demonstration rollouts were started over: the pipeline owns the
                 // directory, and a partial training of other data is worthless. Start over.
                 Err(arbor_train::TrainError::ForeignCheckpoint { .. }) => {
-                    std::fs::remove_dir_all(&dir2).map_err(|e| io(&dir2, e))?;
-                    train_sft(&SftInit::Dir(base), &[oracle], &dir2, &scfg, &mut on)
+                    std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+                    train_sft(&SftInit::Dir(init), &[oracle], &dir, &scfg, &mut on)
                 }
                 r => r,
             }
             .map_err(RecipeError::from)
         })
         .await
-        .map_err(|e| RecipeError::Train(format!("SFT task: {e}")))??;
-        sft_dirs.insert(name, dir);
+        .map_err(|e| RecipeError::Train(format!("SFT task: {e}")))?
+        .map(|_| ())
     }
 
-    // RL per domain: the experts.
-    let mut rl_reports = BTreeMap::new();
-    for d in &cfg.domains {
-        let label = format!("rl/{d}");
-        let st = RlStage {
-            label: label.clone(),
-            spec: cfg.rl.clone(),
+    /// RL per domain from its SFT model: the experts, in `rl/<domain>`.
+    async fn rl_experts(
+        &self,
+        sft_dirs: &BTreeMap<String, PathBuf>,
+    ) -> Result<BTreeMap<String, RlReport>> {
+        let cfg = self.cfg;
+        let mut rl_reports = BTreeMap::new();
+        for d in &cfg.domains {
+            let label = format!("rl/{d}");
+            let st = RlStage {
+                label: label.clone(),
+                spec: cfg.rl.clone(),
+                rollout: cfg.rollout.clone(),
+                domains: vec![d.clone()],
+                difficulty: cfg.difficulty,
+                seed: cfg.seed,
+                init: sft_dirs[d].clone(),
+                teachers: BTreeMap::new(),
+                out: self.out.join("rl").join(d),
+            };
+            self.stage(&label, st.out.join(crate::rl::REPORT_FILE).is_file());
+            let report = st
+                .run(rl_progress(label, cfg.rl.iterations, self.progress.clone()))
+                .await?;
+            rl_reports.insert(d.clone(), report);
+        }
+        Ok(rl_reports)
+    }
+
+    /// On-policy distillation of the all-domain SFT student toward each domain's expert, in
+    /// `distill/`.
+    async fn distill(
+        &self,
+        sft_dirs: &BTreeMap<String, PathBuf>,
+        rl_reports: &BTreeMap<String, RlReport>,
+    ) -> Result<RlReport> {
+        let cfg = self.cfg;
+        let distill = RlStage {
+            label: "distill".into(),
+            spec: cfg.distill.clone(),
             rollout: cfg.rollout.clone(),
-            domains: vec![d.clone()],
+            domains: cfg.domains.clone(),
             difficulty: cfg.difficulty,
-            seed: cfg.seed,
-            init: sft_dirs[d].clone(),
-            teachers: BTreeMap::new(),
-            out: out.join("rl").join(d),
+            seed: cfg.seed ^ 0xd157,
+            init: sft_dirs["all"].clone(),
+            teachers: rl_reports
+                .iter()
+                .map(|(d, r)| (d.clone(), r.best_checkpoint.clone()))
+                .collect(),
+            out: self.out.join("distill"),
         };
-        stage(&label, st.out.join(crate::rl::REPORT_FILE).is_file());
-        let report = st
-            .run(rl_progress(label, cfg.rl.iterations, progress.clone()))
-            .await?;
-        rl_reports.insert(d.clone(), report);
+        self.stage(
+            "distill",
+            distill.out.join(crate::rl::REPORT_FILE).is_file(),
+        );
+        distill
+            .run(rl_progress(
+                "distill".into(),
+                cfg.distill.iterations,
+                self.progress.clone(),
+            ))
+            .await
     }
 
-    // On-policy distillation of the student toward the experts.
-    let distill = RlStage {
-        label: "distill".into(),
-        spec: cfg.distill.clone(),
-        rollout: cfg.rollout.clone(),
-        domains: cfg.domains.clone(),
-        difficulty: cfg.difficulty,
-        seed: cfg.seed ^ 0xd157,
-        init: sft_dirs["all"].clone(),
-        teachers: rl_reports
-            .iter()
-            .map(|(d, r)| (d.clone(), r.best_checkpoint.clone()))
-            .collect(),
-        out: out.join("distill"),
-    };
-    stage(
-        "distill",
-        distill.out.join(crate::rl::REPORT_FILE).is_file(),
-    );
-    let unified = distill
-        .run(rl_progress(
-            "distill".into(),
-            cfg.distill.iterations,
-            progress.clone(),
-        ))
-        .await?;
-
-    // Held-out evaluation of every row.
-    let mut domains: BTreeMap<String, BTreeMap<String, Cell>> = BTreeMap::new();
-    for d in &cfg.domains {
-        let rl = &rl_reports[d];
-        let rows: [(&str, PathBuf); 5] = [
-            ("base", base.clone()),
-            ("sft", sft_dirs[d].clone()),
-            ("rl", rl.final_checkpoint.clone()),
-            ("expert", rl.best_checkpoint.clone()),
-            ("unified", unified.final_checkpoint.clone()),
-        ];
+    /// Held-out evaluation of every row's checkpoint on domain `d`, in `eval/<row>/<d>`.
+    /// Rows whose weights are byte-identical (an expert that is its SFT model when RL found
+    /// no signal) share one evaluation: the same weights on the same tasks.
+    async fn evaluate(
+        &self,
+        d: &str,
+        rows: [(&str, PathBuf); 5],
+    ) -> Result<BTreeMap<String, Cell>> {
+        let cfg = self.cfg;
         let mut cells = BTreeMap::new();
-        // Rows whose weights are byte-identical (an expert that is its SFT model when RL found
-        // no signal) share one evaluation: the same weights on the same tasks.
         let mut evaluated: Vec<(&str, PathBuf, PassRate)> = Vec::new();
         for (row, ckpt) in rows {
-            let dir = out.join("eval").join(row).join(d);
-            if let Some((same, _, rate)) = evaluated
+            let dir = self.out.join("eval").join(row).join(d);
+            let shared = evaluated
                 .iter()
                 .find(|(_, c, _)| same_weights(c, &ckpt))
-                .cloned()
-            {
-                stage(&format!("eval/{row}/{d} (the weights of `{same}`)"), true);
-                progress(PipelineEvent::Evaluated {
-                    row: row.into(),
-                    domain: d.clone(),
-                    rate,
-                });
-                cells.insert(row.to_string(), Cell::from(rate));
-                continue;
-            }
-            stage(&format!("eval/{row}/{d}"), false);
-            let rate = crate::eval::evaluate(
-                &ckpt,
-                d,
-                &cfg.eval,
-                cfg.difficulty,
-                &cfg.rollout,
-                &dir,
-                Some(rollout_progress(
-                    format!("eval/{row}/{d}"),
-                    progress.clone(),
-                )),
-            )
-            .await?;
-            progress(PipelineEvent::Evaluated {
+                .cloned();
+            let rate = if let Some((same, _, rate)) = &shared {
+                self.stage(&format!("eval/{row}/{d} (the weights of `{same}`)"), true);
+                *rate
+            } else {
+                self.stage(&format!("eval/{row}/{d}"), false);
+                crate::eval::evaluate(
+                    &ckpt,
+                    d,
+                    &cfg.eval,
+                    cfg.difficulty,
+                    &cfg.rollout,
+                    &dir,
+                    Some(rollout_progress(
+                        format!("eval/{row}/{d}"),
+                        self.progress.clone(),
+                    )),
+                )
+                .await?
+            };
+            (self.progress)(PipelineEvent::Evaluated {
                 row: row.into(),
-                domain: d.clone(),
+                domain: d.to_string(),
                 rate,
             });
             cells.insert(row.to_string(), Cell::from(rate));
-            evaluated.push((row, ckpt, rate));
+            if shared.is_none() {
+                evaluated.push((row, ckpt, rate));
+            }
         }
-        domains.insert(d.clone(), cells);
+        Ok(cells)
     }
-
-    let report = out.join("report.md");
-    let results = PipelineResults {
-        name: cfg.name.clone(),
-        domains,
-        params,
-        output: out.to_path_buf(),
-        report: report.clone(),
-        seconds: wall.elapsed().as_secs_f64(),
-    };
-    arbor_train::checkpoint::write_atomic(
-        &out.join("results.json"),
-        serde_json::to_string_pretty(&results)
-            .map_err(|e| RecipeError::Io(e.to_string()))?
-            .as_bytes(),
-    )?;
-    crate::report::write(cfg, out, &results)?;
-    Ok(results)
 }
 
 /// Whether two checkpoint directories hold the same weights (byte-identical files; an

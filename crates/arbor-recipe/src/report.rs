@@ -9,7 +9,7 @@ use std::path::Path;
 use arbor_rollout::plot::{BarChart, BarGroup, Chart, LineChart, Series};
 
 use crate::config::{DistillEstimator, PipelineConfig};
-use crate::pipeline::{PipelineResults, ROWS};
+use crate::results::{Cell, PipelineResults, ROWS};
 use crate::rl::{IterationLog, read_log};
 use crate::{RecipeError, Result};
 
@@ -48,7 +48,7 @@ fn curves(
 }
 
 /// `(rl - sft) / sqrt(se_rl^2 + se_sft^2)`: how many standard errors RL is above SFT.
-pub fn z_score(rl: &crate::pipeline::Cell, sft: &crate::pipeline::Cell) -> f64 {
+pub fn z_score(rl: &Cell, sft: &Cell) -> f64 {
     let se = (rl.std_err.powi(2) + sft.std_err.powi(2)).sqrt();
     let diff = rl.pass_rate - sft.pass_rate;
     if se == 0.0 {
@@ -66,6 +66,33 @@ pub fn z_score(rl: &crate::pipeline::Cell, sft: &crate::pipeline::Cell) -> f64 {
 pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<()> {
     let plots = out.join("plots");
     let mut md = String::new();
+    intro(&mut md, cfg, res);
+    heldout(&mut md, out, res, &plots)?;
+    pretraining(&mut md, out, &plots)?;
+    sft(&mut md, cfg, out, &plots)?;
+    let mut logs: Vec<(String, Vec<IterationLog>)> = cfg
+        .domains
+        .iter()
+        .map(|d| {
+            (
+                d.clone(),
+                read_log(&out.join("rl").join(d).join(crate::rl::LOG_FILE)),
+            )
+        })
+        .collect();
+    let distill_log = read_log(&out.join("distill").join(crate::rl::LOG_FILE));
+    rl_curves(&mut md, &logs, &plots)?;
+    // Every stage on one chart and in one table.
+    logs.push(("distill".into(), distill_log.clone()));
+    iw_variance(&mut md, &logs, &plots)?;
+    iteration_table(&mut md, &logs);
+    distillation(&mut md, distill_log, &plots)?;
+    arbor_train::checkpoint::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    Ok(())
+}
+
+/// The title and the paragraph of settings: model, task counts, temperatures, wall time.
+fn intro(md: &mut String, cfg: &PipelineConfig, res: &PipelineResults) {
     let _ = writeln!(md, "# Pipeline `{}`\n", cfg.name);
     let _ = writeln!(
         md,
@@ -113,8 +140,10 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
         },
         res.seconds
     );
+}
 
-    // Held-out table.
+/// The held-out table, the acceptance comparisons per domain, and the bar chart.
+fn heldout(md: &mut String, out: &Path, res: &PipelineResults, plots: &Path) -> Result<()> {
     let _ = writeln!(md, "## Held-out pass rates\n");
     let _ = writeln!(md, "| domain | {} |", ROWS.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(ROWS.len()));
@@ -180,8 +209,11 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
     };
     bars.save(&plots.join("heldout.svg")).map_err(plot_err)?;
     let _ = writeln!(md, "\n![held-out pass rates](plots/heldout.svg)\n");
+    Ok(())
+}
 
-    // Pretraining (when configured): both phases' corpus loss and the held-out copy loss.
+/// Pretraining (when configured): both phases' corpus loss and the held-out copy loss.
+fn pretraining(md: &mut String, out: &Path, plots: &Path) -> Result<()> {
     let pre = out.join("base");
     let induction = arbor_train::sft::read_log(&pre.join("induction").join("sft_log.jsonl"));
     let mixed = arbor_train::sft::read_log(&pre.join("sft_log.jsonl"));
@@ -230,8 +262,11 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
             );
         }
     }
+    Ok(())
+}
 
-    // SFT.
+/// The SFT loss curves of every domain and of `all`.
+fn sft(md: &mut String, cfg: &PipelineConfig, out: &Path, plots: &Path) -> Result<()> {
     let mut sft_series = Vec::new();
     let mut names: Vec<String> = cfg.domains.clone();
     names.push("all".into());
@@ -252,19 +287,11 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
     .save(&plots.join("sft_loss.svg"))
     .map_err(plot_err)?;
     let _ = writeln!(md, "## SFT\n\n![SFT loss](plots/sft_loss.svg)\n");
+    Ok(())
+}
 
-    // RL and distillation curves.
-    let mut logs: Vec<(String, Vec<IterationLog>)> = cfg
-        .domains
-        .iter()
-        .map(|d| {
-            (
-                d.clone(),
-                read_log(&out.join("rl").join(d).join(crate::rl::LOG_FILE)),
-            )
-        })
-        .collect();
-    let distill_log = read_log(&out.join("distill").join(crate::rl::LOG_FILE));
+/// The RL curves of every domain: pass rate, reward, KL to the start, throughput.
+fn rl_curves(md: &mut String, logs: &[(String, Vec<IterationLog>)], plots: &Path) -> Result<()> {
     let charts: [(&str, &str, &str, Metric); 5] = [
         (
             "rl_pass_rate",
@@ -299,15 +326,18 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
     ];
     let _ = writeln!(md, "## RL (one expert per domain)\n");
     for (file, title, y, f) in &charts {
-        curves(title, y, &logs, f)
+        curves(title, y, logs, f)
             .save(&plots.join(format!("{file}.svg")))
             .map_err(plot_err)?;
         let _ = writeln!(md, "![{title}](plots/{file}.svg)\n");
     }
-    // Importance-weight variance: one pass vs the MCLA mean, every stage on one chart.
-    logs.push(("distill".into(), distill_log.clone()));
+    Ok(())
+}
+
+/// Importance-weight variance, one pass vs the MCLA mean, of every stage in `logs`.
+fn iw_variance(md: &mut String, logs: &[(String, Vec<IterationLog>)], plots: &Path) -> Result<()> {
     let mut iw = Vec::new();
-    for (name, log) in &logs {
+    for (name, log) in logs {
         iw.push(Series::new(
             format!("{name} K=1"),
             log.iter()
@@ -331,13 +361,17 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
     .save(&plots.join("iw_variance.svg"))
     .map_err(plot_err)?;
     let _ = writeln!(md, "![importance-weight variance](plots/iw_variance.svg)\n");
+    Ok(())
+}
 
+/// One table row per iteration of every stage in `logs`.
+fn iteration_table(md: &mut String, logs: &[(String, Vec<IterationLog>)]) {
     let _ = writeln!(
         md,
         "| stage | iter | pass rate | reward | groups with signal | IcePop masked | IW var K=1 | IW var MCLA | KL to start | reverse KL to teacher |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
-    for (name, log) in &logs {
+    for (name, log) in logs {
         for l in log {
             let _ = writeln!(
                 md,
@@ -356,8 +390,10 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
             );
         }
     }
+}
 
-    // Distillation.
+/// The distillation curves: reverse KL to the expert and training pass rate.
+fn distillation(md: &mut String, distill_log: Vec<IterationLog>, plots: &Path) -> Result<()> {
     let dl = vec![("distill".to_string(), distill_log)];
     curves(
         "Distillation: reverse KL(student || expert) per token",
@@ -376,6 +412,5 @@ pub fn write(cfg: &PipelineConfig, out: &Path, res: &PipelineResults) -> Result<
         md,
         "## On-policy distillation\n\n![reverse KL](plots/distill_kl.svg)\n\n![pass rate](plots/distill_pass_rate.svg)\n"
     );
-    arbor_train::checkpoint::write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok(())
 }

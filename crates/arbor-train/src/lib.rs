@@ -9,6 +9,8 @@
 //!   and the importance-weight statistics that show its effect ([`ImportanceStats`]).
 //! - [`rl`]: what a trainer calls: [`RlBatch`] (a flattened tree or pack with per-path RL
 //!   fields), [`rl_loss`] (MCLA + GSPO + IcePop + distillation) and [`sft_loss_on`].
+//! - [`update`]: one RL or distillation update over the packs of an iteration
+//!   ([`rl_update`]): reference and teacher log-probabilities, minibatched AdamW steps.
 //! - [`pretrain`]: a fresh byte model learns to copy from its context on a synthetic corpus
 //!   (the stand-in for a pretrained base model), trained by the SFT machinery.
 //! - [`sft`]: the SFT stage ([`train_sft`]): sessions of recorded runs as packed trees, loss on
@@ -89,14 +91,16 @@ pub mod mcla;
 pub mod pretrain;
 pub mod rl;
 pub mod sft;
+pub mod update;
 
 pub use loss::{
     DistillStats, ExpertDistribution, ExpertTarget, GspoConfig, GspoStats, IcePop, RlPath, RlTerms,
-    distill_full_loss, distill_loss, gspo_loss, kl_penalty, rl_objective, rl_objective_with,
+    distill_full_loss, distill_loss, gspo_loss, k3, kl_penalty, rl_objective, rl_objective_with,
 };
 pub use mcla::{ImportanceStats, McLogprobs, Mcla, mcla_logprobs};
 pub use rl::{RlBatch, RlConfig, RlOutput, RlStats, rl_loss, sft_loss_on, sft_weights};
 pub use sft::{SftConfig, SftEvent, SftInit, SftReport, SftStepLog, train_sft};
+pub use update::{DistillEstimator, RlUpdate, UpdatePack, UpdateStats, rl_update};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -403,6 +403,13 @@ fn distill_from_selection(
     Ok((rho.mul(&coef)?.sum_all()?, stats))
 }
 
+/// The k3 estimator of KL(pi || pi_ref) at one token sampled from `pi`, with
+/// `d = log pi_ref(y) - log pi(y)`: `exp(d) - d - 1` (unbiased and non-negative).
+/// [`kl_penalty`] applies it to a batch as a differentiable tensor.
+pub fn k3(d: f64) -> f64 {
+    d.exp() - d - 1.0
+}
+
 /// KL penalty toward a reference policy (the GRPO objective's `beta * D_KL(pi_theta || pi_ref)`,
 /// k3 estimator on the sampled tokens), averaged per path then weighted like the other terms:
 ///
@@ -444,10 +451,16 @@ pub fn kl_penalty(logprobs: &Tensor, reference: &[f32], paths: &[RlPath]) -> Res
     let dev = logprobs.device();
     let idx = Tensor::from_vec(idx, n, dev)?;
     let d = Tensor::from_vec(refs, n, dev)?.sub(&logprobs.index_select(&idx, 0)?)?;
-    let k3 = ((d.exp()? - &d)? - 1.0)?;
-    let mean = k3.mean_all()?.to_scalar::<f32>()? as f64;
+    // [`k3`] per token, as a tensor so the gradient flows; the estimate is [`k3`] itself.
+    let terms = ((d.exp()? - &d)? - 1.0)?;
+    let mean = d
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&x| k3(x as f64))
+        .sum::<f64>()
+        / n as f64;
     let coef = Tensor::from_vec(coef, n, dev)?;
-    Ok((k3.mul(&coef)?.sum_all()?, mean))
+    Ok((terms.mul(&coef)?.sum_all()?, mean))
 }
 
 /// The expert's whole next-token distribution at some tokens of a batch, for the exact

@@ -141,14 +141,20 @@ impl RlBatch {
     /// distillation term, at the student's sampling `temperature` (the reverse KL is then
     /// between the two tempered distributions).
     pub fn set_expert(&mut self, expert: &Qwen3Model, temperature: f32) -> Result<()> {
+        self.expert_logprobs = Some(self.logprobs_under(expert, temperature)?);
+        Ok(())
+    }
+
+    /// Log-probabilities of the batch's tokens under `model` at `temperature` (deterministic
+    /// routing, no gradient), computed at the [`Self::wanted`] tokens only.
+    pub fn logprobs_under(&self, model: &Qwen3Model, temperature: f32) -> Result<Vec<f32>> {
         let wanted = self.wanted();
         let opts = ForwardOptions {
             temperature,
             ..ForwardOptions::default()
         };
-        let (lp, _) = expert.token_logprobs_where(&self.tree, &opts, Some(&wanted))?;
-        self.expert_logprobs = Some(lp.detach().to_vec1::<f32>()?);
-        Ok(())
+        let (lp, _) = model.token_logprobs_where(&self.tree, &opts, Some(&wanted))?;
+        Ok(lp.detach().to_vec1::<f32>()?)
     }
 
     /// Scores the batch with `expert`'s whole next-token distribution (at `temperature`) at
