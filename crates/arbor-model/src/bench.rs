@@ -214,6 +214,68 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// The progress bar on stderr over all `steps` of the benchmark.
+fn progress_bar(steps: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(steps),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// What one mode of one case measured.
+struct ModeTiming {
+    /// Wall time of each timed (post-warm-up) step.
+    times: Vec<f64>,
+    /// CPU seconds per timed step, when the platform reports process CPU time.
+    cpu: Option<f64>,
+    /// Loss of the first step (the same initial weights in both modes, so these must agree).
+    first_loss: f32,
+}
+
+/// Trains a fresh model (the seed's initial weights) for `warmup + steps` optimiser steps over
+/// `batches`, timing the steps after the warm-up.
+fn time_mode(
+    opts: &TreeBenchOptions,
+    batches: &[(TreeBatch, Vec<f32>)],
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<ModeTiming> {
+    // Same initial weights in both modes: the first losses must agree.
+    let model = Qwen3Model::new(opts.model.clone(), opts.seed)?;
+    let mut opt = AdamWTrainer::new(model.vars(), opts.lr, 0.0)?;
+    let mut times = Vec::new();
+    let mut first_loss = 0f32;
+    let mut cpu0 = None;
+    for s in 0..opts.warmup + opts.steps {
+        if s == opts.warmup {
+            cpu0 = process_cpu_seconds();
+        }
+        let t0 = Instant::now();
+        let loss = train_step(&model, &mut opt, batches)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if s == 0 {
+            first_loss = loss;
+        }
+        if s >= opts.warmup {
+            times.push(dt);
+        }
+        bar.inc(1);
+    }
+    let cpu = match (cpu0, process_cpu_seconds()) {
+        (Some(a), Some(b)) => Some((b - a) / opts.steps as f64),
+        _ => None,
+    };
+    Ok(ModeTiming {
+        times,
+        cpu,
+        first_loss,
+    })
+}
+
 /// Runs the benchmark and returns `{"results": [...], "options": {...}}`, one result per (shape,
 /// POR): `por` (realised), `flat_tokens`, `unique_tokens`, `ideal_speedup`, `measured_speedup`
 /// (median linear step time / median tree step time, full training step), `efficiency`
@@ -228,14 +290,7 @@ pub fn tree_bench(opts: TreeBenchOptions) -> anyhow::Result<serde_json::Value> {
         .iter()
         .flat_map(|&s| opts.pors.iter().map(move |&p| (s, p)))
         .collect();
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some((cases.len() * 2 * (opts.steps + opts.warmup)) as u64),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {elapsed}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar((cases.len() * 2 * (opts.steps + opts.warmup)) as u64);
     for (shape, target) in cases {
         let seqs = sequences_for(&opts, shape, target)?;
         let tree = TrajectoryTree::from_sequences(&seqs)?;
@@ -266,27 +321,11 @@ pub fn tree_bench(opts: TreeBenchOptions) -> anyhow::Result<serde_json::Value> {
                 stats.por,
                 if mode == 0 { "linear" } else { "tree" }
             ));
-            // Same initial weights in both modes: the first losses must agree.
-            let model = Qwen3Model::new(opts.model.clone(), opts.seed)?;
-            let mut opt = AdamWTrainer::new(model.vars(), opts.lr, 0.0)?;
-            let mut cpu0 = None;
-            for s in 0..opts.warmup + opts.steps {
-                if s == opts.warmup {
-                    cpu0 = process_cpu_seconds();
-                }
-                let t0 = Instant::now();
-                let loss = train_step(&model, &mut opt, batches)?;
-                let dt = t0.elapsed().as_secs_f64();
-                if s == 0 {
-                    first_loss[mode] = loss;
-                }
-                if s >= opts.warmup {
-                    times[mode].push(dt);
-                }
-                bar.inc(1);
-            }
-            if let (Some(a), Some(b)) = (cpu0, process_cpu_seconds()) {
-                cpu[mode] = (b - a) / opts.steps as f64;
+            let timing = time_mode(&opts, batches, &bar)?;
+            times[mode] = timing.times;
+            first_loss[mode] = timing.first_loss;
+            if let Some(c) = timing.cpu {
+                cpu[mode] = c;
             }
         }
         let lin_t = median(&mut times[0]);

@@ -1,8 +1,10 @@
-//! Autoregressive sampling with a KV cache, returning each sampled token's log-probability.
+//! Autoregressive sampling with a KV cache, returning each sampled token's log-probability; each
+//! token is drawn by [`crate::sample::sample`].
 
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{SeedableRng, rngs::StdRng};
 
 use crate::model::{KvCache, Qwen3Model};
+use crate::sample::sample;
 use crate::{ModelError, Result};
 
 /// How to sample.
@@ -51,7 +53,7 @@ impl Qwen3Model {
         let mut tokens = Vec::new();
         let mut logprobs = Vec::new();
         for step in 0..params.max_new_tokens {
-            let (tok, lp) = sample(&logits, params, &mut rng);
+            let (tok, lp) = sample(&logits, params.temperature, params.top_k, &mut rng);
             tokens.push(tok);
             logprobs.push(lp);
             if params.stop_tokens.contains(&tok) || step + 1 == params.max_new_tokens {
@@ -61,45 +63,4 @@ impl Qwen3Model {
         }
         Ok((tokens, logprobs))
     }
-}
-
-/// Picks a token from `logits`; returns it with its log-probability under the sampling
-/// distribution.
-fn sample(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> (u32, f32) {
-    let greedy = params.temperature <= 0.0;
-    let temp = if greedy { 1.0 } else { params.temperature };
-    let mut z: Vec<f32> = logits.iter().map(|x| x / temp).collect();
-    if let Some(k) = params.top_k
-        && k > 0
-        && k < z.len()
-    {
-        let mut sorted = z.clone();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        let thr = sorted[k - 1];
-        for x in z.iter_mut() {
-            if *x < thr {
-                *x = f32::NEG_INFINITY;
-            }
-        }
-    }
-    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
-    let tok = if greedy {
-        z.iter()
-            .enumerate()
-            .fold(0, |best, (i, x)| if *x > z[best] { i } else { best })
-    } else {
-        let u: f32 = rng.r#gen::<f32>();
-        let mut acc = 0f32;
-        let mut pick = z.len() - 1;
-        for (i, x) in z.iter().enumerate() {
-            acc += (x - lse).exp();
-            if u < acc {
-                pick = i;
-                break;
-            }
-        }
-        pick
-    };
-    (tok as u32, z[tok] - lse)
 }

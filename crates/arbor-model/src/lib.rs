@@ -9,13 +9,15 @@
 //!
 //! Modules: [`config`] (Hugging Face `config.json`), [`model`] (weights, forward, save/load),
 //! [`ops`] (custom ops with backward), [`train`] (losses and AdamW step), [`generate`] (KV-cache
-//! sampling with logprobs), [`bench`] (the linear-vs-tree training benchmark).
+//! sampling with logprobs), [`sample`] (drawing one token from logits), [`bench`] (the
+//! linear-vs-tree training benchmark).
 
 pub mod bench;
 pub mod config;
 pub mod generate;
 pub mod model;
 pub mod ops;
+pub mod sample;
 pub mod train;
 
 pub use config::Qwen3Config;

@@ -8,8 +8,8 @@
 use arbor_gateway::tokenize::byte_chat::{BYTE_VOCAB, END_MARKER};
 use arbor_model::Qwen3Model;
 use arbor_model::model::KvCache;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 /// How to sample one completion.
 #[derive(Debug, Clone)]
@@ -114,33 +114,11 @@ pub fn generate(
     }
 }
 
-/// Draws a byte id from the first 256 logits; returns it with its log-probability under the
-/// sampling distribution.
+/// Draws a byte id: the shared sampler ([`arbor_model::sample::sample`], no top-k) over the first
+/// 256 logits only; returns it with its log-probability under the sampling distribution.
 fn sample(logits: &[f32], temperature: f32, rng: &mut StdRng) -> (u32, f32) {
-    let logits = &logits[..logits.len().min(BYTE_VOCAB)];
-    let greedy = temperature <= 0.0;
-    let t = if greedy { 1.0 } else { temperature };
-    let z: Vec<f32> = logits.iter().map(|x| x / t).collect();
-    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
-    let tok = if greedy {
-        z.iter()
-            .enumerate()
-            .fold(0, |best, (i, x)| if *x > z[best] { i } else { best })
-    } else {
-        let u: f32 = rng.r#gen::<f32>();
-        let mut acc = 0f32;
-        let mut pick = z.len() - 1;
-        for (i, x) in z.iter().enumerate() {
-            acc += (x - lse).exp();
-            if u < acc {
-                pick = i;
-                break;
-            }
-        }
-        pick
-    };
-    (tok as u32, z[tok] - lse)
+    let bytes = &logits[..logits.len().min(BYTE_VOCAB)];
+    arbor_model::sample::sample(bytes, temperature, None, rng)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use candle::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, ba
 use rayon::prelude::*;
 
 use super::simd;
+use crate::sample::logsumexp;
 
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
@@ -255,12 +256,6 @@ pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     })
 }
 
-fn row_logsumexp(r: &[f32]) -> f32 {
-    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = r.iter().map(|x| (x - m).exp()).sum();
-    m + s.ln()
-}
-
 impl CustomOp1 for TokenLogprobs {
     fn name(&self) -> &'static str {
         "arbor-token-logprobs"
@@ -283,7 +278,7 @@ impl CustomOp1 for TokenLogprobs {
             .zip(x.par_chunks(v))
             .zip(self.targets.par_iter())
             .for_each(|((o, r), &t)| {
-                *o = r[t as usize] - row_logsumexp(r);
+                *o = r[t as usize] - logsumexp(r);
             });
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -300,7 +295,7 @@ impl CustomOp1 for TokenLogprobs {
                 if gi == 0.0 {
                     return;
                 }
-                let lse = row_logsumexp(r);
+                let lse = logsumexp(r);
                 for (o, xi) in dr.iter_mut().zip(r) {
                     *o = -gi * (xi - lse).exp();
                 }

@@ -3,7 +3,6 @@
 pub mod fused;
 mod simd;
 pub mod tree_attention;
-mod tree_attention_gemm;
 
 pub use fused::{RopeTables, rms_norm, rope, swiglu, token_logprobs};
 pub use tree_attention::{TreeMask, tree_attention, tree_attention_reference};

@@ -1,7 +1,7 @@
-//! Blocked tree-attention kernels on top of `gemm`: a block of consecutive queries of one DFS run
-//! shares every ancestor run, so scores, probabilities and gradients of a (query block, key
-//! chunk) pair are small dense matrix products (flash-attention style), and only the block that
-//! contains the queries themselves needs a causal mask.
+//! The production tree-attention kernels, blocked on top of `gemm`: a block of consecutive
+//! queries of one DFS run shares every ancestor run, so scores, probabilities and gradients of a
+//! (query block, key chunk) pair are small dense matrix products (flash-attention style), and
+//! only the block that contains the queries themselves needs a causal mask.
 
 // Kernels index several parallel per-lane arrays by the same lane index.
 #![allow(clippy::needless_range_loop)]
@@ -9,8 +9,8 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::simd;
-use super::tree_attention::TreeMask;
+use super::mask::TreeMask;
+use crate::ops::simd;
 
 /// Queries per block.
 const BQ: usize = 32;
@@ -149,7 +149,7 @@ pub(crate) fn forward(
                     acc[..nb * d].iter_mut().for_each(|x| *x = 0.0);
                     let mut m = [f32::NEG_INFINITY; BQ];
                     let mut l = [0f32; BQ];
-                    mask.for_each_run_pub(i_last, |rs, re| {
+                    mask.for_each_run(i_last, |rs, re| {
                         let own = re == i_last;
                         let mut j0 = rs;
                         while j0 <= re {
@@ -266,7 +266,7 @@ pub(crate) fn backward(
                         let qb = View::rows(&qh[i0 * d..(i0 + nb) * d], d);
                         let dob = View::rows(&doh[i0 * d..(i0 + nb) * d], d);
                         let dqb = &mut dqh[i0 * d..(i0 + nb) * d];
-                        mask.for_each_run_pub(i_last, |rs, re| {
+                        mask.for_each_run(i_last, |rs, re| {
                             let own = re == i_last;
                             let mut j0 = rs;
                             while j0 <= re {
