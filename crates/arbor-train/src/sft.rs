@@ -2,11 +2,14 @@
 //! scripted-oracle policy's rollouts), trained as trees with the loss on model-generated tokens
 //! only.
 //!
+//! Each section below is a submodule: `data` (Data), `step` (Training), `output` (Output and
+//! Resume); this file holds the settings, the report and [`train_sessions`], which runs them.
+//!
 //! # Data
 //!
 //! Each run directory (`arbor run --out RUN`) holds `RUN/results.jsonl` (one rollout result per
-//! line) and `RUN/gateway/calls.jsonl` (every model call as token ids). [`load_sessions`] keeps
-//! the rollouts whose status is in [`SftConfig::statuses`] (default: `passed` only) and whose
+//! line) and `RUN/gateway/calls.jsonl` (every model call as token ids), read together with
+//! `arbor_trace::read_run`. [`load_sessions`] keeps the rollouts whose status is in [`SftConfig::statuses`] (default: `passed` only) and whose
 //! domain passes [`SftConfig::domains`], and takes each kept rollout's gateway session as
 //! `arbor_tree::Sequence`s (one per call: prompt tokens without loss, completion tokens with
 //! loss). Sequence and session ids are prefixed with the run's index (`r0/...`) because session
