@@ -40,28 +40,9 @@ pub enum GatewayError {
     StoreClosed,
 }
 
-/// Which caller-facing API a request came in on; decides the error shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Api {
-    /// OpenAI Chat Completions (`/v1/chat/completions`).
-    Chat,
-    /// Anthropic Messages (`/v1/messages`).
-    Messages,
-    /// OpenAI Responses (`/v1/responses`).
-    Responses,
-}
-
-impl Api {
-    /// Short name used in metrics labels and records.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Api::Chat => "chat",
-            Api::Messages => "messages",
-            Api::Responses => "responses",
-        }
-    }
-}
+/// Which caller-facing API a request came in on; decides the error shape (recorded with each
+/// call, so defined with the record format).
+pub use arbor_trace::record::Api;
 
 /// Kind of an error answered to a caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,6 @@ pub mod chat;
 pub mod cli;
 pub mod error;
 pub mod metrics;
-pub mod record;
 pub mod recorder;
 pub mod responses;
 pub mod server;
@@ -25,8 +24,13 @@ pub mod sse;
 pub mod standin;
 pub mod store;
 pub mod tokenize;
-pub mod tree;
 pub mod upstream;
+
+// The record format, its session-to-sequence conversion and the byte chat format live in
+// `arbor-trace` (no crate that only reads recorded data needs the gateway); these are their
+// paths here.
+pub use arbor_trace::record;
+pub use arbor_trace::session as tree;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -19,7 +19,7 @@ use crate::error::GatewayError;
 use crate::record::CallRecord;
 
 /// File name of the log inside the store directory.
-pub const LOG_FILE: &str = "calls.jsonl";
+pub use arbor_trace::store::LOG_FILE;
 
 /// Largest batch the writer commits with one fsync.
 const MAX_BATCH: usize = 4096;

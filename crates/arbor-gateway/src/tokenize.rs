@@ -2,7 +2,7 @@
 //! Hugging Face `transformers`' `apply_chat_template` renders it; [`byte_chat`] is arbor's own
 //! byte-level format (scripted oracle, embedded policy).
 
-pub mod byte_chat;
+pub use arbor_trace::byte_chat;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! every scaffold (white-box or black-box) runs against it unchanged.
 //!
 //! - Tokenization is the byte-level chat format of
-//!   [`arbor_gateway::tokenize::byte_chat`], the one the scripted oracle speaks, so recorded
+//!   [`arbor_trace::byte_chat`], the one the scripted oracle speaks, so recorded
 //!   oracle trajectories are supervised data for this model token for token.
 //! - Replies carry `prompt_token_ids`, per-choice `token_ids` and `logprobs.content` (the
 //!   behaviour log-probabilities), vLLM style, which the gateway records.
@@ -30,8 +30,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use arbor_gateway::tokenize::byte_chat::BYTE_VOCAB;
 use arbor_model::{Qwen3Config, Qwen3Model};
+use arbor_trace::byte_chat::BYTE_VOCAB;
 
 pub use sample::{Finish, Sampling};
 

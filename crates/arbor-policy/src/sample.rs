@@ -5,9 +5,9 @@
 //! text. This loop samples over the byte ids only, stops when the text ends with the marker, and
 //! reports each token as it is drawn (streaming, cancellation).
 
-use arbor_gateway::tokenize::byte_chat::{BYTE_VOCAB, END_MARKER};
 use arbor_model::Qwen3Model;
 use arbor_model::model::KvCache;
+use arbor_trace::byte_chat::{BYTE_VOCAB, END_MARKER};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use arbor_gateway::tokenize::byte_chat::{self, parse_completion, token_name};
+use arbor_trace::byte_chat::{self, parse_completion, token_name};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;

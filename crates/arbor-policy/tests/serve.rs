@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
-use arbor_gateway::tokenize::byte_chat;
 use arbor_gateway::{CallRecord, GatewayConfig, RunningGateway};
 use arbor_model::{ForwardOptions, Qwen3Config, Qwen3Model, TreeBatch};
 use arbor_policy::{EmbeddedPolicy, PolicyOptions, VERSION_HEADER};
+use arbor_trace::byte_chat;
 use serde_json::{Value, json};
 
 fn tiny(seed: u64) -> Result<Qwen3Model> {

@@ -3,10 +3,10 @@
 //! real tool call (parsed into OpenAI `tool_calls`, plain and streamed).
 
 use anyhow::{Context, Result, ensure};
-use arbor_gateway::tokenize::byte_chat;
 use arbor_model::train::{AdamWTrainer, weighted_nll};
 use arbor_model::{ForwardOptions, Qwen3Config, Qwen3Model, TreeBatch};
 use arbor_policy::{EmbeddedPolicy, PolicyOptions};
+use arbor_trace::byte_chat;
 use serde_json::{Value, json};
 
 #[tokio::test]

@@ -2,13 +2,13 @@
 //! settings, run into a directory, and read back as scored episodes with their token-level
 //! calls.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use arbor_rollout::experiment::{DatasetSpec, PolicySpec, ScaffoldSpec, Timeouts};
-use arbor_rollout::record::Status;
+use arbor_rollout::record::{RolloutResult, Status};
 use arbor_rollout::runner::ProgressFn;
 use arbor_rollout::{Experiment, RunOptions, Summary};
+use arbor_trace::RunRollout;
 use arbor_tree::Sequence;
 
 use crate::config::RolloutSpec;
@@ -188,34 +188,21 @@ pub struct Episode {
     pub sequences: Vec<Sequence>,
 }
 
-/// Reads a run directory's results and calls. Episodes whose session recorded no call keep an
-/// empty `sequences` (they still count in the group statistics).
+/// Reads a run directory's results and calls (`arbor_trace::read_run`, results sorted by
+/// session id). Episodes whose session recorded no call keep an empty `sequences` (they still
+/// count in the group statistics).
 pub fn load_episodes(run: &Path, prefix: &str) -> Result<Vec<Episode>> {
-    let loaded = arbor_rollout::store::load_results(&run.join("results.jsonl"), false)
+    let found = arbor_trace::read_run(run, prefix, |r: &RolloutResult| &r.session, |_| true)
         .map_err(|e| RecipeError::Rollout(format!("{}: {e}", run.display())))?;
-    let gateway = run.join("gateway");
-    let seqs = if gateway.join("calls.jsonl").is_file() {
-        arbor_gateway::tree::store_sequences(&gateway)
-            .map_err(|e| RecipeError::Rollout(format!("{}: {e}", gateway.display())))?
-    } else {
-        Vec::new()
-    };
-    let mut by_session: HashMap<String, Vec<Sequence>> = HashMap::new();
-    for s in seqs {
-        if let Some(g) = s.group.clone() {
-            by_session.entry(g).or_default().push(s);
-        }
-    }
     let mut out = Vec::new();
-    let mut results = loaded.results;
-    // Completion order is not reproducible; session ids are.
-    results.sort_by(|a, b| a.session.cmp(&b.session));
-    for r in results {
-        let mut sequences = by_session.remove(&r.session).unwrap_or_default();
+    for RunRollout {
+        result: r,
+        sequences,
+    } in found.rollouts
+    {
+        let mut sequences = sequences.unwrap_or_default();
         sequences.sort_by(|a, b| a.id.cmp(&b.id));
         for s in &mut sequences {
-            s.id = format!("{prefix}{}", s.id);
-            s.group = Some(format!("{prefix}{}", r.session));
             s.reward = Some(r.reward);
         }
         out.push(Episode {

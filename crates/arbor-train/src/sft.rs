@@ -2,11 +2,14 @@
 //! scripted-oracle policy's rollouts), trained as trees with the loss on model-generated tokens
 //! only.
 //!
+//! Each section below is a submodule: `data` (Data), `step` (Training), `output` (Output and
+//! Resume); this file holds the settings, the report and [`train_sessions`], which runs them.
+//!
 //! # Data
 //!
 //! Each run directory (`arbor run --out RUN`) holds `RUN/results.jsonl` (one rollout result per
-//! line) and `RUN/gateway/calls.jsonl` (every model call as token ids). [`load_sessions`] keeps
-//! the rollouts whose status is in [`SftConfig::statuses`] (default: `passed` only) and whose
+//! line) and `RUN/gateway/calls.jsonl` (every model call as token ids), read together with
+//! `arbor_trace::read_run`. [`load_sessions`] keeps the rollouts whose status is in [`SftConfig::statuses`] (default: `passed` only) and whose
 //! domain passes [`SftConfig::domains`], and takes each kept rollout's gateway session as
 //! `arbor_tree::Sequence`s (one per call: prompt tokens without loss, completion tokens with
 //! loss). Sequence and session ids are prefixed with the run's index (`r0/...`) because session
@@ -47,20 +50,24 @@
 //!   so the continued run is close to, not bit-identical with, an uninterrupted one.
 //! - otherwise training starts from `init` and any old log is discarded.
 
-use std::io::Write;
+mod data;
+mod output;
+mod step;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use arbor_model::{AuxStats, Qwen3Config, Qwen3Model};
-use arbor_tree::{LossNormalization, Pack, PackOptions, Sequence, TrajectoryTree, pack_tree};
-use candle::Tensor;
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
+use arbor_model::{Qwen3Config, Qwen3Model};
+use arbor_tree::LossNormalization;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint;
-use crate::rl::sft_loss_on;
+pub use data::{SftData, SftSession, load_sessions, split_sessions};
+pub use output::read_log;
+pub use step::{lr_at, packs_loss, sequences_loss};
+
 use crate::{Result, TrainError};
+use output::{StageDir, Start};
+use step::Plan;
 
 /// File names inside the output directory.
 pub const LOG_FILE: &str = "sft_log.jsonl";
@@ -193,136 +200,8 @@ pub fn tiny_moe_byte_config() -> Qwen3Config {
     tiny_byte_config().with_moe(4, 2, 64)
 }
 
-/// One kept rollout's recorded session.
-#[derive(Debug, Clone)]
-pub struct SftSession {
-    /// Index of the run directory in the `runs` list.
-    pub run: usize,
-    /// Gateway session id (unprefixed).
-    pub session: String,
-    /// Task id, scaffold and domain of the rollout.
-    pub task_id: String,
-    /// Scaffold name.
-    pub scaffold: String,
-    /// Task domain.
-    pub domain: String,
-    /// One sequence per call (ids and group prefixed `r{run}/`).
-    pub sequences: Vec<Sequence>,
-}
-
-/// What [`load_sessions`] found.
-#[derive(Debug, Clone, Default)]
-pub struct SftData {
-    /// Kept sessions, in run then session-id order.
-    pub sessions: Vec<SftSession>,
-    /// Results filtered out by status or domain.
-    pub filtered: usize,
-    /// Kept results whose session has no token-level call in the gateway store.
-    pub missing: usize,
-}
-
-/// The fields of a `results.jsonl` line this stage needs (the record is owned by
-/// `arbor-rollout`; reading only these keeps this crate free of the rollout stack).
-#[derive(Deserialize)]
-struct ResultLine {
-    task_id: String,
-    scaffold: String,
-    #[serde(default)]
-    domain: String,
-    status: String,
-    session: String,
-}
-
 fn io(path: &Path, e: std::io::Error) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
-}
-
-/// Gathers the sessions of the kept rollouts of every run directory.
-pub fn load_sessions(runs: &[PathBuf], cfg: &SftConfig) -> Result<SftData> {
-    let mut data = SftData::default();
-    for (r, run) in runs.iter().enumerate() {
-        let results_path = run.join("results.jsonl");
-        let text = std::fs::read_to_string(&results_path).map_err(|e| io(&results_path, e))?;
-        let mut kept = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let res: ResultLine = match serde_json::from_str(line) {
-                Ok(r) => r,
-                Err(e) => {
-                    // A torn last line from a killed run; anything else is a real error.
-                    if n + 1 == text.lines().count() {
-                        tracing::warn!("{}: skipping torn last line", results_path.display());
-                        continue;
-                    }
-                    return Err(TrainError::Input(format!(
-                        "{}:{}: {e}",
-                        results_path.display(),
-                        n + 1
-                    )));
-                }
-            };
-            let status_ok = cfg.statuses.contains(&res.status);
-            let domain_ok = cfg.domains.as_ref().is_none_or(|d| d.contains(&res.domain));
-            if status_ok && domain_ok {
-                kept.push(res);
-            } else {
-                data.filtered += 1;
-            }
-        }
-        let gateway = run.join("gateway");
-        let seqs = arbor_gateway::tree::store_sequences(&gateway)
-            .map_err(|e| TrainError::Input(format!("{}: {e}", gateway.display())))?;
-        let mut by_session: std::collections::HashMap<String, Vec<Sequence>> =
-            std::collections::HashMap::new();
-        for s in seqs {
-            if let Some(g) = s.group.clone() {
-                by_session.entry(g).or_default().push(s);
-            }
-        }
-        // Results are in completion order, which varies between runs; session ids do not, so
-        // the same run directory always gives the same data order (and the same SFT run).
-        kept.sort_by(|a, b| a.session.cmp(&b.session));
-        for res in kept {
-            let Some(mut seqs) = by_session.remove(&res.session) else {
-                data.missing += 1;
-                tracing::warn!(session = %res.session, "kept rollout has no recorded calls");
-                continue;
-            };
-            for s in &mut seqs {
-                s.id = format!("r{r}/{}", s.id);
-                s.group = Some(format!("r{r}/{}", res.session));
-            }
-            data.sessions.push(SftSession {
-                run: r,
-                session: res.session,
-                task_id: res.task_id,
-                scaffold: res.scaffold,
-                domain: res.domain,
-                sequences: seqs,
-            });
-        }
-    }
-    Ok(data)
-}
-
-/// Splits session indices into (train, held-out), deterministically from `cfg.seed`.
-pub fn split_sessions(n: usize, cfg: &SftConfig) -> (Vec<usize>, Vec<usize>) {
-    let mut idx: Vec<usize> = (0..n).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x5eed_e7a1);
-    idx.shuffle(&mut rng);
-    let mut n_eval = if n >= 2 && cfg.eval_fraction > 0.0 {
-        ((n as f64 * cfg.eval_fraction).round() as usize).max(1)
-    } else {
-        0
-    };
-    n_eval = n_eval.min(cfg.max_eval_sessions).min(n.saturating_sub(1));
-    let mut eval: Vec<usize> = idx[..n_eval].to_vec();
-    let mut train: Vec<usize> = idx[n_eval..].to_vec();
-    eval.sort_unstable();
-    train.sort_unstable();
-    (train, eval)
 }
 
 /// One line of `sft_log.jsonl`.
@@ -437,152 +316,6 @@ pub enum SftEvent<'a> {
     AlreadyFinished,
 }
 
-/// Trainer state stored with the periodic checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SftState {
-    step: usize,
-    fingerprint: String,
-    eval_loss_before: Option<f64>,
-}
-
-/// FNV-1a: a hash that is stable across builds (the std hasher is not).
-fn fnv(bytes: &[u8], mut h: u64) -> u64 {
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
-fn fingerprint(cfg: &SftConfig, init: &str, sessions: &[SftSession]) -> Result<String> {
-    // Checkpoint cadence does not change the trained model; leave it out so it can change on
-    // resume.
-    let mut c = cfg.clone();
-    c.save_every = 0;
-    c.eval_every = 0;
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    h = fnv(
-        &serde_json::to_vec(&c).map_err(|e| TrainError::Input(e.to_string()))?,
-        h,
-    );
-    h = fnv(init.as_bytes(), h);
-    for s in sessions {
-        for q in &s.sequences {
-            h = fnv(q.id.as_bytes(), h);
-            for t in &q.tokens {
-                h = fnv(&t.to_le_bytes(), h);
-            }
-            for &m in &q.loss_mask {
-                h = fnv(&[m as u8], h);
-            }
-        }
-    }
-    Ok(format!("{h:016x}"))
-}
-
-/// Packs of the forest of `sessions` under `budget`.
-fn packs_of(sessions: &[&SftSession], budget: usize) -> Result<(TrajectoryTree, Vec<Pack>)> {
-    let seqs: Vec<Sequence> = sessions
-        .iter()
-        .flat_map(|s| s.sequences.iter().cloned())
-        .collect();
-    let tree = TrajectoryTree::from_sequences(&seqs)
-        .map_err(|e| TrainError::Input(format!("trajectory tree: {e}")))?;
-    let (_, packs) = pack_tree(&tree, &PackOptions::new(budget))
-        .map_err(|e| TrainError::Input(format!("packing: {e}")))?;
-    Ok((tree, packs))
-}
-
-/// Mean NLL of the generated tokens of `packs` (packed from one tree with its global
-/// normalizer, so the packs' weighted losses add up to the whole token mean). `None` when there
-/// is nothing to score.
-pub fn packs_loss(model: &Qwen3Model, packs: &[Pack]) -> Result<Option<f64>> {
-    let mut total = 0.0f64;
-    let mut any = false;
-    for p in packs {
-        if p.loss_weight.iter().all(|&w| w == 0.0) {
-            continue;
-        }
-        let (loss, _) = sft_loss_on(model, &p.flat, &p.loss_weight)?;
-        total += loss.to_scalar::<f32>()? as f64;
-        any = true;
-    }
-    Ok(any.then_some(total))
-}
-
-/// Mean NLL (token mean over every sequence's `loss_mask` tokens) of `seqs` under `model`,
-/// computed as a tree packed under `budget`: the held-out metric, public so callers can score a
-/// checkpoint on any sequences.
-pub fn sequences_loss(model: &Qwen3Model, seqs: &[Sequence], budget: usize) -> Result<Option<f64>> {
-    let tree = TrajectoryTree::from_sequences(seqs)
-        .map_err(|e| TrainError::Input(format!("trajectory tree: {e}")))?;
-    let (_, packs) = pack_tree(&tree, &PackOptions::new(budget))
-        .map_err(|e| TrainError::Input(format!("packing: {e}")))?;
-    packs_loss(model, &packs)
-}
-
-/// Learning rate of 0-based step `s` of `total`: linear warm-up, then cosine to the floor.
-pub fn lr_at(cfg: &SftConfig, s: usize, total: usize) -> f64 {
-    if cfg.warmup_steps > 0 && s < cfg.warmup_steps {
-        return cfg.lr * (s + 1) as f64 / cfg.warmup_steps as f64;
-    }
-    let span = total.saturating_sub(cfg.warmup_steps).max(1) as f64;
-    let x = ((s.saturating_sub(cfg.warmup_steps)) as f64 / span).min(1.0);
-    let floor = cfg.lr * cfg.min_lr_ratio;
-    floor + (cfg.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * x).cos())
-}
-
-/// The packs of 0-based step `s`: epoch `e` visits the packs in a permutation seeded by
-/// `(seed, e)`, so the order is the same after a resume.
-fn step_packs(cfg: &SftConfig, n_packs: usize, s: usize) -> (usize, Vec<usize>) {
-    let per = cfg.packs_per_step.max(1);
-    let steps_per_epoch = n_packs.div_ceil(per).max(1);
-    let epoch = s / steps_per_epoch;
-    let k = s % steps_per_epoch;
-    let mut order: Vec<usize> = (0..n_packs).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(
-        cfg.seed
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .wrapping_add(epoch as u64),
-    );
-    order.shuffle(&mut rng);
-    let end = ((k + 1) * per).min(n_packs);
-    (epoch, order[k * per..end].to_vec())
-}
-
-/// Reads `sft_log.jsonl` (unparsable lines, e.g. a torn last line, are skipped).
-pub fn read_log(path: &Path) -> Vec<SftStepLog> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn write_log(path: &Path, lines: &[SftStepLog]) -> Result<()> {
-    let mut buf = Vec::new();
-    for l in lines {
-        serde_json::to_writer(&mut buf, l).map_err(|e| TrainError::Input(e.to_string()))?;
-        buf.push(b'\n');
-    }
-    checkpoint::write_atomic(path, &buf)
-}
-
-/// Moves the model files of `from` into `to` (each rename is atomic; the report written after
-/// them marks the stage complete).
-fn install_final(model: &Qwen3Model, out: &Path) -> Result<()> {
-    let tmp = out.join(".final.tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    }
-    model.save(&tmp)?;
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::rename(tmp.join(f), out.join(f)).map_err(|e| io(&out.join(f), e))?;
-    }
-    std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))
-}
-
 /// Runs the SFT stage (see the module docs for data, training, output and resume).
 pub fn train_sft(
     init: &SftInit,
@@ -613,239 +346,126 @@ pub fn train_sessions(
     }
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     let init_label = init.label();
-    let fp = fingerprint(cfg, &init_label, &data.sessions)?;
-
-    let report_path = out.join(REPORT_FILE);
-    if report_path.is_file() {
-        let text = std::fs::read_to_string(&report_path).map_err(|e| io(&report_path, e))?;
-        let mut rep: SftReport = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Input(format!("{}: {e}", report_path.display())))?;
-        if rep.fingerprint != fp {
-            return Err(TrainError::Input(format!(
-                "{} holds a finished SFT stage with another config or data (fingerprint {} != {fp}); use another output directory",
-                out.display(),
-                rep.fingerprint
-            )));
-        }
+    let fp = output::fingerprint(cfg, &init_label, &data.sessions)?;
+    if let Some(rep) = output::finished_report(out, &fp)? {
         progress(SftEvent::AlreadyFinished);
-        rep.resumed = "finished".into();
         return Ok(rep);
     }
-
-    let (train_idx, eval_idx) = split_sessions(data.sessions.len(), cfg);
-    if train_idx.is_empty() {
-        return Err(TrainError::Input(format!(
-            "no training sessions: {} kept, {} filtered out by status {:?} / domains {:?}, {} without calls",
-            data.sessions.len(),
-            data.filtered,
-            cfg.statuses,
-            cfg.domains,
-            data.missing
-        )));
-    }
-    let train: Vec<&SftSession> = train_idx.iter().map(|&i| &data.sessions[i]).collect();
-    let eval: Vec<&SftSession> = eval_idx.iter().map(|&i| &data.sessions[i]).collect();
-    let (tree, packs) = packs_of(&train, cfg.max_tokens_per_pack)?;
-    let eval_packs = if eval.is_empty() {
-        Vec::new()
-    } else {
-        packs_of(&eval, cfg.max_tokens_per_pack)?.1
-    };
-    let per = cfg.packs_per_step.max(1);
-    let steps_per_epoch = packs.len().div_ceil(per).max(1);
-    let total_steps = cfg
-        .steps
-        .unwrap_or_else(|| ((cfg.epochs * steps_per_epoch as f64).ceil() as usize).max(1));
-
-    // Resume from the periodic checkpoint, or start fresh.
-    let ckpt_dir = out.join(CHECKPOINT_DIR);
-    let log_path = out.join(LOG_FILE);
-    let (model, start_step, mut eval_before, resumed) =
-        match checkpoint::load_latest::<SftState>(&ckpt_dir)? {
-            Some((m, st)) if st.fingerprint == fp => {
-                (m, st.step, st.eval_loss_before, "checkpoint")
-            }
-            Some((_, st)) => {
-                return Err(TrainError::ForeignCheckpoint {
-                    dir: ckpt_dir.clone(),
-                    found: st.fingerprint.to_string(),
-                    expected: fp.to_string(),
-                });
-            }
-            None => (init.build()?, 0, None, "fresh"),
-        };
-    let mut log: Vec<SftStepLog> = read_log(&log_path)
-        .into_iter()
-        .filter(|l| l.step <= start_step)
-        .collect();
-    write_log(&log_path, &log)?;
+    let plan = Plan::new(&data, cfg)?;
+    let (mut dir, start) = StageDir::open(out, init, &fp)?;
     tracing::info!(
-        resumed,
-        start_step,
-        total_steps,
-        train = train.len(),
-        eval = eval.len(),
-        packs = packs.len(),
-        unique = tree.unique_tokens(),
-        flat = tree.flat_tokens(),
+        resumed = start.resumed,
+        start_step = start.step,
+        total_steps = plan.total_steps,
+        train = plan.train,
+        eval = plan.eval,
+        packs = plan.packs.len(),
+        unique = plan.tree.unique_tokens(),
+        flat = plan.tree.flat_tokens(),
         "sft"
     );
     progress(SftEvent::Start {
-        total_steps,
-        start_step,
-        train_sessions: train.len(),
-        eval_sessions: eval.len(),
-        packs: packs.len(),
+        total_steps: plan.total_steps,
+        start_step: start.step,
+        train_sessions: plan.train,
+        eval_sessions: plan.eval,
+        packs: plan.packs.len(),
     });
-
-    if start_step == 0 {
-        eval_before = packs_loss(&model, &eval_packs)?;
+    let model = &start.model;
+    let mut eval_before = start.eval_before;
+    if start.step == 0 {
+        eval_before = packs_loss(model, &plan.eval_packs)?;
         if let Some(l) = eval_before {
             progress(SftEvent::Eval { step: 0, loss: l });
         }
     }
-
-    let mut opt = arbor_model::train::AdamWTrainer::new(model.vars(), cfg.lr, cfg.weight_decay)?;
-    let mut logf = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&log_path)
-        .map_err(|e| io(&log_path, e))?;
-    for s in start_step..total_steps {
-        let t0 = Instant::now();
-        let lr = lr_at(cfg, s, total_steps);
-        opt.params_mut().lr = lr;
-        let (epoch, chosen) = step_packs(cfg, packs.len(), s);
-        let step_norm = chosen
-            .iter()
-            .map(|&i| packs[i].flat.normalizer())
-            .fold(arbor_tree::Normalizer::default(), |a, b| a.merge(b));
-        let (mut total, mut aux) = (None::<Tensor>, AuxStats::default());
-        let (mut tokens, mut flat_tokens, mut paths) = (0u64, 0u64, 0u64);
-        for &i in &chosen {
-            let flat = &packs[i].flat;
-            let w: Vec<f32> = flat
-                .loss_weights_with(cfg.normalization, &step_norm)
-                .into_iter()
-                .map(|x| x as f32)
-                .collect();
-            tokens += flat.input_ids.len() as u64;
-            flat_tokens += flat.paths.iter().map(|p| p.len as u64).sum::<u64>();
-            paths += flat.paths.len() as u64;
-            if w.iter().all(|&x| x == 0.0) {
-                continue;
-            }
-            let (l, a) = sft_loss_on(&model, flat, &w)?;
-            aux.merge(a)?;
-            total = Some(match total {
-                None => l,
-                Some(t) => (t + l)?,
-            });
-        }
-        let Some(nll) = total else {
-            tracing::warn!(step = s + 1, "step without generated tokens skipped");
-            continue;
-        };
-        let loss_value = nll.to_scalar::<f32>()? as f64;
-        let mut loss = nll;
-        if let Some(a) = aux.loss()? {
-            loss = (loss + (a * model.config().router_aux_loss_coef)?)?;
-        }
-        opt.backward_step(&loss)?;
-        let seconds = t0.elapsed().as_secs_f64();
-        let step = s + 1;
-        let eval_loss = if cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < total_steps {
-            let l = packs_loss(&model, &eval_packs)?;
-            if let Some(l) = l {
-                progress(SftEvent::Eval { step, loss: l });
-            }
-            l
-        } else {
-            None
-        };
-        let line = SftStepLog {
-            step,
-            epoch,
-            lr,
-            loss: loss_value,
-            tokens,
-            flat_tokens,
-            loss_tokens: step_norm.loss_tokens,
-            paths,
-            seconds,
-            tokens_per_s: tokens as f64 / seconds.max(1e-9),
-            eval_loss,
-        };
-        let mut bytes = serde_json::to_vec(&line).map_err(|e| TrainError::Input(e.to_string()))?;
-        bytes.push(b'\n');
-        logf.write_all(&bytes).map_err(|e| io(&log_path, e))?;
-        logf.flush().map_err(|e| io(&log_path, e))?;
-        progress(SftEvent::Step(&line));
-        log.push(line);
-        if cfg.save_every > 0 && step % cfg.save_every == 0 && step < total_steps {
-            // The log must be on disk up to `step` before a checkpoint claims it.
-            logf.sync_data().map_err(|e| io(&log_path, e))?;
-            checkpoint::save(
-                &ckpt_dir,
-                &model,
-                &SftState {
-                    step,
-                    fingerprint: fp.clone(),
-                    eval_loss_before: eval_before,
-                },
-            )?;
-        }
-    }
-    drop(logf);
-
-    let eval_after = packs_loss(&model, &eval_packs)?;
+    step::run_steps(
+        model,
+        &plan,
+        cfg,
+        &mut dir,
+        start.step,
+        eval_before,
+        progress,
+    )?;
+    let eval_after = packs_loss(model, &plan.eval_packs)?;
     if let Some(l) = eval_after {
         progress(SftEvent::Eval {
-            step: total_steps,
+            step: plan.total_steps,
             loss: l,
         });
     }
-    install_final(&model, out)?;
-
-    let secs: f64 = log.iter().map(|l| l.seconds).sum();
-    let toks: u64 = log.iter().map(|l| l.tokens).sum();
-    let flat: u64 = log.iter().map(|l| l.flat_tokens).sum();
-    let tail = &log[log.len().saturating_sub(10)..];
-    let report = SftReport {
-        steps: total_steps,
-        resumed: resumed.into(),
-        resumed_from: start_step,
-        train_sessions: train.len(),
-        eval_sessions: eval.len(),
-        filtered_results: data.filtered,
-        missing_sessions: data.missing,
-        train_paths: tree.num_paths(),
-        train_unique_tokens: tree.unique_tokens(),
-        train_flat_tokens: tree.flat_tokens(),
-        packs: packs.len(),
-        first_loss: log.first().map_or(f64::NAN, |l| l.loss),
-        final_loss: log.last().map_or(f64::NAN, |l| l.loss),
-        final_loss_avg: if tail.is_empty() {
-            f64::NAN
-        } else {
-            tail.iter().map(|l| l.loss).sum::<f64>() / tail.len() as f64
-        },
-        eval_loss_before: eval_before,
-        eval_loss_after: eval_after,
-        tokens_per_s: toks as f64 / secs.max(1e-9),
-        flat_tokens_per_s: flat as f64 / secs.max(1e-9),
-        train_seconds: secs,
-        wall_seconds: wall.elapsed().as_secs_f64(),
-        checkpoint: out.to_path_buf(),
-        params: model.num_params(),
-        init: init_label,
-        config: cfg.clone(),
-        fingerprint: fp,
+    let stage = Stage {
+        cfg,
+        data: &data,
+        plan: &plan,
+        start: &start,
+        init_label,
+        fp,
+        out,
+        wall,
     };
-    let json = serde_json::to_vec_pretty(&report).map_err(|e| TrainError::Input(e.to_string()))?;
-    checkpoint::write_atomic(&report_path, &json)?;
-    if ckpt_dir.exists() {
-        std::fs::remove_dir_all(&ckpt_dir).map_err(|e| io(&ckpt_dir, e))?;
-    }
+    dir.install_final(model)?;
+    let report = stage.report(&dir.log, eval_before, eval_after);
+    dir.finish(&report)?;
     Ok(report)
+}
+
+/// What the report of a stage is made of, besides its log and held-out losses.
+struct Stage<'a> {
+    cfg: &'a SftConfig,
+    data: &'a SftData,
+    plan: &'a Plan,
+    start: &'a Start,
+    init_label: String,
+    fp: String,
+    out: &'a Path,
+    wall: Instant,
+}
+
+impl Stage<'_> {
+    /// The stage's report from its whole log (every invocation's steps).
+    fn report(
+        self,
+        log: &[SftStepLog],
+        eval_before: Option<f64>,
+        eval_after: Option<f64>,
+    ) -> SftReport {
+        let secs: f64 = log.iter().map(|l| l.seconds).sum();
+        let toks: u64 = log.iter().map(|l| l.tokens).sum();
+        let flat: u64 = log.iter().map(|l| l.flat_tokens).sum();
+        let tail = &log[log.len().saturating_sub(10)..];
+        let tree = &self.plan.tree;
+        SftReport {
+            steps: self.plan.total_steps,
+            resumed: self.start.resumed.into(),
+            resumed_from: self.start.step,
+            train_sessions: self.plan.train,
+            eval_sessions: self.plan.eval,
+            filtered_results: self.data.filtered,
+            missing_sessions: self.data.missing,
+            train_paths: tree.num_paths(),
+            train_unique_tokens: tree.unique_tokens(),
+            train_flat_tokens: tree.flat_tokens(),
+            packs: self.plan.packs.len(),
+            first_loss: log.first().map_or(f64::NAN, |l| l.loss),
+            final_loss: log.last().map_or(f64::NAN, |l| l.loss),
+            final_loss_avg: if tail.is_empty() {
+                f64::NAN
+            } else {
+                tail.iter().map(|l| l.loss).sum::<f64>() / tail.len() as f64
+            },
+            eval_loss_before: eval_before,
+            eval_loss_after: eval_after,
+            tokens_per_s: toks as f64 / secs.max(1e-9),
+            flat_tokens_per_s: flat as f64 / secs.max(1e-9),
+            train_seconds: secs,
+            wall_seconds: self.wall.elapsed().as_secs_f64(),
+            checkpoint: self.out.to_path_buf(),
+            params: self.start.model.num_params(),
+            init: self.init_label,
+            config: self.cfg.clone(),
+            fingerprint: self.fp,
+        }
+    }
 }

@@ -32,6 +32,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
+use arbor_trace::byte_chat::{content_text, encode, message_text, render_prompt, token_name};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -242,14 +243,15 @@ async fn complete(State(scripts): State<Scripts>, Json(req): Json<Value>) -> Res
             "stop",
         )
     };
-    // Token ids: bytes of a ChatML-like rendering, so each call's prompt
-    // extends the previous prompt + completion exactly as with a real
-    // tokenizer; a scripted reply is certain, so every logprob is 0.
+    // Token ids: the byte chat format the embedded policy is served with, so each call's
+    // prompt extends the previous prompt + completion exactly as with a real tokenizer and an
+    // oracle trajectory is training data for the embedded model; a scripted reply is certain,
+    // so every logprob is 0.
     let prompt_ids = render_prompt(messages);
-    let completion_ids: Vec<u32> = completion_text(&message).bytes().map(u32::from).collect();
+    let completion_ids = encode(&message_text(&message));
     let logprobs: Vec<Value> = completion_ids
         .iter()
-        .map(|&b| json!({"token": format!("<0x{b:02X}>"), "logprob": 0.0, "bytes": [b], "top_logprobs": []}))
+        .map(|&b| json!({"token": token_name(b), "logprob": 0.0, "bytes": [b], "top_logprobs": []}))
         .collect();
     let usage = json!({"prompt_tokens": prompt_ids.len(), "completion_tokens": completion_ids.len(),
                        "total_tokens": prompt_ids.len() + completion_ids.len()});
@@ -318,41 +320,6 @@ struct TokenInfo {
     logprobs: Vec<Value>,
 }
 
-/// The text of a message as the byte "tokenizer" sees it: content, then
-/// each tool call as `<tool_call>name arguments</tool_call>`, then an end marker.
-fn completion_text(m: &Value) -> String {
-    let mut out = m.get("content").and_then(content_text).unwrap_or_default();
-    for c in m
-        .get("tool_calls")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let f = &c["function"];
-        out.push_str(&format!(
-            "<tool_call>{} {}</tool_call>",
-            f["name"].as_str().unwrap_or_default(),
-            f["arguments"].as_str().unwrap_or_default()
-        ));
-    }
-    out.push_str("<|end|>\n");
-    out
-}
-
-/// Bytes of every message with a role header, then the assistant header.
-fn render_prompt(messages: &[Value]) -> Vec<u32> {
-    let mut text = String::new();
-    for m in messages {
-        text.push_str(&format!(
-            "<|{}|>\n",
-            m.get("role").and_then(Value::as_str).unwrap_or("user")
-        ));
-        text.push_str(&completion_text(m));
-    }
-    text.push_str("<|assistant|>\n");
-    text.bytes().map(u32::from).collect()
-}
-
 /// The same reply as a stream: one delta with the whole message, then the
 /// finish chunk, a usage chunk and `[DONE]`.
 fn stream(
@@ -397,21 +364,6 @@ fn stream(
         body,
     )
         .into_response()
-}
-
-fn content_text(c: &Value) -> Option<String> {
-    match c {
-        Value::String(s) => Some(s.clone()),
-        // Content parts: concatenate the text parts.
-        Value::Array(parts) => Some(
-            parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join(""),
-        ),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,20 @@
 //! A session's calls as trajectory sequences and as a prefix tree (via `arbor-tree`).
+//!
+//! Each call (and each choice of it) becomes one `arbor_tree::Sequence`: its prompt tokens
+//! without loss, then its completion tokens with loss and the behaviour logprobs the upstream
+//! returned. The turn id of every token is the call index and the sequence's group is the
+//! session, so a session whose later prompts extend earlier prompt + completion forms one path
+//! per call sharing their common prefixes, and a session that rewrote its history (a branch)
+//! forms a tree.
+
+use std::path::Path;
 
 use arbor_tree::{Sequence, TrajectoryTree};
 use serde_json::{Value, json};
 
+use crate::TraceError;
 use crate::record::CallRecord;
+use crate::store::read_sessions;
 
 /// The linear sequences of a session: one per call and choice with token ids. Prompt tokens
 /// have `loss_mask` false and logprob 0; completion tokens have `loss_mask` true and the
@@ -82,33 +93,12 @@ pub fn session_tree(session: &str, calls: &[CallRecord]) -> Value {
     }
 }
 
-/// Every session recorded in a store directory, as sequences (read-only; a
-/// torn last line from a crash is skipped, as the store's recovery would).
-/// Used by `arbor tree stats|pack` on a gateway store.
-pub fn store_sequences(dir: &std::path::Path) -> Result<Vec<Sequence>, crate::GatewayError> {
-    let path = dir.join(crate::store::LOG_FILE);
-    let bytes = std::fs::read(&path).map_err(|source| crate::GatewayError::Path {
-        path: path.clone(),
-        source,
-    })?;
-    let mut order: Vec<String> = Vec::new();
-    let mut sessions: std::collections::HashMap<String, Vec<CallRecord>> =
-        std::collections::HashMap::new();
-    for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let Ok(rec) = serde_json::from_slice::<CallRecord>(line) else {
-            continue;
-        };
-        if !sessions.contains_key(&rec.session) {
-            order.push(rec.session.clone());
-        }
-        sessions.entry(rec.session.clone()).or_default().push(rec);
-    }
-    let mut out = Vec::new();
-    for s in order {
-        if let Some(mut calls) = sessions.remove(&s) {
-            calls.sort_by_key(|c| c.index);
-            out.extend(session_sequences(&calls).0);
-        }
-    }
-    Ok(out)
+/// Every session recorded in a store directory, as sequences (read-only; a torn last line from a
+/// crash is skipped, as the store's recovery would): sessions in the order of their first call,
+/// each session's calls by index. Used by `arbor tree stats|pack` on a gateway store.
+pub fn store_sequences(dir: &Path) -> Result<Vec<Sequence>, TraceError> {
+    Ok(read_sessions(dir)?
+        .into_iter()
+        .flat_map(|(_, calls)| session_sequences(&calls).0)
+        .collect())
 }

@@ -1,12 +1,40 @@
-//! The record of one model call, as stored (one JSON line per call in the store's log).
+//! The record of one model call, as the gateway stores it: one JSON line per call in
+//! `calls.jsonl` ([`crate::store::LOG_FILE`]).
+//!
+//! A record holds the call as the caller sent it and as the upstream answered, plus its
+//! token-level view ([`Tokens`]: prompt ids, completion ids and behaviour logprobs per choice)
+//! and how its prompt relates to the session's earlier calls ([`Branch`]). The gateway writes
+//! records; everything downstream (trees, SFT, RL) reads only these token fields.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::Api;
-
 /// Version of the record format written by this gateway.
 pub const RECORD_VERSION: u32 = 1;
+
+/// Which caller-facing API a request came in on (recorded with each call; the gateway also
+/// picks its error shape by it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Api {
+    /// OpenAI Chat Completions (`/v1/chat/completions`).
+    Chat,
+    /// Anthropic Messages (`/v1/messages`).
+    Messages,
+    /// OpenAI Responses (`/v1/responses`).
+    Responses,
+}
+
+impl Api {
+    /// Short name used in metrics labels and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Chat => "chat",
+            Api::Messages => "messages",
+            Api::Responses => "responses",
+        }
+    }
+}
 
 /// Everything recorded about one model call.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
