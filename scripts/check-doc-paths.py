@@ -4,7 +4,7 @@
 Checked: Markdown files and `//` comments in Rust sources. A name counts when it starts with a
 top-level folder of the repository (crates/ docs/ examples/ scripts/), is a Rust source
 (`*.rs`), or is an upper-case Markdown name (`ARCHITECTURE.md`); it must match the end of a
-tracked path. `RECIPE §N`-style citations of notes outside the repository are refused.
+tracked path. A section citation (`NAME §N`) must cite a tracked file by its path.
 Names of files that arbor reads or writes at run time (`results.jsonl`,
 `instruction.md`, a task's `tests/test.sh`) are not checked.
 """
@@ -14,7 +14,8 @@ import subprocess
 import sys
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-OUTSIDE_NOTE = re.compile(r"\b(RECIPE|DESIGN) §")
+# The word before a section sign: it must be a tracked file (`docs/recipe.md §3`).
+SECTION_CITE = re.compile(r"([\w./-]+\.md|\b[A-Z][A-Z_]+) §\s*\d")
 TOP_DIRS = ("crates/", "docs/", "examples/", "scripts/")
 NAME = re.compile(r"(?<![\w./-])((?:[\w.-]+/)*[\w-]+\.(?:rs|md|sh|py|toml|json|jsonl|svg))(?![\w/])")
 
@@ -59,8 +60,9 @@ def main():
                 name = m.group(1).lstrip("./")
                 if wanted(name) and name not in suffixes:
                     missing.append(f"{path}:{lineno}: names `{name}`, which is not in the repository")
-            if OUTSIDE_NOTE.search(line):
-                missing.append(f"{path}:{lineno}: cites a section of a file outside the repository")
+            for m in SECTION_CITE.finditer(line):
+                if m.group(1).lstrip("./") not in suffixes:
+                    missing.append(f"{path}:{lineno}: cites a section of `{m.group(1)}`, not a file in the repository")
     for line in missing:
         print(line, file=sys.stderr)
     if missing:
