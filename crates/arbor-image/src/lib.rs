@@ -12,6 +12,7 @@
 //! nothing of images.
 
 pub mod config;
+pub mod dockerfile;
 pub mod error;
 
 pub use config::{ImageConfig, ImageRecord};
