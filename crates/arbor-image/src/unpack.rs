@@ -18,7 +18,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use flate2::read::MultiGzDecoder;
-use nix::sys::stat::{Mode, SFlag, mknod};
+use nix::fcntl::AT_FDCWD;
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags, mknod, utimensat};
+use nix::sys::time::TimeSpec;
 use tar::{Entry, EntryType};
 
 use crate::digest::{Digest, HashingReader};
@@ -171,11 +173,11 @@ fn unpack_entry<R: Read>(
                     .map_err(|e| ImageError::io(format!("layer entry {name}: set xattr"), e))?;
             }
         }
-        EntryType::Regular
-        | EntryType::Continuous
-        | EntryType::GNUSparse
-        | EntryType::Symlink
-        | EntryType::Fifo => {
+        EntryType::Fifo => {
+            clear(&target, false, &name)?;
+            fifo(entry.header(), &target).map_err(|e| write_error(&name, e))?;
+        }
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse | EntryType::Symlink => {
             clear(&target, false, &name)?;
             let overlay_keys: Vec<Vec<u8>> = overlay_xattr_keys(entry, &name)?;
             entry.unpack(&target).map_err(|e| write_error(&name, e))?;
@@ -328,6 +330,28 @@ fn hard_link<R: Read>(entry: &Entry<'_, R>, dest: &Path, target: &Path, name: &s
     }
     clear(target, false, name)?;
     fs::hard_link(&source, target).map_err(|e| write_error(name, e))
+}
+
+/// A fifo with the entry's mode, owner and mtime (the tar crate would write
+/// a regular file).
+fn fifo(header: &tar::Header, target: &Path) -> io::Result<()> {
+    let mode = header.mode()? & 0o7777;
+    mknod(target, SFlag::S_IFIFO, Mode::from_bits_truncate(0o600), 0)?;
+    std::os::unix::fs::lchown(
+        target,
+        Some(header.uid()? as u32),
+        Some(header.gid()? as u32),
+    )?;
+    fs::set_permissions(target, fs::Permissions::from_mode(mode))?;
+    let mtime = TimeSpec::new(header.mtime()? as i64, 0);
+    utimensat(
+        AT_FDCWD,
+        target,
+        &mtime,
+        &mtime,
+        UtimensatFlags::NoFollowSymlink,
+    )?;
+    Ok(())
 }
 
 fn missing_target(what: &str) -> ImageError {
