@@ -14,6 +14,7 @@
 pub mod config;
 pub mod error;
 
+pub mod archive;
 pub mod digest;
 pub mod platform;
 pub mod store;

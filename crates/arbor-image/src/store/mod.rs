@@ -40,6 +40,10 @@ pub use evict::{PruneReport, Usage};
 pub use layers::LayerInfo;
 pub use lease::Lease;
 
+/// A file name unique across threads and processes (`stem.<pid>.<n>`), for
+/// scratch files under [`Store::tmp_dir`].
+pub(crate) use fsutil::unique_name as scratch_name;
+
 use crate::config::ImageRecord;
 use crate::digest::Digest;
 use crate::error::{ImageError, Result};
