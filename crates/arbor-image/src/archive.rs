@@ -37,7 +37,7 @@ const MAX_INDEX_DEPTH: usize = 4;
 /// Load every image of the archive at `path` into `store` (layers unpacked,
 /// records put) and return their records.
 pub fn load(store: &Store, path: &Path) -> Result<Vec<ImageRecord>> {
-    let source = Source::open(path, &store.tmp_dir())?;
+    let source = Source::open(path, store)?;
     let name = archive_name(path);
     let loader = Loader {
         store,

@@ -125,12 +125,38 @@ pub fn unpack_tar(reader: impl Read, dest: &Path) -> Result<UnpackStats> {
     archive.set_unpack_xattrs(true);
     archive.set_overwrite(true);
     let mut stats = UnpackStats::default();
+    let mut dir_times = Vec::new();
     let entries = archive
         .entries()
         .map_err(|e| stream_error("layer tar", e))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| stream_error("layer tar", e))?;
+        if entry.header().entry_type() == EntryType::Directory
+            && let Ok(mtime) = entry.header().mtime()
+        {
+            dir_times.push((entry.path_bytes().into_owned(), mtime));
+        }
         unpack_entry(&mut entry, dest, &mut stats)?;
+    }
+    // Directory mtimes last: creating their children changed them.
+    for (raw, mtime) in dir_times.iter().rev() {
+        let dir = dest.join(clean_path(raw, "")?);
+        let time = TimeSpec::new(*mtime as i64, 0);
+        match utimensat(
+            AT_FDCWD,
+            &dir,
+            &time,
+            &time,
+            UtimensatFlags::NoFollowSymlink,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                return Err(ImageError::io(
+                    format!("set mtime of {}", dir.display()),
+                    e.into(),
+                ));
+            }
+        }
     }
     // Read the end-of-archive blocks and padding too, so the caller's hash
     // covers the whole stream.
@@ -148,8 +174,15 @@ fn unpack_entry<R: Read>(
     let name = String::from_utf8_lossy(&raw).into_owned();
     let rel = clean_path(&raw, &name)?;
     let kind = entry.header().entry_type();
-    if rel.as_os_str().is_empty() || matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader) {
-        return Ok(()); // the layer root itself, or metadata
+    if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader) {
+        return Ok(());
+    }
+    if rel.as_os_str().is_empty() {
+        // The layer root: only its mode and owner are taken.
+        if kind == EntryType::Directory {
+            entry.unpack(dest).map_err(|e| write_error(&name, e))?;
+        }
+        return Ok(());
     }
     ensure_parents(dest, &rel, &name)?;
     let file_name = rel.file_name().unwrap_or_default().as_bytes();

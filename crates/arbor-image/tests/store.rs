@@ -29,6 +29,13 @@ fn add(store: &Store, layer: &Layer) {
 }
 
 #[test]
+fn store_and_lease_are_shareable() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Store>();
+    shareable::<arbor_image::Lease>();
+}
+
+#[test]
 fn records_resolve_by_normalized_reference_and_id() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path(), StoreOptions::default()).unwrap();
@@ -165,12 +172,23 @@ fn open_cleans_crash_leftovers() {
     add(&store, &layer);
     // A dead process's unpack, a layer dir without metadata, metadata without a dir.
     let dead = tmp.path().join("staging/abc.999999999.0");
+    let dead_scratch = tmp.path().join("tmp/download.999999999.3");
+    fs::write(&dead_scratch, b"partial").unwrap();
+    let live_scratch = store.scratch_path("download");
+    fs::write(&live_scratch, b"in use").unwrap();
+    let foreign = tmp.path().join("tmp/someone-elses-file");
+    fs::write(&foreign, b"kept").unwrap();
     fs::create_dir_all(dead.join("half")).unwrap();
     fs::create_dir_all(tmp.path().join("l/0123456789abcdef01234567/usr")).unwrap();
     fs::write(tmp.path().join("meta/fedcba9876543210fedcba98.json"), br#"{"diff_id":"sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210","bytes":1}"#).unwrap();
     drop(store);
     let store = Store::open(tmp.path(), StoreOptions::default()).unwrap();
     assert!(!dead.exists());
+    assert!(!dead_scratch.exists(), "a dead process's scratch file goes");
+    assert!(
+        live_scratch.exists() && foreign.exists(),
+        "live and unknown scratch stays"
+    );
     assert!(!tmp.path().join("l/0123456789abcdef01234567").exists());
     assert!(
         !tmp.path()

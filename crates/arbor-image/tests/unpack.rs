@@ -73,6 +73,13 @@ fn upper_layer_is_in_overlay_format_with_metadata_kept() {
     );
     assert!(!d.join("etc/keep/.wh..wh..opq").exists());
 
+    let keep = fs::metadata(d.join("etc/keep")).unwrap();
+    assert_eq!(
+        keep.mtime(),
+        1_600_000_000,
+        "directory mtime kept despite its children"
+    );
+    assert_eq!(fs::metadata(d).unwrap().mode() & 0o7777, 0o755);
     let su = fs::metadata(d.join("usr/bin/su")).unwrap();
     assert_eq!(su.mode() & 0o7777, 0o4755, "setuid kept after chown");
     assert_eq!((su.uid(), su.gid()), (1000, 1000));
@@ -321,4 +328,56 @@ fn concurrent_adds_unpack_once() {
     );
     assert!(store.has_layer(&layer.diff_id));
     drop(tmp);
+}
+
+/// The child side of `concurrent_processes_unpack_once`: add the layer tar
+/// named by the environment and print how many unpacks this process did.
+#[test]
+#[ignore = "run by concurrent_processes_unpack_once in child processes"]
+fn child_adds_layer() {
+    let root = std::env::var("ARBOR_TEST_STORE").unwrap();
+    let tar = fs::read(std::env::var("ARBOR_TEST_LAYER").unwrap()).unwrap();
+    let store = Store::open(root, StoreOptions::default()).unwrap();
+    let diff_id = Digest::sha256(&tar);
+    store.add_layer(&mut &tar[..], TAR, None, &diff_id).unwrap();
+    println!("UNPACKS={}", store.unpack_count());
+}
+
+#[test]
+fn concurrent_processes_unpack_once() {
+    let (tmp, store) = store();
+    let layer = busybox_layer();
+    let tar_path = tmp.path().join("layer.tar");
+    fs::write(&tar_path, &layer.tar).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(&exe)
+                .args([
+                    "--exact",
+                    "child_adds_layer",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("ARBOR_TEST_STORE", store.root())
+                .env("ARBOR_TEST_LAYER", &tar_path)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut unpacks = 0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "child failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let n = text
+            .lines()
+            .find_map(|l| l.split("UNPACKS=").nth(1))
+            .unwrap_or_else(|| panic!("child did not report: {text}"));
+        unpacks += n.trim().parse::<u64>().unwrap();
+    }
+    assert_eq!(unpacks, 1, "four processes, one unpack");
+    assert!(store.has_layer(&layer.diff_id));
 }

@@ -10,6 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use flate2::read::MultiGzDecoder;
 
 use crate::error::{ImageError, Result};
+use crate::store::Store;
 
 /// JSON documents (manifests, indexes, configs) larger than this are refused.
 const MAX_JSON: u64 = 16 << 20;
@@ -42,8 +43,8 @@ impl Drop for Source {
 
 impl Source {
     /// Open `path`: a directory as is, a tar by indexing its entries; a
-    /// gzipped tar is decompressed into `scratch_dir` first.
-    pub fn open(path: &Path, scratch_dir: &Path) -> Result<Source> {
+    /// gzipped tar is decompressed into the store's scratch space first.
+    pub fn open(path: &Path, store: &Store) -> Result<Source> {
         let io_err = |e| ImageError::io(format!("read archive {}", path.display()), e);
         if path.is_dir() {
             return Ok(Source::Dir(path.to_path_buf()));
@@ -56,8 +57,7 @@ impl Source {
         if !gzipped {
             return Self::index_tar(path.to_path_buf(), None);
         }
-        let name = crate::store::scratch_name("archive.tar");
-        let plain = scratch_dir.join(name);
+        let plain = store.scratch_path("archive.tar");
         let copy = File::create(&plain)
             .and_then(|mut out| io::copy(&mut MultiGzDecoder::new(reader), &mut out));
         if let Err(e) = copy {

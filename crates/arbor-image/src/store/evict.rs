@@ -156,14 +156,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Remove what crashed processes left: staging and trash entries of dead
-    /// pids, and layers half made (metadata without directory or the reverse)
+    /// Remove what crashed processes left: staging, trash and tmp entries of
+    /// dead pids (`name.<pid>.<n>`), and layers half made (metadata without directory or the reverse)
     /// whose `add` lock nobody holds.
     pub(super) fn clean_leftovers(&self) -> Result<()> {
-        for sub in ["staging", "trash"] {
+        for sub in ["staging", "trash", "tmp"] {
             let dir = self.root.join(sub);
             for name in list(&dir)? {
-                if fsutil::name_pid(&name).is_none_or(|pid| !fsutil::pid_alive(pid)) {
+                // tmp/ is shared with callers: only names made by
+                // `unique_name` (with a pid) are known to be removable.
+                let pid = fsutil::name_pid(&name);
+                let dead = pid.map(|p| !fsutil::pid_alive(p));
+                if dead.unwrap_or(sub != "tmp") {
                     let _ = fsutil::remove_tree(&dir.join(&name));
                 }
             }

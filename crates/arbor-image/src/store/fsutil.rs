@@ -72,9 +72,14 @@ pub(crate) fn disk_usage(root: &Path) -> io::Result<u64> {
     Ok(total)
 }
 
-/// Remove a directory tree; one already gone is fine.
+/// Remove a directory tree or a file; one already gone is fine.
 pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(path) {
+    let removed = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match removed {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }

@@ -3,6 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -178,6 +179,7 @@ impl Store {
         }
         let staging = self.root.join("staging").join(fsutil::unique_name(short));
         fs::create_dir(&staging)
+            .and_then(|()| fs::set_permissions(&staging, fs::Permissions::from_mode(0o755)))
             .map_err(|e| ImageError::io(format!("create {}", staging.display()), e))?;
         let result = fill(&staging).and_then(|()| self.commit(id, &staging));
         if result.is_err() {

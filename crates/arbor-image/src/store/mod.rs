@@ -40,10 +40,6 @@ pub use evict::{PruneReport, Usage};
 pub use layers::LayerInfo;
 pub use lease::Lease;
 
-/// A file name unique across threads and processes (`stem.<pid>.<n>`), for
-/// scratch files under [`Store::tmp_dir`].
-pub(crate) use fsutil::unique_name as scratch_name;
-
 use crate::config::ImageRecord;
 use crate::digest::Digest;
 use crate::error::{ImageError, Result};
@@ -102,9 +98,17 @@ impl Store {
     }
 
     /// Scratch space on the store's filesystem (so results can be renamed in).
-    /// Callers create uniquely named entries there and remove them.
+    /// Callers create uniquely named entries there (see [`Store::scratch_path`])
+    /// and remove them.
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+
+    /// A fresh path under [`Store::tmp_dir`], `<stem>.<pid>.<n>`: unique
+    /// across threads and processes, and removed by a later [`Store::open`]
+    /// if this process dies before removing it.
+    pub fn scratch_path(&self, stem: &str) -> PathBuf {
+        self.tmp_dir().join(fsutil::unique_name(stem))
     }
 
     /// The options the store was opened with.
