@@ -25,7 +25,7 @@ use crate::config::{ImageConfig, ImageRecord};
 use crate::digest::{Digest, HashingReader};
 use crate::error::{ImageError, Result};
 use crate::platform;
-use crate::store::{Store, normalize_reference};
+use crate::store::{Lease, Store, normalize_reference};
 use crate::unpack::Compression;
 use source::Source;
 
@@ -118,8 +118,9 @@ impl Loader<'_> {
             }
             let config: ConfigBlob = parse(&entry.config, &config_bytes)?;
             check_layer_count(&id, entry.layers.len(), &config.rootfs.diff_ids)?;
+            let mut held = Vec::new();
             for (name, diff_id) in entry.layers.iter().zip(&config.rootfs.diff_ids) {
-                self.add_layer(name, None, digest_in_name(name).as_ref(), diff_id)?;
+                held.push(self.add_layer(name, None, digest_in_name(name).as_ref(), diff_id)?);
             }
             let references = entry.repo_tags.unwrap_or_default();
             records.extend(self.put(&id, None, &config, references)?);
@@ -190,14 +191,15 @@ impl Loader<'_> {
         let id = Digest::parse(&manifest.config.digest)?;
         let config: ConfigBlob = parse(&manifest.config.digest, &self.blob_bytes(&id)?)?;
         check_layer_count(&id, manifest.layers.len(), &config.rootfs.diff_ids)?;
+        let mut held = Vec::new();
         for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
             let digest = Digest::parse(&layer.digest)?;
-            self.add_layer(
+            held.push(self.add_layer(
                 &blob_name(&digest),
                 Some(&layer.media_type),
                 Some(&digest),
                 diff_id,
-            )?;
+            )?);
         }
         let references = if reference.is_empty() {
             vec![]
@@ -207,17 +209,20 @@ impl Loader<'_> {
         self.put(&id, Some(manifest_digest), &config, references)
     }
 
-    /// Unpack one layer unless cached; the compression comes from the media
-    /// type when there is one, else from the blob's first bytes.
+    /// Unpack one layer unless cached, and pin it until the image is
+    /// recorded (a budgeted store's eviction after the next add must not
+    /// take it). The compression comes from the media type when there is
+    /// one, else from the blob's first bytes.
     fn add_layer(
         &self,
         name: &str,
         media_type: Option<&str>,
         blob: Option<&Digest>,
         diff_id: &Digest,
-    ) -> Result<()> {
-        if self.store.has_layer(diff_id) {
-            return Ok(());
+    ) -> Result<Lease> {
+        let one = std::slice::from_ref(diff_id);
+        if let Ok(lease) = self.store.lease_layers(one) {
+            return Ok(lease);
         }
         let mut reader = BufReader::new(self.source.open_file(name)?);
         let media_type = match media_type {
@@ -237,7 +242,7 @@ impl Loader<'_> {
                 ImageError::Invalid(m) => ImageError::Invalid(format!("archive layer {name}: {m}")),
                 other => other,
             })?;
-        Ok(())
+        self.store.lease_layers(one)
     }
 
     /// A JSON blob of `blobs/`, verified against its digest.

@@ -221,6 +221,14 @@ fn oci_layout_dir_and_tars_pick_the_host_platform() {
         assert_eq!(store.image("myimg:v1").unwrap().unwrap().id, rec.id);
     };
     check(&fresh_store(tmp.path(), "dir"), &layout);
+    // A budget below one layer: the load still ends with all its layers.
+    let tight = Store::open(
+        tmp.path().join("tight"),
+        StoreOptions { max_bytes: Some(1) },
+    )
+    .unwrap();
+    check(&tight, &layout);
+    assert!(tight.has_layer(&base.diff_id) && tight.has_layer(&top.diff_id));
 
     let mut b = tar::Builder::new(Vec::new());
     b.append_dir_all(".", &layout).unwrap();

@@ -162,6 +162,17 @@ fn budget_evicts_only_unleased_layers() {
         Err(ImageError::NotFound(_))
     ));
     assert_eq!(fs::read_dir(tmp.path().join("trash")).unwrap().count(), 0);
+
+    // A pull holding its earlier layers while adding the next keeps them all.
+    add(&store, &layers[0]);
+    let held = store
+        .lease_layers(std::slice::from_ref(&layers[0].diff_id))
+        .unwrap();
+    add(&store, &layers[1]);
+    add(&store, &layers[2]);
+    assert!(store.has_layer(&layers[0].diff_id));
+    assert!(!store.has_layer(&layers[1].diff_id));
+    drop(held);
 }
 
 #[test]

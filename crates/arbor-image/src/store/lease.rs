@@ -53,19 +53,33 @@ impl Store {
     /// lives, and mark them used now. NotFound if a layer is not in the
     /// cache (evicted: pulling the image again brings it back).
     pub fn lease(&self, record: &ImageRecord) -> Result<Lease> {
-        let mut pins = Vec::with_capacity(record.layers.len());
-        let mut dirs = Vec::with_capacity(record.layers.len());
-        for layer in &record.layers {
-            let diff_id = Digest::parse(layer)?;
-            pins.push(self.pin(&diff_id)?);
+        let layers = record
+            .layers
+            .iter()
+            .map(|l| Digest::parse(l))
+            .collect::<Result<Vec<_>>>()?;
+        self.lease_as(&layers, &record.reference)
+    }
+
+    /// Pin layers by diff_id (bottom first, as in [`ImageRecord::layers`]):
+    /// what a pull or build holds while it adds an image's layers one by one,
+    /// so the automatic eviction after each add cannot take the earlier ones.
+    pub fn lease_layers(&self, layers: &[Digest]) -> Result<Lease> {
+        self.lease_as(layers, "layers")
+    }
+
+    fn lease_as(&self, layers: &[Digest], what: &str) -> Result<Lease> {
+        let mut pins = Vec::with_capacity(layers.len());
+        let mut dirs = Vec::with_capacity(layers.len());
+        for diff_id in layers {
+            pins.push(self.pin(diff_id)?);
             // Checked under the pin: an eviction racing this one finished first.
-            let Some(info) = self.layer_info(&diff_id)? else {
+            let Some(info) = self.layer_info(diff_id)? else {
                 return Err(ImageError::NotFound(format!(
-                    "{} (its layer {diff_id} was evicted from the cache)",
-                    record.reference
+                    "{what} (its layer {diff_id} is not in the cache: evicted or never added)"
                 )));
             };
-            self.touch(short(&diff_id))?;
+            self.touch(short(diff_id))?;
             dirs.push(info.dir);
         }
         dirs.reverse();
