@@ -35,6 +35,12 @@ fn upper_layer() -> Layer {
         .file_owned("usr/bin/su", b"#!/bin/sh\n", 0o4755, 1000)
         .file_with_xattrs("usr/share/noted", b"n\n", &[("user.note", "kept")])
         .dir_with_xattrs("usr/share/attrdir/", &[("user.dirnote", "dir")])
+        .file_with_xattrs(
+            "usr/share/redirected",
+            b"r\n",
+            &[("trusted.overlay.metacopy", "x")],
+        )
+        .dir_with_xattrs("usr/share/redir/", &[("trusted.overlay.redirect", "/etc")])
         .file("usr/lib/libx.so.1", b"library", 0o644)
         .hardlink("usr/lib/libx.so.1.0", "usr/lib/libx.so.1")
         .symlink("usr/lib/libx.so", "libx.so.1")
@@ -97,6 +103,13 @@ fn upper_layer_is_in_overlay_format_with_metadata_kept() {
         Some(&b"dir"[..])
     );
 
+    for path in ["usr/share/redirected", "usr/share/redir"] {
+        let names: Vec<_> = xattr::list(d.join(path)).unwrap().collect();
+        assert!(
+            names.is_empty(),
+            "a layer may not set overlay xattrs: {path} has {names:?}"
+        );
+    }
     let a = fs::metadata(d.join("usr/lib/libx.so.1")).unwrap();
     let b = fs::metadata(d.join("usr/lib/libx.so.1.0")).unwrap();
     assert_eq!(a.ino(), b.ino(), "hard link is the same inode");
