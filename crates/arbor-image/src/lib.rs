@@ -15,5 +15,14 @@ pub mod config;
 pub mod dockerfile;
 pub mod error;
 
+pub mod archive;
+pub mod digest;
+pub mod platform;
+pub mod store;
+pub mod unpack;
+
 pub use config::{ImageConfig, ImageRecord};
 pub use error::{ImageError, Result};
+
+pub use digest::Digest;
+pub use store::{LayerInfo, Lease, PruneReport, Store, StoreOptions, Usage};
