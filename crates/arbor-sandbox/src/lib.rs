@@ -37,6 +37,7 @@ mod spec;
 use async_trait::async_trait;
 
 pub use error::{Result, SandboxError};
+pub use init::copy_layer;
 pub use spec::{
     Bind, BindMode, ExecRequest, ExecResult, Limits, NetworkSpec, SandboxSpec, TcpBridge,
     UnixBridge,
