@@ -372,8 +372,9 @@ fn many_long_layers() -> TestResult {
     let img = image()?;
     let tmp = tempfile::tempdir()?;
     let long = tmp.path().join("c".repeat(100)).join("d".repeat(100));
+    // Colons and commas cannot be written in the classic option string.
     let mut dirs: Vec<PathBuf> = (0..60)
-        .map(|i| long.join(format!("layer-{i:03}")))
+        .map(|i| long.join(format!("sha256:layer,{i:03}")))
         .collect();
     for (i, d) in dirs.iter().enumerate() {
         write(d, "which", &i.to_string())?;

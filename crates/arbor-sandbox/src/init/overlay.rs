@@ -8,7 +8,7 @@
 //! through the new mount API instead, one `lowerdir+` parameter per layer
 //! (Linux >= 6.8), then `fsmount` and `move_mount` onto the target.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MsFlags, mount};
@@ -58,37 +58,43 @@ fn plain(p: &Path) -> Option<&str> {
 
 /// Build the overlay with `fsopen`/`fsconfig`, one `lowerdir+` per layer.
 fn mount_with_fsconfig(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<()> {
-    let what = |step: &str| {
-        let n = lower.len();
-        let target = target.display().to_string();
-        let step = step.to_string();
-        move |e: rustix::io::Errno| format!("overlay of {n} layers on {target}: {step}: {e}")
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| format!("overlay on {}: fsopen: {e}", target.display()))?;
+    // Every failure below names the step and adds the kernel's own reason.
+    let fail = |step: String, e: rustix::io::Errno| {
+        format!(
+            "overlay of {} layers on {}: {step}: {e}{}",
+            lower.len(),
+            target.display(),
+            kernel_log(&fs)
+        )
     };
-    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(what("fsopen"))?;
-    for (i, dir) in lower.iter().enumerate() {
+    for dir in lower {
         fsconfig_set_string(fs.as_fd(), "lowerdir+", dir).map_err(|e| {
-            if i == 0 && e == rustix::io::Errno::INVAL {
-                format!(
-                    "the image has too many layers for this kernel: its {} lower \
-                     directories do not fit in one mount option string, and this kernel's \
-                     overlayfs lacks the 'lowerdir+' parameter (Linux >= 6.8) to add them \
-                     one by one",
-                    lower.len()
+            if e == rustix::io::Errno::INVAL {
+                fail(
+                    format!(
+                        "the image has too many layers for this kernel: its lower directories \
+                         do not fit in one mount option string, and adding them one by one \
+                         needs overlayfs's 'lowerdir+' (Linux >= 6.8); refused at {}",
+                        dir.display()
+                    ),
+                    e,
                 )
             } else {
-                format!("overlay layer {}: {e}", dir.display())
+                fail(format!("layer {}", dir.display()), e)
             }
         })?;
     }
-    fsconfig_set_string(fs.as_fd(), "upperdir", upper).map_err(what("upperdir"))?;
-    fsconfig_set_string(fs.as_fd(), "workdir", work).map_err(what("workdir"))?;
-    fsconfig_create(fs.as_fd()).map_err(what("create"))?;
+    fsconfig_set_string(fs.as_fd(), "upperdir", upper).map_err(|e| fail("upperdir".into(), e))?;
+    fsconfig_set_string(fs.as_fd(), "workdir", work).map_err(|e| fail("workdir".into(), e))?;
+    fsconfig_create(fs.as_fd()).map_err(|e| fail("create".into(), e))?;
     let mnt = fsmount(
         fs.as_fd(),
         FsMountFlags::FSMOUNT_CLOEXEC,
         MountAttrFlags::empty(),
     )
-    .map_err(what("fsmount"))?;
+    .map_err(|e| fail("fsmount".into(), e))?;
     move_mount(
         mnt.as_fd(),
         "",
@@ -96,7 +102,25 @@ fn mount_with_fsconfig(lower: &[PathBuf], upper: &Path, work: &Path, target: &Pa
         target,
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
-    .map_err(what("move_mount"))
+    .map_err(|e| fail("move_mount".into(), e))
+}
+
+/// The messages the kernel queued on a filesystem context (read one per
+/// call until none is left), as ` (kernel: a; b)`, or empty.
+fn kernel_log(fs: &OwnedFd) -> String {
+    let mut msgs = Vec::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = rustix::io::read(fs, &mut buf) {
+        if n == 0 || msgs.len() >= 8 {
+            break;
+        }
+        msgs.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+    }
+    if msgs.is_empty() {
+        String::new()
+    } else {
+        format!(" (kernel: {})", msgs.join("; "))
+    }
 }
 
 #[cfg(test)]
