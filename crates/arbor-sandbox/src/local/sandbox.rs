@@ -383,7 +383,11 @@ impl LocalSandbox {
     /// build step with [`crate::copy_layer`]. It reaches the sandbox's private
     /// tmpfs through its init (`/proc/<init>/fd/<n>/upper`), so it is valid
     /// only while the sandbox lives, and should be read while no command
-    /// runs (a running one may change it under the reader).
+    /// runs (a running one may change it under the reader). Besides what
+    /// commands wrote it holds the directories init created in the root:
+    /// mount points (`dev`, `proc`, bind targets), `tmp` and the workdir,
+    /// where the lower layers lacked them; a caller capturing a build step
+    /// may drop those when they are empty.
     pub fn writable_layer(&self) -> PathBuf {
         self.private_fs().join("upper")
     }
