@@ -56,15 +56,22 @@ fn default_net_is_loopback_only() {
     assert_eq!(interfaces_inside(&[]), ["lo"]);
 }
 
+/// `host` shares the host's network namespace: the same interfaces as the host.
+#[test]
+fn net_host_shares_host_interfaces() {
+    let host = std::fs::read_to_string("/proc/net/dev").expect("host /proc/net/dev");
+    assert_eq!(interfaces_inside(&["--net", "host"]), interfaces(&host));
+}
+
 #[test]
 fn unknown_net_mode_is_refused() {
     let o = arbor()
-        .args(["sandbox", "exec", "--net", "host", "--", "true"])
+        .args(["sandbox", "exec", "--net", "bridge", "--", "true"])
         .output()
         .expect("run arbor");
     assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("possible values: none"), "{err}");
+    assert!(err.contains("possible values: none, host"), "{err}");
 }
 
 #[test]
@@ -77,4 +84,8 @@ fn help_explains_net_values() {
     let help = String::from_utf8_lossy(&o.stdout);
     let net = &help[help.find("--net").expect("--net in help")..];
     assert!(net.contains("none:") && net.contains("loopback"), "{help}");
+    assert!(
+        net.contains("host:") && net.contains("NO network isolation"),
+        "{help}"
+    );
 }

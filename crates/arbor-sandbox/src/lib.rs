@@ -11,6 +11,11 @@
 //! CPU (v1 or v2); dropped capabilities, `no_new_privs` and a seccomp filter
 //! for every process inside. [`pool::Pool`] keeps warm sandboxes per spec.
 //!
+//! Container images stay outside this crate: a spec names their unpacked
+//! layers as plain overlay lower directories ([`SandboxSpec::layers`]) and
+//! the user to run as ([`SandboxSpec::user`]); an image build captures a
+//! step through [`local::LocalSandbox::writable_layer`] and [`copy_layer`].
+//!
 //! ```no_run
 //! # async fn demo() -> arbor_sandbox::Result<()> {
 //! use arbor_sandbox::{Backend, ExecRequest, Sandbox, SandboxSpec, local::LocalBackend};
@@ -37,6 +42,7 @@ mod spec;
 use async_trait::async_trait;
 
 pub use error::{Result, SandboxError};
+pub use init::copy_layer;
 pub use spec::{
     Bind, BindMode, ExecRequest, ExecResult, Limits, NetworkSpec, SandboxSpec, TcpBridge,
     UnixBridge,

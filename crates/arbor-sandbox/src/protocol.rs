@@ -50,6 +50,13 @@ pub struct InitConfig {
     pub env: Vec<(String, String)>,
     /// RLIMIT_NOFILE for commands.
     pub nofile: u64,
+    /// The spec's `user` (Docker `USER` syntax), resolved by init against
+    /// the sandbox's own `/etc/passwd` and `/etc/group`.
+    pub user: Option<String>,
+    /// Set `HOME` from the user's passwd entry (the spec's env did not set it).
+    pub home_from_passwd: bool,
+    /// Init shares the host's network namespace: no loopback setup.
+    pub host_network: bool,
 }
 
 /// What a child of init does.

@@ -16,7 +16,23 @@ pub struct SandboxSpec {
     /// Root filesystem directory used as the read-only lower layer. `None`
     /// means the default: a read-only view of an allow-list of host system
     /// directories (`/usr`, `/bin`, `/sbin`, `/lib*`, `/etc` minus secrets).
+    /// Exclusive with `layers`.
     pub rootfs: Option<PathBuf>,
+    /// Read-only overlay lower directories forming the root filesystem,
+    /// UPPERMOST FIRST (overlayfs's `lowerdir` order), each in overlayfs's own
+    /// format (whiteouts are 0:0 character devices, opaque directories carry
+    /// `trusted.overlay.opaque=y`). Used as they are, never copied, so any
+    /// number of sandboxes can share them at once; they must not change while
+    /// a sandbox uses them. Empty means `rootfs` (or the host view) is the
+    /// root. Each must be an existing absolute directory.
+    pub layers: Vec<PathBuf>,
+    /// The user commands run as, in Docker's `USER` syntax: `name`, `uid`,
+    /// `name:group` or `uid:gid`. Resolved inside the sandbox against its own
+    /// `/etc/passwd` and `/etc/group` when it starts (an unknown name fails
+    /// the start); a numeric uid without a passwd entry is allowed, with gid
+    /// 0. `None` runs commands as root. Built-in file operations
+    /// (`write_file`, `read_file`, tar) always run as root.
+    pub user: Option<String>,
     /// Extra host paths made visible inside.
     pub binds: Vec<Bind>,
     /// Environment given to every command (on top of a minimal default).
@@ -35,6 +51,8 @@ impl Default for SandboxSpec {
     fn default() -> Self {
         SandboxSpec {
             rootfs: None,
+            layers: Vec::new(),
+            user: None,
             binds: Vec::new(),
             env: BTreeMap::new(),
             workdir: "/workspace".to_string(),
@@ -111,11 +129,18 @@ impl Default for Limits {
     }
 }
 
-/// Network configuration. The sandbox always has its own network namespace
-/// with only a loopback interface; nothing routes out.
+/// Network configuration. By default the sandbox has its own network
+/// namespace with only a loopback interface; nothing routes out.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkSpec {
+    /// Share the host's network namespace instead (no loopback-only
+    /// namespace). This GIVES UP NETWORK ISOLATION: commands reach whatever
+    /// the host reaches, including its loopback services. Meant only for
+    /// image builds whose steps download packages (`docker build --network
+    /// host`), never for agent rollouts. Bridges are meaningless with it
+    /// and are refused.
+    pub host: bool,
     /// Host Unix sockets made reachable inside as TCP ports on 127.0.0.1
     /// (used to reach the model gateway from agents that only speak TCP).
     pub unix_bridges: Vec<UnixBridge>,

@@ -687,6 +687,7 @@ fn unix_socket_bridge() -> TestResult {
                 host_addr: tcp_addr,
                 port: 18081,
             }],
+            ..Default::default()
         },
         ..Default::default()
     };

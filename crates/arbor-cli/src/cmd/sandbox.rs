@@ -23,9 +23,12 @@ pub enum Command {
 /// The sandbox's network, as `--net` names it.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Net {
-    /// Own network namespace with only a loopback interface; nothing routes out
-    /// (the only mode the sandbox backend has).
+    /// Own network namespace with only a loopback interface; nothing routes out.
     None,
+    /// The host's network namespace: NO network isolation (commands reach
+    /// whatever the host reaches). For image builds that download packages,
+    /// like `docker build --network host`; never for untrusted code.
+    Host,
 }
 
 impl Net {
@@ -34,6 +37,10 @@ impl Net {
     fn spec(self) -> NetworkSpec {
         match self {
             Net::None => NetworkSpec::default(),
+            Net::Host => NetworkSpec {
+                host: true,
+                ..NetworkSpec::default()
+            },
         }
     }
 }

@@ -3,8 +3,10 @@
 //! single-threaded init, so ordinary Rust is safe here.
 //!
 //! Privilege order matters: cgroup join and `oom_score_adj` need privileges;
-//! then capabilities are dropped, `no_new_privs` set and seccomp installed last,
-//! right before `execve` (which the filter allows).
+//! then capabilities are dropped, a command switches to the spec's user
+//! (supplementary groups, gid, uid: each step needs the privilege the next
+//! one gives up), `no_new_privs` is set and seccomp installed last, right
+//! before `execve` (which the filter allows).
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -20,6 +22,7 @@ use nix::unistd::{dup2, execve, setsid};
 
 use super::files;
 use super::seccomp::Filters;
+use super::user::Identity;
 use crate::protocol::ExecKind;
 
 /// Capabilities kept by sandboxed processes (root inside may still own and
@@ -46,6 +49,8 @@ pub struct ChildContext<'a> {
     pub base_env: &'a [(String, String)],
     pub workdir: &'a str,
     pub nofile: u64,
+    /// The user commands switch to; `None` keeps root.
+    pub identity: Option<&'a Identity>,
 }
 
 /// The descriptors a child receives.
@@ -140,7 +145,7 @@ fn setup_and_run(kind: ExecKind, fds: ChildFds, ctx: &ChildContext) -> Result<i3
                     .iter()
                     .map(|(k, v)| format!("{k}={v}").into_bytes()),
             )?;
-            drop_privileges(ctx.filters)?;
+            drop_privileges(ctx.filters, ctx.identity)?;
             let Some(path) = resolved else {
                 let _ = writeln!(std::io::stderr(), "{program}: command not found");
                 return Ok(127);
@@ -161,8 +166,9 @@ fn setup_and_run(kind: ExecKind, fds: ChildFds, ctx: &ChildContext) -> Result<i3
         other => {
             std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
             // File operations act on untrusted paths (an agent may have planted
-            // symlinks), so they run as confined as commands do.
-            drop_privileges(ctx.filters)?;
+            // symlinks), so they run as confined as commands do, but as
+            // root: the task layer places files anywhere, whatever the user.
+            drop_privileges(ctx.filters, None)?;
             Ok(match files::run(other) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -216,7 +222,7 @@ fn is_executable(p: &Path) -> bool {
     ok && p.is_file()
 }
 
-fn drop_privileges(filters: &Filters) -> Result<(), String> {
+fn drop_privileges(filters: &Filters, identity: Option<&Identity>) -> Result<(), String> {
     let kept: HashSet<Capability> = KEPT.into_iter().collect();
     for cap in caps::all() {
         if !kept.contains(&cap) {
@@ -228,9 +234,32 @@ fn drop_privileges(filters: &Filters) -> Result<(), String> {
     caps::set(None, CapSet::Inheritable, &kept).map_err(|e| format!("inheritable caps: {e}"))?;
     caps::set(None, CapSet::Effective, &kept).map_err(|e| format!("effective caps: {e}"))?;
     caps::set(None, CapSet::Permitted, &kept).map_err(|e| format!("permitted caps: {e}"))?;
+    if let Some(id) = identity {
+        switch_user(id)?;
+    }
     // SAFETY: prctl with constant arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
     }
     filters.apply().map_err(|e| format!("seccomp: {e}"))
+}
+
+/// Become `id`: supplementary groups, then gid, then uid (real, effective
+/// and saved, so there is no way back). Leaving uid 0 makes the kernel clear
+/// the permitted and effective capability sets; they and the inheritable
+/// set are cleared explicitly as well, so a non-root user holds none.
+fn switch_user(id: &Identity) -> Result<(), String> {
+    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+    let groups: Vec<Gid> = id.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    setgroups(&groups).map_err(|e| format!("setgroups {:?}: {e}", id.groups))?;
+    let gid = Gid::from_raw(id.gid);
+    setresgid(gid, gid, gid).map_err(|e| format!("setgid {}: {e}", id.gid))?;
+    let uid = Uid::from_raw(id.uid);
+    setresuid(uid, uid, uid).map_err(|e| format!("setuid {}: {e}", id.uid))?;
+    if id.uid != 0 {
+        for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+            caps::clear(None, set).map_err(|e| format!("clear {set:?} caps: {e}"))?;
+        }
+    }
+    Ok(())
 }

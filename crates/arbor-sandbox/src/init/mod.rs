@@ -2,7 +2,7 @@
 //!
 //! The supervisor starts it with `clone3` in fresh mount, PID, network, UTS
 //! and IPC namespaces, with the control socket on descriptor 3. It builds the
-//! root filesystem, reports `Ready`, then serves: each `Exec` request forks a
+//! root filesystem, resolves the spec's user in it, reports `Ready`, then serves: each `Exec` request forks a
 //! confined child; each reaped child is reported as `Exited`. It is
 //! single-threaded, so forking from it is safe.
 //!
@@ -13,8 +13,12 @@
 mod child;
 mod copy;
 mod files;
+mod overlay;
 mod rootfs;
 mod seccomp;
+mod user;
+
+pub use copy::copy_layer;
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -25,9 +29,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
-use crate::protocol::{
-    self, ExecKind, FromInit, INIT_CONTROL_FD, INIT_ENV, InitConfig, MAX_MESSAGE, ToInit,
-};
+use crate::protocol::{self, ExecKind, FromInit, INIT_CONTROL_FD, INIT_ENV, MAX_MESSAGE, ToInit};
 use child::{ChildContext, ChildFds};
 
 /// True when this process was started by the supervisor as a sandbox init.
@@ -98,8 +100,13 @@ fn serve_sandbox() -> Result<(), String> {
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
 
-    let setup = seccomp::Filters::build().and_then(|f| rootfs::build(&cfg).map(|fd| (f, fd)));
-    let (filters, fs_fd) = match setup {
+    let setup = seccomp::Filters::build().and_then(|f| {
+        let fd = rootfs::build(&cfg)?;
+        // After the pivot: the names resolve in the sandbox's own files.
+        let identity = cfg.user.as_deref().map(user::resolve).transpose()?;
+        Ok((f, fd, identity))
+    });
+    let (filters, fs_fd, identity) = match setup {
         Ok(v) => v,
         Err(error) => {
             let _ = protocol::send(
@@ -113,22 +120,27 @@ fn serve_sandbox() -> Result<(), String> {
         }
     };
     protocol::send(sock.as_raw_fd(), &FromInit::Ready { fs_fd }, &[]).map_err(|e| e.to_string())?;
-    serve(&cfg, &filters, &mut buf)
+    let mut env = cfg.env.clone();
+    if let Some(id) = identity.as_ref().filter(|_| cfg.home_from_passwd) {
+        env.push(("HOME".into(), id.home.clone()));
+    }
+    let ctx = ChildContext {
+        filters: &filters,
+        base_env: &env,
+        workdir: &cfg.workdir,
+        nofile: cfg.nofile,
+        identity: identity.as_ref(),
+    };
+    serve(&ctx, &mut buf)
 }
 
-fn serve(cfg: &InitConfig, filters: &seccomp::Filters, buf: &mut [u8]) -> Result<(), String> {
+fn serve(ctx: &ChildContext, buf: &mut [u8]) -> Result<(), String> {
     let sock = control();
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(|e| e.to_string())?;
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| e.to_string())?;
-    let ctx = ChildContext {
-        filters,
-        base_env: &cfg.env,
-        workdir: &cfg.workdir,
-        nofile: cfg.nofile,
-    };
     // Children we were asked to start, by pid; orphans adopted by init are
     // reaped but not reported.
     let mut running: HashMap<Pid, u64> = HashMap::new();
@@ -160,7 +172,7 @@ fn serve(cfg: &InitConfig, filters: &seccomp::Filters, buf: &mut [u8]) -> Result
                         cgroup_fds,
                     },
                     fds,
-                )) => match start(kind, fds, stdin, cgroup_fds, &ctx) {
+                )) => match start(kind, fds, stdin, cgroup_fds, ctx) {
                     Ok(pid) => {
                         running.insert(pid, id);
                     }

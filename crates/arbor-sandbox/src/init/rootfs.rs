@@ -25,7 +25,8 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::Mode;
 use nix::unistd::{chdir, pivot_root, sethostname};
 
-use super::copy::copy_tree;
+use super::copy::copy_layer;
+use super::overlay::mount_overlay;
 use crate::protocol::InitConfig;
 use crate::spec::BindMode;
 
@@ -86,13 +87,13 @@ pub fn build(cfg: &InitConfig) -> Result<RawFd> {
     if let Some(src) = &cfg.fork_from {
         // A fork starts from the parent's writable layers, copied; the lower
         // layers are shared read-only, so the cost is what the parent changed.
-        copy_tree(&src.join("upper"), &upper).map_err(ctx("copy parent's writable layer"))?;
+        copy_layer(&src.join("upper"), &upper).map_err(ctx("copy parent's writable layer"))?;
         let binds = src.join("binds");
         if binds.exists() {
             for entry in fs::read_dir(&binds).map_err(ctx("read parent's binds"))? {
                 let entry = entry.map_err(ctx("read parent's binds"))?;
                 let dst = private.join("binds").join(entry.file_name()).join("upper");
-                copy_tree(&entry.path().join("upper"), &dst)
+                copy_layer(&entry.path().join("upper"), &dst)
                     .map_err(ctx("copy parent's bind layer"))?;
             }
         }
@@ -146,7 +147,10 @@ pub fn build(cfg: &InitConfig) -> Result<RawFd> {
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(ctx("chmod /tmp"))?;
 
     sethostname(&cfg.hostname).map_err(ctx("sethostname"))?;
-    loopback_up().map_err(ctx("bring loopback up"))?;
+    // With the host's network there is no namespace of our own to set up.
+    if !cfg.host_network {
+        loopback_up().map_err(ctx("bring loopback up"))?;
+    }
 
     let fs_fd = open(
         private,
@@ -192,42 +196,6 @@ fn mkdir_p(path: &Path, mode: u32) -> Result<()> {
         .mode(mode)
         .create(path)
         .map_err(ctx(format_args!("create {}", path.display())))
-}
-
-fn check_layer_path(p: &Path) -> Result<&str> {
-    let s = p
-        .to_str()
-        .ok_or_else(|| format!("path {} is not UTF-8", p.display()))?;
-    if s.contains([',', ':', '\\']) {
-        return Err(format!(
-            "overlay layer path {s:?} may not contain ',', ':' or '\\'"
-        ));
-    }
-    Ok(s)
-}
-
-fn mount_overlay(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<()> {
-    let lowers = lower
-        .iter()
-        .map(|p| check_layer_path(p))
-        .collect::<Result<Vec<_>>>()?;
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lowers.join(":"),
-        check_layer_path(upper)?,
-        check_layer_path(work)?
-    );
-    mount(
-        Some("overlay"),
-        target,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(opts.as_str()),
-    )
-    .map_err(ctx(format_args!(
-        "mount overlay on {} ({opts})",
-        target.display()
-    )))
 }
 
 fn bind_readonly(source: &Path, target: &Path) -> Result<()> {

@@ -11,8 +11,9 @@
 //! Modules: `backend` (settings, [`LocalBackend`] and its constructor),
 //! `sandbox` (creating a sandbox, the [`LocalSandbox`] handle, teardown),
 //! `control` (the control channel to init), `exec` (running one child of
-//! init: cgroup, pipes, timeout, capped output), and the host-side helpers
-//! `spawn`, `mask`, [`cgroup`], `bridge` and [`gc`].
+//! init: cgroup, pipes, timeout, capped output), `validate` (refusing bad
+//! specs), and the host-side helpers `spawn`, `mask`, [`cgroup`], `bridge`
+//! and [`gc`].
 
 mod backend;
 mod bridge;
@@ -23,6 +24,7 @@ pub mod gc;
 mod mask;
 mod sandbox;
 mod spawn;
+mod validate;
 
 pub use backend::{LocalBackend, LocalConfig, allow_self_as_init, find_init};
 pub use sandbox::LocalSandbox;

@@ -22,6 +22,7 @@ use super::cgroup::{Cgroups, SandboxCgroup};
 use super::control::{self, Control};
 use super::exec::{self, ChildOutcome, ExecTarget};
 use super::gc::StateFile;
+use super::validate::validate;
 use super::{bridge, mask, spawn};
 use crate::error::{Result, SandboxError};
 use crate::protocol::{ExecKind, FromInit, InitConfig, ToInit};
@@ -89,9 +90,7 @@ impl LocalBackend {
             cgroup,
             pid,
             sock,
-        } = self
-            .start_host_side(&id, &dir, &private_dir, &spec.limits)
-            .await?;
+        } = self.start_host_side(&id, &dir, &private_dir, spec).await?;
         let sock = control::register(sock)?;
         let config = init_config(spec, &id, lower, private_dir, fork_from);
         let fs_fd = configure_init(&sock, config, &id).await?;
@@ -137,7 +136,7 @@ impl LocalBackend {
         id: &str,
         dir: &Path,
         private_dir: &Path,
-        limits: &Limits,
+        spec: &SandboxSpec,
     ) -> Result<HostSide> {
         // Directories, cgroups (cgroupfs writes take a kernel-wide lock) and
         // the fork of this possibly large process all block: keep them off
@@ -147,11 +146,14 @@ impl LocalBackend {
             id.to_string(),
             dir.to_path_buf(),
             private_dir.to_path_buf(),
-            limits.clone(),
+            spec.limits.clone(),
         );
-        tokio::task::spawn_blocking(move || host_side(&sh, &id, dir, &private_dir, &limits))
-            .await
-            .map_err(|e| SandboxError::Setup(format!("sandbox start task: {e}")))?
+        let host_network = spec.network.host;
+        tokio::task::spawn_blocking(move || {
+            host_side(&sh, &id, dir, &private_dir, &limits, host_network)
+        })
+        .await
+        .map_err(|e| SandboxError::Setup(format!("sandbox start task: {e}")))?
     }
 }
 
@@ -162,8 +164,12 @@ impl Backend for LocalBackend {
     }
 }
 
-/// The overlay's lower layers: the given rootfs, or the mask over the host root.
+/// The overlay's lower layers: the spec's layers, the given rootfs, or the
+/// mask over the host root.
 fn lower_layers(sh: &Shared, spec: &SandboxSpec) -> Result<Vec<PathBuf>> {
+    if !spec.layers.is_empty() {
+        return Ok(spec.layers.clone());
+    }
     Ok(match &spec.rootfs {
         Some(dir) => vec![dir.clone()],
         None => {
@@ -181,6 +187,7 @@ fn host_side(
     dir: PathBuf,
     private_dir: &Path,
     limits: &Limits,
+    host_network: bool,
 ) -> Result<HostSide> {
     std::fs::create_dir_all(private_dir).map_err(|e| SandboxError::io("create state dir", e))?;
     let mut guard = StartGuard {
@@ -193,7 +200,7 @@ fn host_side(
         .create(id, limits)
         .map_err(|e| SandboxError::io("create cgroups", e))?;
     guard.cgroup = Some(cg.clone());
-    let spawned = spawn::spawn_init(&sh.init_path)
+    let spawned = spawn::spawn_init(&sh.init_path, host_network)
         .map_err(|e| SandboxError::io(format!("start init {}", sh.init_path.display()), e))?;
     let pid = spawned.pid;
     guard.init = Some(spawned.pidfd);
@@ -237,6 +244,11 @@ fn init_config(
         ("LANG".into(), "C.UTF-8".into()),
         ("TERM".into(), "dumb".into()),
     ];
+    // Another user's HOME comes from the sandbox's passwd, which only init can read.
+    let home_from_passwd = spec.user.is_some() && !spec.env.contains_key("HOME");
+    if home_from_passwd {
+        env.retain(|(k, _)| k != "HOME");
+    }
     for (k, v) in &spec.env {
         env.retain(|(key, _)| key != k);
         env.push((k.clone(), v.clone()));
@@ -252,6 +264,9 @@ fn init_config(
         fork_from,
         env,
         nofile: spec.limits.nofile,
+        user: spec.user.clone(),
+        home_from_passwd,
+        host_network: spec.network.host,
     }
 }
 
@@ -338,52 +353,6 @@ impl Drop for StartGuard {
     }
 }
 
-/// Refuse a spec this backend cannot build safely.
-fn validate(spec: &SandboxSpec) -> Result<()> {
-    if !spec.workdir.starts_with('/') {
-        return Err(SandboxError::Invalid(format!(
-            "workdir {:?} must be absolute",
-            spec.workdir
-        )));
-    }
-    if let Some(r) = &spec.rootfs
-        && !r.is_dir()
-    {
-        return Err(SandboxError::Invalid(format!(
-            "rootfs {} is not a directory",
-            r.display()
-        )));
-    }
-    for b in &spec.binds {
-        if !b.source.is_absolute() || !b.source.exists() {
-            return Err(SandboxError::Invalid(format!(
-                "bind source {} must be an existing absolute path",
-                b.source.display()
-            )));
-        }
-        if !b.target.starts_with('/') {
-            return Err(SandboxError::Invalid(format!(
-                "bind target {:?} must be absolute",
-                b.target
-            )));
-        }
-    }
-    for b in &spec.network.tcp_bridges {
-        if !b.host_addr.ip().is_loopback() {
-            return Err(SandboxError::Invalid(format!(
-                "tcp bridge target {} is not a loopback address",
-                b.host_addr
-            )));
-        }
-    }
-    if spec.limits.memory_mb < 16 || spec.limits.pids < 4 || spec.limits.workspace_mb < 1 {
-        return Err(SandboxError::Invalid(
-            "limits too small (memory_mb >= 16, pids >= 4, workspace_mb >= 1)".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// A fresh random sandbox id.
 fn new_id() -> String {
     use rand::Rng;
@@ -407,10 +376,31 @@ impl LocalSandbox {
         &self.inner.spec
     }
 
+    /// A host path to this sandbox's overlay upper directory: everything
+    /// its commands and file operations changed in the root, in overlayfs's
+    /// format (deletions are 0:0 character-device whiteouts, replaced
+    /// directories carry `trusted.overlay.opaque`), e.g. to capture an image
+    /// build step with [`crate::copy_layer`]. It reaches the sandbox's private
+    /// tmpfs through its init (`/proc/<init>/fd/<n>/upper`), so it is valid
+    /// only while the sandbox lives, and should be read while no command
+    /// runs (a running one may change it under the reader). Besides what
+    /// commands wrote it holds the directories init created in the root:
+    /// mount points (`dev`, `proc`, bind targets), `tmp` and the workdir,
+    /// where the lower layers lacked them; a caller capturing a build step
+    /// may drop those when they are empty.
+    pub fn writable_layer(&self) -> PathBuf {
+        self.private_fs().join("upper")
+    }
+
+    /// The private tmpfs's root, reached through init's descriptor of it.
+    fn private_fs(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/fd/{}", self.inner.pid, self.inner.fs_fd))
+    }
+
     /// Fork, returning the concrete type.
     pub async fn fork_local(&self) -> Result<LocalSandbox> {
         self.inner.check_alive()?;
-        let from = PathBuf::from(format!("/proc/{}/fd/{}", self.inner.pid, self.inner.fs_fd));
+        let from = self.private_fs();
         self.inner.backend.start(&self.inner.spec, Some(from)).await
     }
 

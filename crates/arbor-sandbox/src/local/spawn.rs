@@ -1,7 +1,7 @@
 //! Starting a sandbox's init in new namespaces.
 //!
-//! `clone3` creates the child directly in fresh mount, PID, network, UTS and
-//! IPC namespaces (so init is PID 1 without an extra process) and returns a
+//! `clone3` creates the child directly in fresh mount, PID, network (unless
+//! the spec shares the host's), UTS and IPC namespaces (so init is PID 1 without an extra process) and returns a
 //! pidfd, which lets the supervisor wait for and signal exactly this process
 //! without pid-reuse races. Between `clone3` and `execve` the child runs only
 //! async-signal-safe system calls: the supervisor is multi-threaded.
@@ -43,8 +43,9 @@ pub struct Spawned {
     pub sock: OwnedFd,
 }
 
-/// Start `init_path` as PID 1 of new namespaces with the control socket on fd 3.
-pub fn spawn_init(init_path: &Path) -> io::Result<Spawned> {
+/// Start `init_path` as PID 1 of new namespaces with the control socket on fd
+/// 3. With `host_network` it stays in the host's network namespace.
+pub fn spawn_init(init_path: &Path, host_network: bool) -> io::Result<Spawned> {
     let (parent, child) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -60,10 +61,11 @@ pub fn spawn_init(init_path: &Path) -> io::Result<Spawned> {
     let child_fd = child.as_raw_fd();
 
     let mut pidfd: libc::c_int = -1;
+    let netns = if host_network { 0 } else { libc::CLONE_NEWNET };
     let mut args = CloneArgs {
         flags: (libc::CLONE_NEWNS
             | libc::CLONE_NEWPID
-            | libc::CLONE_NEWNET
+            | netns
             | libc::CLONE_NEWUTS
             | libc::CLONE_NEWIPC
             | libc::CLONE_PIDFD) as u64,
