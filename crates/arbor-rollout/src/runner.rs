@@ -273,6 +273,7 @@ fn new_ctx(
         exp: exp.clone(),
         prepare: PrepareOptions {
             allow_default_rootfs: exp.allow_default_rootfs,
+            ..Default::default()
         },
         grade: GradeOptions {
             mode: exp.verifier.mode,

@@ -44,7 +44,7 @@ use async_trait::async_trait;
 pub use error::{Result, SandboxError};
 pub use init::copy_layer;
 pub use spec::{
-    Bind, BindMode, ExecRequest, ExecResult, Limits, NetworkSpec, SandboxSpec, TcpBridge,
+    Bind, BindMode, ExecRequest, ImageSource, ExecResult, Limits, NetworkSpec, SandboxSpec, TcpBridge,
     UnixBridge,
 };
 

@@ -33,6 +33,11 @@ pub struct SandboxSpec {
     /// 0. `None` runs commands as root. Built-in file operations
     /// (`write_file`, `read_file`, tar) always run as root.
     pub user: Option<String>,
+    /// The container image the sandbox is made from. Plain data here: an
+    /// image-aware backend (`arbor_image::ImageBackend`) resolves it into
+    /// `layers`, `user` and environment; the local backend alone refuses it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSource>,
     /// Extra host paths made visible inside.
     pub binds: Vec<Bind>,
     /// Environment given to every command (on top of a minimal default).
@@ -53,6 +58,7 @@ impl Default for SandboxSpec {
             rootfs: None,
             layers: Vec::new(),
             user: None,
+            image: None,
             binds: Vec::new(),
             env: BTreeMap::new(),
             workdir: "/workspace".to_string(),
@@ -68,6 +74,33 @@ impl SandboxSpec {
     pub fn pool_key(&self) -> String {
         // serde_json of a struct with BTreeMaps is deterministic.
         serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Where a sandbox's image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ImageSource {
+    /// An image reference (`busybox`, `ghcr.io/org/img:tag`, `name@sha256:...`),
+    /// pulled on first use.
+    Reference(String),
+    /// A Dockerfile built on first use (and cached by its content).
+    Dockerfile {
+        /// The build context directory.
+        context: PathBuf,
+        /// The Dockerfile (relative paths are under the context).
+        file: PathBuf,
+    },
+}
+
+impl std::fmt::Display for ImageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageSource::Reference(r) => write!(f, "image `{r}`"),
+            ImageSource::Dockerfile { context, file } => {
+                write!(f, "Dockerfile {}", context.join(file).display())
+            }
+        }
     }
 }
 

@@ -28,10 +28,11 @@ pub enum TaskError {
         #[source]
         source: std::io::Error,
     },
-    /// The task needs a container image, which the local backend cannot provide.
+    /// The task needs a container image and the backend has no image store.
     #[error(
-        "task {task}: needs an OCI backend ({reason}); the local backend cannot build or pull images \
-         (pass the allow-default-rootfs option to run it on the default rootfs anyway)"
+        "task {task}: needs {reason}, but the sandbox backend has no image store \
+         (use the image backend, or pass the allow-default-rootfs option to run it on the \
+         default rootfs anyway)"
     )]
     NeedsOci {
         /// Task id.

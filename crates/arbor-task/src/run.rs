@@ -18,6 +18,9 @@ pub struct PrepareOptions {
     /// Run tasks that need a container image on the default rootfs instead
     /// of refusing them (a warning is logged per task).
     pub allow_default_rootfs: bool,
+    /// The backend resolves `SandboxSpec::image` (it is an
+    /// `arbor_image::ImageBackend`): tasks that need an image get it.
+    pub images: bool,
 }
 
 /// Create the task's sandbox and put its environment in place (git tree,
@@ -38,19 +41,23 @@ pub async fn prepare_with_spec(
     spec: &SandboxSpec,
     opts: &PrepareOptions,
 ) -> Result<Box<dyn Sandbox>> {
-    if let Some(reason) = task.environment.needs_oci() {
+    let mut spec = std::borrow::Cow::Borrowed(spec);
+    if let Some(source) = &spec.image
+        && !opts.images
+    {
         if !opts.allow_default_rootfs {
             return Err(TaskError::NeedsOci {
                 task: task.id.clone(),
-                reason,
+                reason: source.to_string(),
             });
         }
-        warn!(task = %task.id, "task needs {reason}; running it on the default rootfs as asked");
+        warn!(task = %task.id, "task needs {source}; running it on the default rootfs as asked");
+        spec.to_mut().image = None;
     }
     if task.environment.allow_internet {
         tracing::debug!(task = %task.id, "task asks for internet access; local sandboxes have none");
     }
-    let sb = backend.create(spec).await?;
+    let sb = backend.create(&spec).await?;
     match populate(sb.as_ref(), task).await {
         Ok(()) => Ok(sb),
         Err(e) => {

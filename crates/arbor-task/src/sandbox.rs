@@ -2,15 +2,16 @@
 //! resources), absolute sandbox paths, and putting files in place. Shared by
 //! preparing a task (`crate::run`) and grading it (`crate::verify`).
 
-use arbor_sandbox::{Sandbox, SandboxSpec};
+use arbor_sandbox::{ImageSource, Sandbox, SandboxSpec};
 
 use crate::error::{Result, TaskError};
 use crate::model::{FileSpec, Task};
 
-/// The sandbox spec of a task (rootfs, binds, env, workdir, resources).
+/// The sandbox spec of a task (image, rootfs, binds, env, workdir, resources).
 pub fn sandbox_spec(task: &Task) -> SandboxSpec {
     let env = &task.environment;
     let mut spec = SandboxSpec {
+        image: image_source(task),
         rootfs: env.rootfs.clone(),
         binds: env.binds.clone(),
         env: env.env.clone(),
@@ -30,6 +31,22 @@ pub fn sandbox_spec(task: &Task) -> SandboxSpec {
         spec.limits.workspace_mb = s.max(64);
     }
     spec
+}
+
+/// The image a task's environment names: a reference, or a Dockerfile built
+/// with its own directory as the context.
+pub fn image_source(task: &Task) -> Option<ImageSource> {
+    let env = &task.environment;
+    if let Some(reference) = &env.image {
+        return Some(ImageSource::Reference(reference.clone()));
+    }
+    let file = env.dockerfile.as_ref()?;
+    let context = file
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_else(|| ".".into());
+    let name = file.file_name().map(Into::into).unwrap_or_else(|| "Dockerfile".into());
+    Some(ImageSource::Dockerfile { context, file: name })
 }
 
 /// An absolute sandbox path: `p` if absolute, else under `workdir`.

@@ -436,7 +436,7 @@ fn harbor_task_folder() -> TestResult {
     )) {
         Err(e @ TaskError::NeedsOci { .. }) => {
             ensure!(
-                e.to_string().contains("needs an OCI backend"),
+                e.to_string().contains("has no image store"),
                 "message: {e}"
             )
         }
@@ -444,6 +444,7 @@ fn harbor_task_folder() -> TestResult {
     }
     let allow = PrepareOptions {
         allow_default_rootfs: true,
+        ..Default::default()
     };
     let r = run_with(
         b.as_ref(),

@@ -151,6 +151,7 @@ pub async fn run(cmd: Command) -> Result<i32> {
                 concurrency: a.concurrency,
                 prepare: PrepareOptions {
                     allow_default_rootfs: a.allow_default_rootfs,
+                    ..Default::default()
                 },
                 progress: Some(Arc::new(move |done, _total| {
                     progress_bar.set_position(done as u64)

@@ -37,6 +37,12 @@ pub(super) fn validate(spec: &SandboxSpec) -> Result<()> {
 
 /// `rootfs` or `layers`, not both; each an existing (absolute) directory.
 fn root_filesystem(spec: &SandboxSpec) -> Result<()> {
+    if let Some(image) = &spec.image {
+        return invalid(format!(
+            "the sandbox needs {image}, but this backend has no image store \
+             (use an image-aware backend: arbor_image::ImageBackend)"
+        ));
+    }
     if let Some(r) = &spec.rootfs {
         if !spec.layers.is_empty() {
             return invalid(format!(

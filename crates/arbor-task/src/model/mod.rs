@@ -64,7 +64,7 @@ impl Task {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Environment {
-    /// A container image the task needs (pulled by an OCI backend).
+    /// A container image the task runs in (pulled into the image store on first use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// A Dockerfile (host path) that must be built into the task's image.
@@ -116,17 +116,6 @@ impl Default for Environment {
             binds: Vec::new(),
             resources: Resources::default(),
             allow_internet: false,
-        }
-    }
-}
-
-impl Environment {
-    /// Why this environment needs an OCI backend, if it does.
-    pub fn needs_oci(&self) -> Option<String> {
-        match (&self.image, &self.dockerfile) {
-            (Some(img), _) => Some(format!("image `{img}`")),
-            (None, Some(df)) => Some(format!("Dockerfile {}", df.display())),
-            _ => None,
         }
     }
 }
