@@ -13,6 +13,9 @@
 
 pub mod config;
 pub mod error;
+// Registry slice: pulling from OCI registries.
+pub mod registry;
 
 pub use config::{ImageConfig, ImageRecord};
 pub use error::{ImageError, Result};
+pub use registry::{NoProgress, PullProgress, Registry, RegistryConfig};
