@@ -21,8 +21,11 @@ pub mod platform;
 pub mod store;
 pub mod unpack;
 
+pub mod registry;
+
 pub use config::{ImageConfig, ImageRecord};
 pub use error::{ImageError, Result};
 
 pub use digest::Digest;
+pub use registry::{NoProgress, PullProgress, Registry, RegistryConfig};
 pub use store::{LayerInfo, Lease, PruneReport, Store, StoreOptions, Usage};
