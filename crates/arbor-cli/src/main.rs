@@ -30,6 +30,9 @@ enum Command {
     /// Isolated sandboxes: run a command, clean up after crashes, benchmark.
     #[command(subcommand)]
     Sandbox(cmd::sandbox::Command),
+    /// Container images: pull, load, build, list, prune, bench.
+    #[command(subcommand)]
+    Image(cmd::image::Command),
     /// Task sets: generate built-in domains, list sources, validate oracles and verifiers.
     #[command(subcommand)]
     Task(cmd::task::Command),
@@ -81,6 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Serve(a) => cmd::serve::run(a).await,
             Command::Report(a) => cmd::report::run(a),
             Command::Sandbox(c) => cmd::sandbox::run(c).await,
+            Command::Image(c) => cmd::image::run(c).await,
             Command::Tree(c) => cmd::tree::run(c),
             Command::Train(c) => cmd::train::run(c).await,
             Command::Task(c) => cmd::task::run(c).await,

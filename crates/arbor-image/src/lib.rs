@@ -22,6 +22,12 @@ pub mod store;
 pub mod unpack;
 
 pub mod registry;
+// TEMP-PULL
+pub mod pull;
+
+pub mod backend;
+pub mod bench;
+pub mod build;
 
 pub use config::{ImageConfig, ImageRecord};
 pub use error::{ImageError, Result};

@@ -38,7 +38,8 @@ pub struct Percentiles {
     pub p99: f64,
 }
 
-fn percentiles(mut v: Vec<f64>) -> Percentiles {
+/// Median and p99 of a sample (NaN when empty).
+pub fn percentiles(mut v: Vec<f64>) -> Percentiles {
     if v.is_empty() {
         return Percentiles {
             p50: f64::NAN,
@@ -110,9 +111,7 @@ pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchRep
         live_requested: opts.live,
         live_create_s: live.create_s,
         rss_mb_per_live_sandbox: live.rss_kb as f64 / 1024.0 / count,
-        host_mb_per_live_sandbox: (live.mem_before_kb.saturating_sub(live.mem_after_kb)) as f64
-            / 1024.0
-            / count,
+        host_mb_per_live_sandbox: live.host_mb_per_sandbox(),
         leaked: leaks.total(),
         n,
         cgroup: match backend.cgroups() {
@@ -124,15 +123,15 @@ pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchRep
 
 /// The first sandbox builds the rootfs mask and faults in the init binary:
 /// keep that out of the measurements.
-async fn warm_up(backend: &LocalBackend, spec: &SandboxSpec) -> Result<()> {
+pub async fn warm_up(backend: &dyn Backend, spec: &SandboxSpec) -> Result<()> {
     let sb = backend.create(spec).await?;
     sb.exec(ExecRequest::new(["true"])).await?;
     sb.destroy().await
 }
 
 /// Milliseconds of `n` fresh sandboxes, each created, running `true`, destroyed.
-async fn create_exec_destroy(
-    backend: &LocalBackend,
+pub async fn create_exec_destroy(
+    backend: &dyn Backend,
     spec: &SandboxSpec,
     n: usize,
 ) -> Result<Vec<f64>> {
@@ -211,21 +210,36 @@ async fn forks(sb: &dyn Sandbox, n: usize) -> Result<(Vec<f64>, f64)> {
 }
 
 /// What the density phase measured.
-struct LivePhase {
+pub struct LivePhase {
     /// Sandboxes created (the per-sandbox figures divide by it).
-    held: usize,
+    pub held: usize,
     /// Of those, how many still had their process running.
-    alive: usize,
-    create_s: f64,
-    rss_kb: u64,
-    mem_before_kb: u64,
-    mem_after_kb: u64,
+    pub alive: usize,
+    /// Seconds to create them all.
+    pub create_s: f64,
+    /// Resident memory of their processes, KiB.
+    pub rss_kb: u64,
+    /// Host `MemAvailable` before creating them, KiB.
+    pub mem_before_kb: u64,
+    /// Host `MemAvailable` with all of them alive, KiB.
+    pub mem_after_kb: u64,
 }
+
+impl LivePhase {
+    /// Host memory taken per live sandbox, MB.
+    pub fn host_mb_per_sandbox(&self) -> f64 {
+        self.mem_before_kb.saturating_sub(self.mem_after_kb) as f64 / 1024.0 / self.held.max(1) as f64
+    }
+}
+
+/// Exit 0 when a `sleep` process runs in the sandbox; shell builtins only,
+/// so it works in images without procps.
+const SLEEPER_ALIVE: &str = "for c in /proc/[0-9]*/comm; do read n < \"$c\" && [ \"$n\" = sleep ] && exit 0; done; exit 1";
 
 /// Hold `opts.live` sandboxes at once, each with a process running, measure
 /// them, destroy them. Errors are reported on stderr, not returned: the
 /// figures of what did start are still the result.
-async fn live_phase(backend: &LocalBackend, spec: &SandboxSpec, opts: &BenchOptions) -> LivePhase {
+pub async fn live_phase(backend: &LocalBackend, spec: &SandboxSpec, opts: &BenchOptions) -> LivePhase {
     let live = opts.live;
     eprintln!("bench: holding {live} live sandboxes");
     let mem_before_kb = mem_available_kb();
@@ -237,7 +251,7 @@ async fn live_phase(backend: &LocalBackend, spec: &SandboxSpec, opts: &BenchOpti
     let mut rss_kb = 0u64;
     for sb in &sandboxes {
         if let Ok(r) = sb
-            .exec(ExecRequest::shell("pgrep -x sleep >/dev/null"))
+            .exec(ExecRequest::shell(SLEEPER_ALIVE))
             .await
             && r.exit_code == 0
         {

@@ -1,4 +1,6 @@
 //! One module per command group.
+pub mod image;
+pub mod image_bench;
 pub mod pipeline;
 pub mod policy;
 pub mod quickstart;

@@ -12,7 +12,7 @@ use crate::digest::Digest;
 use crate::error::{ImageError, Result};
 
 /// What the layer cache holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Usage {
     /// Bytes of unpacked layers on disk.
     pub bytes: u64,
@@ -23,7 +23,7 @@ pub struct Usage {
 }
 
 /// What a prune did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PruneReport {
     /// Layers evicted, least recently used first.
     pub removed: Vec<Digest>,
