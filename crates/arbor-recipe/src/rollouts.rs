@@ -69,6 +69,7 @@ pub fn experiment(
         verifier: Default::default(),
         warm_pool: 0,
         allow_default_rootfs: false,
+        images: Default::default(),
     }
 }
 

@@ -71,6 +71,42 @@ pub struct Experiment {
     /// Run tasks that ask for a container image on the default rootfs.
     #[serde(default)]
     pub allow_default_rootfs: bool,
+    /// Where container images are kept and how registries are reached (for
+    /// tasks that name an image or a Dockerfile).
+    #[serde(default)]
+    pub images: ImagesSpec,
+}
+
+/// `[images]`: the image store and registries of a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImagesSpec {
+    /// Store directory (default `$ARBOR_IMAGE_ROOT` or `/var/lib/arbor/images`).
+    pub root: Option<PathBuf>,
+    /// Disk budget of unpacked layers, GB (least recently used unused layers go first).
+    pub max_gb: Option<f64>,
+    /// Registries (`host:port`) spoken to over plain HTTP.
+    pub insecure: Vec<String>,
+    /// Registry host -> mirror host.
+    pub mirrors: std::collections::BTreeMap<String, String>,
+    /// Give Dockerfile RUN steps the host's network (`docker build` does).
+    pub build_network_host: bool,
+}
+
+impl ImagesSpec {
+    /// The image backend's configuration.
+    pub fn config(&self) -> arbor_image::backend::ImagesConfig {
+        arbor_image::backend::ImagesConfig {
+            root: self.root.clone(),
+            max_bytes: self.max_gb.map(|gb| (gb.max(0.0) * 1e9) as u64),
+            registry: arbor_image::RegistryConfig {
+                insecure: self.insecure.clone(),
+                mirrors: self.mirrors.clone(),
+                docker_config: None,
+            },
+            build_network_host: self.build_network_host,
+        }
+    }
 }
 
 fn one() -> u32 {

@@ -27,6 +27,7 @@ use arbor_sandbox::Backend;
 use arbor_sandbox::local::{LocalBackend, LocalConfig};
 use arbor_sandbox::pool::{Pool, PoolBackend};
 use arbor_task::Task;
+use arbor_image::backend::ImageBackend;
 use arbor_task::run::{PrepareOptions, sandbox_spec};
 use arbor_task::verify::GradeOptions;
 use tokio::sync::Semaphore;
@@ -155,7 +156,7 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
     let (_policy, upstreams) = start_policy(exp, &tasks).await?;
     let (gateway, settings) = start_gateway(exp, &dir, upstreams).await?;
     let sandboxes = Sandboxes::start(exp, &opts, &tasks).await?;
-    let ctx = Arc::new(new_ctx(exp, sandboxes.backend.clone(), &gateway, settings));
+    let ctx = Arc::new(new_ctx(exp, &sandboxes, &gateway, settings));
 
     let mut rec = Recorder::new(&store, &opts, sandboxes.live.clone(), requested, all);
     let new_before = rec.all.len();
@@ -221,15 +222,27 @@ fn plan_rollouts(
 /// (live and peak), behind a warm pool when the experiment asks for one.
 struct Sandboxes {
     backend: Arc<dyn Backend>,
+    /// The backend resolves images (tasks that need one get it).
+    images: bool,
     live: Arc<LiveCount>,
     pool: Option<Arc<Pool>>,
 }
 
 impl Sandboxes {
     async fn start(exp: &Experiment, opts: &RunOptions, tasks: &[Task]) -> Result<Sandboxes> {
-        let base: Arc<dyn Backend> = match opts.backend.clone() {
-            Some(b) => b,
-            None => Arc::new(LocalBackend::new(LocalConfig::default())?),
+        let needs_images = tasks.iter().any(|t| sandbox_spec(t).image.is_some());
+        let (base, images): (Arc<dyn Backend>, bool) = match opts.backend.clone() {
+            Some(b) => (b, false),
+            None => {
+                let local = LocalBackend::new(LocalConfig::default())?;
+                if needs_images {
+                    let images = ImageBackend::new(local, &exp.images.config())
+                        .map_err(|e| RolloutError::Other(format!("opening the image store: {e}")))?;
+                    (Arc::new(images), true)
+                } else {
+                    (Arc::new(local), false)
+                }
+            }
         };
         let counting = CountingBackend::new(base);
         let live: Arc<LiveCount> = counting.count();
@@ -250,6 +263,7 @@ impl Sandboxes {
         }
         Ok(Sandboxes {
             backend,
+            images,
             live,
             pool,
         })
@@ -259,12 +273,12 @@ impl Sandboxes {
 /// The context every rollout of this invocation shares.
 fn new_ctx(
     exp: &Experiment,
-    backend: Arc<dyn Backend>,
+    sandboxes: &Sandboxes,
     gateway: &arbor_gateway::RunningGateway,
     settings: ModelSettings,
 ) -> Ctx {
     Ctx {
-        backend,
+        backend: sandboxes.backend.clone(),
         gateway: gateway.addr,
         policy_label: exp.policy.label(),
         model: settings.model,
@@ -273,7 +287,7 @@ fn new_ctx(
         exp: exp.clone(),
         prepare: PrepareOptions {
             allow_default_rootfs: exp.allow_default_rootfs,
-            ..Default::default()
+            images: sandboxes.images,
         },
         grade: GradeOptions {
             mode: exp.verifier.mode,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use arbor_sandbox::bench::{self, BenchOptions};
 use arbor_sandbox::local::{LocalBackend, gc};
-use arbor_sandbox::{Backend, ExecRequest, NetworkSpec, SandboxSpec};
+use arbor_sandbox::{Backend, ExecRequest, ImageSource, NetworkSpec, SandboxSpec};
 use clap::{Args, Subcommand, ValueEnum};
 
 #[derive(Subcommand)]
@@ -48,8 +48,17 @@ impl Net {
 #[derive(Args)]
 pub struct ExecArgs {
     /// Root filesystem directory (default: read-only view of host system dirs).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "image")]
     rootfs: Option<PathBuf>,
+    /// Run in a container image (pulled into the image store on first use);
+    /// its Env, User and WorkingDir apply.
+    #[arg(long)]
+    image: Option<String>,
+    /// Working directory [default: the image's WorkingDir, else /workspace].
+    #[arg(long)]
+    workdir: Option<String>,
+    #[command(flatten)]
+    store: super::image::StoreArgs,
     /// Memory limit, MiB.
     #[arg(long, default_value_t = 2048)]
     memory_mb: u64,
@@ -111,9 +120,17 @@ pub async fn run(cmd: Command) -> Result<i32> {
 }
 
 async fn exec(a: ExecArgs) -> Result<i32> {
-    let backend = LocalBackend::with_defaults().context("starting the local sandbox backend")?;
+    let backend: Box<dyn Backend> = match a.image {
+        Some(_) => Box::new(a.store.backend(false)?),
+        None => Box::new(
+            LocalBackend::with_defaults().context("starting the local sandbox backend")?,
+        ),
+    };
+    let default_workdir = if a.image.is_some() { String::new() } else { "/workspace".into() };
     let mut spec = SandboxSpec {
         rootfs: a.rootfs,
+        image: a.image.map(ImageSource::Reference),
+        workdir: a.workdir.unwrap_or(default_workdir),
         network: a.net.spec(),
         ..Default::default()
     };

@@ -74,9 +74,15 @@ pub struct CheckArgs {
     /// Tasks checked at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Run tasks that need a container image on the default rootfs (with a warning).
+    /// Run tasks that need a container image on the default rootfs (with a
+    /// warning) instead of pulling or building their image.
     #[arg(long)]
     allow_default_rootfs: bool,
+    /// Give Dockerfile RUN steps the host's network (`docker build` does).
+    #[arg(long)]
+    build_network_host: bool,
+    #[command(flatten)]
+    store: super::image::StoreArgs,
 }
 
 fn open_opts(s: &SourceArgs) -> OpenOptions {
@@ -138,8 +144,15 @@ pub async fn run(cmd: Command) -> Result<i32> {
                 anyhow::ensure!(!found.is_empty(), "no tasks found in {}", source.display());
                 tasks.extend(found);
             }
-            let backend =
-                LocalBackend::with_defaults().context("starting the local sandbox backend")?;
+            let images = !a.allow_default_rootfs
+                && tasks
+                    .iter()
+                    .any(|t| arbor_task::run::sandbox_spec(t).image.is_some());
+            let backend: Arc<dyn arbor_sandbox::Backend> = if images {
+                Arc::new(a.store.backend(a.build_network_host)?)
+            } else {
+                Arc::new(LocalBackend::with_defaults().context("starting the local sandbox backend")?)
+            };
             let bar = ProgressBar::new(tasks.len() as u64).with_style(
                 ProgressStyle::with_template(
                     "checking {bar:30} {pos}/{len} tasks, {elapsed} elapsed, eta {eta}",
@@ -151,14 +164,14 @@ pub async fn run(cmd: Command) -> Result<i32> {
                 concurrency: a.concurrency,
                 prepare: PrepareOptions {
                     allow_default_rootfs: a.allow_default_rootfs,
-                    ..Default::default()
+                    images,
                 },
                 progress: Some(Arc::new(move |done, _total| {
                     progress_bar.set_position(done as u64)
                 })),
                 ..Default::default()
             };
-            let report = arbor_task::check(Arc::new(backend), tasks, &opts).await;
+            let report = arbor_task::check(backend, tasks, &opts).await;
             bar.finish_and_clear();
             println!("{}", serde_json::to_string(&report)?);
             let ok = report.oracle_pass == report.tasks

@@ -234,14 +234,22 @@ async fn in_sandbox<F>(
 where
     F: AsyncFnOnce(&LocalSandbox) -> Result<()>,
 {
-    if state.layers.is_empty() {
+    if state.layers.is_empty() && !as_root {
         return Err(ImageError::Invalid(
-            "this step needs a base image (FROM scratch has no filesystem to run in)".into(),
+            "RUN needs a base image (FROM scratch has no shell to run it)".into(),
         ));
     }
     let lease = b.store.lease(&state.record("build"))?;
+    let mut layers = lease.layer_dirs();
+    if layers.is_empty() {
+        // COPY onto `scratch`: an overlay needs one lower directory.
+        let empty = b.store.tmp_dir().join("empty-layer");
+        std::fs::create_dir_all(&empty)
+            .map_err(|e| ImageError::io(format!("create {}", empty.display()), e))?;
+        layers.push(empty);
+    }
     let spec = SandboxSpec {
-        layers: lease.layer_dirs(),
+        layers,
         workdir: if state.config.working_dir.is_empty() {
             "/".to_string()
         } else {
