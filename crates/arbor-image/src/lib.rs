@@ -21,6 +21,7 @@ pub mod platform;
 pub mod store;
 pub mod unpack;
 
+pub mod pull;
 pub mod registry;
 
 pub use config::{ImageConfig, ImageRecord};

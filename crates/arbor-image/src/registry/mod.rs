@@ -17,6 +17,7 @@ use oci_client::{Client, Reference};
 use serde::Deserialize;
 
 use crate::config::ImageConfig;
+use crate::digest::Digest;
 use crate::error::{ImageError, Result};
 use auth::{Credentials, DockerConfig};
 
@@ -180,7 +181,7 @@ impl Registry {
             )));
         }
         for id in &parsed.rootfs.diff_ids {
-            download::sha256_hex(id)?;
+            Digest::parse(id)?;
         }
         Ok(Resolved {
             name: name.to_string(),
@@ -224,9 +225,10 @@ fn client_config(cfg: &RegistryConfig) -> ClientConfig {
     }
 }
 
-/// Pick the index entry for this host (linux, the host's GOARCH name).
+/// Pick the index entry that best fits this host ([`crate::platform::choose`]:
+/// os, GOARCH name and CPU variant), not merely the first linux/amd64 one.
 fn host_platform_resolver(entries: &[ImageIndexEntry]) -> Option<String> {
-    oci_client::client::current_platform_resolver(entries)
+    crate::platform::choose(entries).map(|i| entries[i].digest.clone())
 }
 
 /// `reference` with its registry replaced by `mirror`.
@@ -262,7 +264,21 @@ pub(crate) fn oci_error(what: &str, e: OciDistributionError) -> ImageError {
             message.trim()
         )),
         E::RegistryError { envelope, url } => {
-            ImageError::Registry(format!("{what}: registry refused {url}: {envelope}"))
+            // The registry's error codes (MANIFEST_UNKNOWN, DENIED, ...) say
+            // more than oci-client's rendering, which drops them.
+            let errors: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|e| {
+                    let code = serde_json::to_value(&e.code).ok();
+                    let code = code.as_ref().and_then(|c| c.as_str()).unwrap_or("ERROR");
+                    format!("{code}: {}", e.message)
+                })
+                .collect();
+            ImageError::Registry(format!(
+                "{what}: registry refused {url}: {}",
+                errors.join("; ")
+            ))
         }
         E::UnauthorizedError { url } => {
             ImageError::Registry(format!("{what}: HTTP 401 unauthorized at {url}"))
