@@ -504,3 +504,31 @@ async fn record_carries_the_config_and_ensure_does_not_download_again() {
         "ensure of a stored image pulled"
     );
 }
+
+#[tokio::test]
+async fn a_mirror_failing_on_a_layer_falls_back_to_the_registry() {
+    let origin = TestRegistry::start();
+    let mirror = TestRegistry::start();
+    let top = Layer::files(&[("etc/motd", b"from wherever\n")]);
+    let spec = ImageSpec::default();
+    for reg in [&origin, &mirror] {
+        push_image(reg, "fb/img", "v1", &[busybox_layer(), &top], &spec).await;
+    }
+    // The mirror lost the top layer's bytes: its manifest resolves, the blob fails.
+    std::fs::remove_file(mirror.blob_data_path(&top.digest)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config_for(&origin, dir.path());
+    cfg.insecure.push(mirror.host.clone());
+    cfg.mirrors.insert(origin.host.clone(), mirror.host.clone());
+    let store = open_store(dir.path());
+    let registry = Registry::new(cfg).unwrap();
+    let record = registry
+        .pull(&store, &origin.reference("fb/img", "v1"), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(record.reference, origin.reference("fb/img", "v1"));
+    assert_eq!(
+        layer_file(&store, &top.diff_id, "etc/motd"),
+        b"from wherever\n"
+    );
+}
