@@ -125,7 +125,11 @@ impl ImageBackend {
     }
 
     /// `spec` made concrete for `image`, and the lease that keeps its layers.
-    pub fn image_spec(&self, image: &ImageRecord, spec: &SandboxSpec) -> Result<(SandboxSpec, Lease)> {
+    pub fn image_spec(
+        &self,
+        image: &ImageRecord,
+        spec: &SandboxSpec,
+    ) -> Result<(SandboxSpec, Lease)> {
         let lease = self.store.lease(image)?;
         Ok((apply_image(image, &lease, spec), lease))
     }

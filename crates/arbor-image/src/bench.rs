@@ -69,7 +69,11 @@ pub struct ImageBenchReport {
 }
 
 /// Run the benchmark with a temporary store under `scratch`. Progress goes to stderr.
-pub async fn run(local: LocalBackend, scratch: &Path, opts: &ImageBenchOptions) -> Result<ImageBenchReport> {
+pub async fn run(
+    local: LocalBackend,
+    scratch: &Path,
+    opts: &ImageBenchOptions,
+) -> Result<ImageBenchReport> {
     if !Path::new(BUSYBOX).is_file() {
         return Err(ImageError::Invalid(format!(
             "{BUSYBOX} not found: the bench image is made from Debian's busybox-static \
@@ -161,10 +165,21 @@ pub fn busybox_layer() -> Result<Vec<u8>> {
         ("etc/".into(), 0o755, Vec::new()),
         ("tmp/".into(), 0o1777, Vec::new()),
         ("bin/busybox".into(), 0o755, bin),
-        ("etc/passwd".into(), 0o644, b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n".to_vec()),
-        ("etc/group".into(), 0o644, b"root:x:0:\napp:x:1000:\n".to_vec()),
+        (
+            "etc/passwd".into(),
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n".to_vec(),
+        ),
+        (
+            "etc/group".into(),
+            0o644,
+            b"root:x:0:\napp:x:1000:\n".to_vec(),
+        ),
     ];
-    for applet in ["sh", "true", "ls", "cat", "echo", "sleep", "pgrep", "mkdir", "rm", "chown", "chmod", "cp", "id", "env", "test", "grep", "sed", "wc"] {
+    for applet in [
+        "sh", "true", "ls", "cat", "echo", "sleep", "pgrep", "mkdir", "rm", "chown", "chmod", "cp",
+        "id", "env", "test", "grep", "sed", "wc",
+    ] {
         entries.push((format!("bin/{applet}"), 0o777, b"-> busybox".to_vec()));
     }
     layer_tar(&entries)
@@ -173,7 +188,12 @@ pub fn busybox_layer() -> Result<Vec<u8>> {
 /// Add an uncompressed tar as a layer; returns its diff_id.
 pub fn add_tar_layer(store: &crate::store::Store, tar: &[u8]) -> Result<Digest> {
     let diff_id = Digest::sha256(tar);
-    store.add_layer(&mut &tar[..], "application/vnd.oci.image.layer.v1.tar", None, &diff_id)?;
+    store.add_layer(
+        &mut &tar[..],
+        "application/vnd.oci.image.layer.v1.tar",
+        None,
+        &diff_id,
+    )?;
     Ok(diff_id)
 }
 
@@ -182,7 +202,10 @@ fn make_image(backend: &ImageBackend) -> Result<ImageRecord> {
     let mut layers = vec![add_tar_layer(store, &busybox_layer()?)?];
     for i in 1..5 {
         let file = format!("opt/layer{i}/data");
-        let tar = layer_tar(&[("opt/", 0o755, Vec::new()), (&file, 0o644, vec![b'x'; 4096 * i])])?;
+        let tar = layer_tar(&[
+            ("opt/", 0o755, Vec::new()),
+            (&file, 0o644, vec![b'x'; 4096 * i]),
+        ])?;
         layers.push(add_tar_layer(store, &tar)?);
     }
     let record = ImageRecord {
@@ -205,7 +228,9 @@ fn make_image(backend: &ImageBackend) -> Result<ImageRecord> {
 fn unpack_throughput(backend: &ImageBackend, mb: usize) -> Result<f64> {
     let files: Vec<(String, Vec<u8>)> = (0..mb.max(1) * 4)
         .map(|i| {
-            let data: Vec<u8> = (0..256 * 1024u32).map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i as u32) >> 13) as u8).collect();
+            let data: Vec<u8> = (0..256 * 1024u32)
+                .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i as u32) >> 13) as u8)
+                .collect();
             (format!("data/f{i}"), data)
         })
         .collect();
@@ -258,7 +283,12 @@ async fn builds(backend: &ImageBackend, scratch: &Path) -> Result<(f64, f64, usi
         build_args: Default::default(),
         no_cache: false,
     };
-    let builder = Builder::new(backend.store(), backend.registry(), backend.local(), &QuietBuild);
+    let builder = Builder::new(
+        backend.store(),
+        backend.registry(),
+        backend.local(),
+        &QuietBuild,
+    );
     eprintln!("image bench: building a 10-step Dockerfile, then rebuilding it");
     let first = builder.build(&opts).await?;
     let again = builder.build(&opts).await?;

@@ -21,9 +21,8 @@ pub mod platform;
 pub mod store;
 pub mod unpack;
 
-pub mod registry;
-// TEMP-PULL
 pub mod pull;
+pub mod registry;
 
 pub mod backend;
 pub mod bench;

@@ -34,22 +34,24 @@ impl Registry {
         reference: &str,
         progress: &dyn PullProgress,
     ) -> Result<ImageRecord> {
-        let resolved = self.resolve(reference).await?;
-        let diff_ids = resolved
-            .diff_ids
-            .iter()
-            .map(|d| Digest::parse(d))
-            .collect::<Result<Vec<_>>>()?;
-        // Futures built in a plain loop: a closure here would make the pull
-        // future lose `Send` (higher-ranked lifetime inference).
-        let mut fetches = Vec::with_capacity(diff_ids.len());
-        for (desc, diff_id) in resolved.layers.iter().zip(&diff_ids) {
-            fetches.push(self.fetch_layer(store, &resolved, desc, diff_id, progress));
+        let mut resolved = self.resolve(reference).await?;
+        match self.fetch_layers(store, &resolved, progress).await {
+            Ok(()) => {}
+            // A mirror that served the manifest may still fail on a blob:
+            // the registry itself is the fallback, as for the manifest.
+            Err(e) if resolved.via_mirror && !matches!(e, ImageError::Io { .. }) => {
+                tracing::warn!(
+                    reference = %resolved.name,
+                    mirror = %resolved.source.registry(),
+                    error = %e,
+                    "mirror failed on a layer; pulling from the registry itself"
+                );
+                let original = Self::parse_reference(&resolved.name)?;
+                resolved = self.resolve_from(&resolved.name, original, false).await?;
+                self.fetch_layers(store, &resolved, progress).await?;
+            }
+            Err(e) => return Err(e),
         }
-        futures_util::stream::iter(fetches)
-            .buffer_unordered(PARALLEL_LAYERS)
-            .try_collect::<Vec<()>>()
-            .await?;
         let record = ImageRecord {
             reference: resolved.name.clone(),
             id: resolved.config_digest.clone(),
@@ -62,6 +64,31 @@ impl Registry {
         };
         store.put_image(&record)?;
         Ok(record)
+    }
+
+    /// Bring every layer of `resolved` into the store, a few at a time.
+    async fn fetch_layers(
+        &self,
+        store: &Store,
+        resolved: &Resolved,
+        progress: &dyn PullProgress,
+    ) -> Result<()> {
+        let diff_ids = resolved
+            .diff_ids
+            .iter()
+            .map(|d| Digest::parse(d))
+            .collect::<Result<Vec<_>>>()?;
+        // Futures built in a plain loop: a closure here would make the pull
+        // future lose `Send` (higher-ranked lifetime inference).
+        let mut fetches = Vec::with_capacity(diff_ids.len());
+        for (desc, diff_id) in resolved.layers.iter().zip(&diff_ids) {
+            fetches.push(self.fetch_layer(store, resolved, desc, diff_id, progress));
+        }
+        futures_util::stream::iter(fetches)
+            .buffer_unordered(PARALLEL_LAYERS)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
     }
 
     /// The image `reference` names in the store when all its layers are

@@ -23,11 +23,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arbor_image::backend::ImageBackend;
 use arbor_sandbox::Backend;
 use arbor_sandbox::local::{LocalBackend, LocalConfig};
 use arbor_sandbox::pool::{Pool, PoolBackend};
 use arbor_task::Task;
-use arbor_image::backend::ImageBackend;
 use arbor_task::run::{PrepareOptions, sandbox_spec};
 use arbor_task::verify::GradeOptions;
 use tokio::sync::Semaphore;
@@ -236,8 +236,9 @@ impl Sandboxes {
             None => {
                 let local = LocalBackend::new(LocalConfig::default())?;
                 if needs_images {
-                    let images = ImageBackend::new(local, &exp.images.config())
-                        .map_err(|e| RolloutError::Other(format!("opening the image store: {e}")))?;
+                    let images = ImageBackend::new(local, &exp.images.config()).map_err(|e| {
+                        RolloutError::Other(format!("opening the image store: {e}"))
+                    })?;
                     (Arc::new(images), true)
                 } else {
                     (Arc::new(local), false)

@@ -228,18 +228,25 @@ pub struct LivePhase {
 impl LivePhase {
     /// Host memory taken per live sandbox, MB.
     pub fn host_mb_per_sandbox(&self) -> f64 {
-        self.mem_before_kb.saturating_sub(self.mem_after_kb) as f64 / 1024.0 / self.held.max(1) as f64
+        self.mem_before_kb.saturating_sub(self.mem_after_kb) as f64
+            / 1024.0
+            / self.held.max(1) as f64
     }
 }
 
 /// Exit 0 when a `sleep` process runs in the sandbox; shell builtins only,
 /// so it works in images without procps.
-const SLEEPER_ALIVE: &str = "for c in /proc/[0-9]*/comm; do read n < \"$c\" && [ \"$n\" = sleep ] && exit 0; done; exit 1";
+const SLEEPER_ALIVE: &str =
+    "for c in /proc/[0-9]*/comm; do read n < \"$c\" && [ \"$n\" = sleep ] && exit 0; done; exit 1";
 
 /// Hold `opts.live` sandboxes at once, each with a process running, measure
 /// them, destroy them. Errors are reported on stderr, not returned: the
 /// figures of what did start are still the result.
-pub async fn live_phase(backend: &LocalBackend, spec: &SandboxSpec, opts: &BenchOptions) -> LivePhase {
+pub async fn live_phase(
+    backend: &LocalBackend,
+    spec: &SandboxSpec,
+    opts: &BenchOptions,
+) -> LivePhase {
     let live = opts.live;
     eprintln!("bench: holding {live} live sandboxes");
     let mem_before_kb = mem_available_kb();
@@ -250,9 +257,7 @@ pub async fn live_phase(backend: &LocalBackend, spec: &SandboxSpec, opts: &Bench
     let mut alive = 0;
     let mut rss_kb = 0u64;
     for sb in &sandboxes {
-        if let Ok(r) = sb
-            .exec(ExecRequest::shell(SLEEPER_ALIVE))
-            .await
+        if let Ok(r) = sb.exec(ExecRequest::shell(SLEEPER_ALIVE)).await
             && r.exit_code == 0
         {
             alive += 1;

@@ -44,8 +44,8 @@ use async_trait::async_trait;
 pub use error::{Result, SandboxError};
 pub use init::copy_layer;
 pub use spec::{
-    Bind, BindMode, ExecRequest, ImageSource, ExecResult, Limits, NetworkSpec, SandboxSpec, TcpBridge,
-    UnixBridge,
+    Bind, BindMode, ExecRequest, ExecResult, ImageSource, Limits, NetworkSpec, SandboxSpec,
+    TcpBridge, UnixBridge,
 };
 
 /// A live sandbox. Safe to share between tasks; commands may run concurrently.

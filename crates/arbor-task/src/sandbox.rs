@@ -45,8 +45,14 @@ pub fn image_source(task: &Task) -> Option<ImageSource> {
         .parent()
         .map(|p| p.to_path_buf())
         .unwrap_or_else(|| ".".into());
-    let name = file.file_name().map(Into::into).unwrap_or_else(|| "Dockerfile".into());
-    Some(ImageSource::Dockerfile { context, file: name })
+    let name = file
+        .file_name()
+        .map(Into::into)
+        .unwrap_or_else(|| "Dockerfile".into());
+    Some(ImageSource::Dockerfile {
+        context,
+        file: name,
+    })
 }
 
 /// An absolute sandbox path: `p` if absolute, else under `workdir`.

@@ -435,10 +435,7 @@ fn harbor_task_folder() -> TestResult {
         &GradeOptions::default(),
     )) {
         Err(e @ TaskError::NeedsOci { .. }) => {
-            ensure!(
-                e.to_string().contains("has no image store"),
-                "message: {e}"
-            )
+            ensure!(e.to_string().contains("has no image store"), "message: {e}")
         }
         other => return Err(format!("expected NeedsOci, got {other:?}").into()),
     }

@@ -181,8 +181,13 @@ pub async fn run(cmd: Command) -> Result<i32> {
 
 fn open_store(a: &StoreArgs) -> Result<Store> {
     let root = a.image_root.clone().unwrap_or_else(Store::default_root);
-    Store::open(&root, StoreOptions { max_bytes: a.image_max_gb.map(gb_to_bytes) })
-        .with_context(|| format!("opening the image store {}", root.display()))
+    Store::open(
+        &root,
+        StoreOptions {
+            max_bytes: a.image_max_gb.map(gb_to_bytes),
+        },
+    )
+    .with_context(|| format!("opening the image store {}", root.display()))
 }
 
 async fn pull(a: PullArgs) -> Result<i32> {
@@ -205,7 +210,12 @@ fn load(a: LoadArgs) -> Result<i32> {
         println!("{}", serde_json::to_string(&records)?);
     } else {
         for r in &records {
-            println!("loaded {} ({}, {} layers)", r.reference, short(&r.id), r.layers.len());
+            println!(
+                "loaded {} ({}, {} layers)",
+                r.reference,
+                short(&r.id),
+                r.layers.len()
+            );
         }
     }
     Ok(0)
@@ -222,7 +232,10 @@ async fn build(a: BuildArgs) -> Result<i32> {
     let network_host = a.network == "host";
     let backend = a.store.backend(network_host)?;
     let opts = BuildOptions {
-        dockerfile: a.file.clone().unwrap_or_else(|| a.context.join("Dockerfile")),
+        dockerfile: a
+            .file
+            .clone()
+            .unwrap_or_else(|| a.context.join("Dockerfile")),
         context: a.context.clone(),
         tag: a.tag.clone(),
         network_host,
@@ -230,7 +243,12 @@ async fn build(a: BuildArgs) -> Result<i32> {
         no_cache: a.no_cache,
     };
     let progress = StepPrinter { quiet: a.json };
-    let builder = Builder::new(backend.store(), backend.registry(), backend.local(), &progress);
+    let builder = Builder::new(
+        backend.store(),
+        backend.registry(),
+        backend.local(),
+        &progress,
+    );
     let report = builder.build(&opts).await?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -256,7 +274,12 @@ fn ls(a: JsonArgs) -> Result<i32> {
     }
     println!("{:<60} {:<14} {:>6}", "REFERENCE", "ID", "LAYERS");
     for r in images {
-        println!("{:<60} {:<14} {:>6}", r.reference, short(&r.id), r.layers.len());
+        println!(
+            "{:<60} {:<14} {:>6}",
+            r.reference,
+            short(&r.id),
+            r.layers.len()
+        );
     }
     Ok(0)
 }
@@ -265,13 +288,21 @@ fn inspect(a: RefArgs) -> Result<i32> {
     let store = open_store(&a.store)?;
     match store.image(&a.reference)? {
         Some(r) => print_record(&r, true),
-        None => bail!("image {} is not in the store {}", a.reference, store.root().display()),
+        None => bail!(
+            "image {} is not in the store {}",
+            a.reference,
+            store.root().display()
+        ),
     }
 }
 
 fn prune(a: PruneArgs) -> Result<i32> {
     let store = open_store(&a.store)?;
-    let budget = a.max_gb.or(a.store.image_max_gb).map(gb_to_bytes).unwrap_or(0);
+    let budget = a
+        .max_gb
+        .or(a.store.image_max_gb)
+        .map(gb_to_bytes)
+        .unwrap_or(0);
     let report = store.prune(budget)?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -291,7 +322,12 @@ fn print_record(r: &ImageRecord, json: bool) -> Result<i32> {
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
     } else {
-        println!("{} ({}, {} layers)", r.reference, short(&r.id), r.layers.len());
+        println!(
+            "{} ({}, {} layers)",
+            r.reference,
+            short(&r.id),
+            r.layers.len()
+        );
     }
     Ok(0)
 }

@@ -122,11 +122,15 @@ pub async fn run(cmd: Command) -> Result<i32> {
 async fn exec(a: ExecArgs) -> Result<i32> {
     let backend: Box<dyn Backend> = match a.image {
         Some(_) => Box::new(a.store.backend(false)?),
-        None => Box::new(
-            LocalBackend::with_defaults().context("starting the local sandbox backend")?,
-        ),
+        None => {
+            Box::new(LocalBackend::with_defaults().context("starting the local sandbox backend")?)
+        }
     };
-    let default_workdir = if a.image.is_some() { String::new() } else { "/workspace".into() };
+    let default_workdir = if a.image.is_some() {
+        String::new()
+    } else {
+        "/workspace".into()
+    };
     let mut spec = SandboxSpec {
         rootfs: a.rootfs,
         image: a.image.map(ImageSource::Reference),

@@ -151,7 +151,9 @@ pub async fn run(cmd: Command) -> Result<i32> {
             let backend: Arc<dyn arbor_sandbox::Backend> = if images {
                 Arc::new(a.store.backend(a.build_network_host)?)
             } else {
-                Arc::new(LocalBackend::with_defaults().context("starting the local sandbox backend")?)
+                Arc::new(
+                    LocalBackend::with_defaults().context("starting the local sandbox backend")?,
+                )
             };
             let bar = ProgressBar::new(tasks.len() as u64).with_style(
                 ProgressStyle::with_template(

@@ -29,7 +29,8 @@ pub(crate) fn step_inputs(run: &Run<'_>, state: &State, step: &Step) -> Result<S
             }
             None => {
                 for src in sources {
-                    let path = resolve(&run.opts.context, src).map_err(|m| build_err(run, step.line, m))?;
+                    let path = resolve(&run.opts.context, src)
+                        .map_err(|m| build_err(run, step.line, m))?;
                     let _ = writeln!(inputs, "src {src} {}", hash_tree(&path)?);
                 }
             }
@@ -83,7 +84,9 @@ pub(crate) fn resolve(context: &Path, src: &str) -> std::result::Result<PathBuf,
         .canonicalize()
         .map_err(|e| format!("COPY source `{src}`: {e}"))?;
     if !real.starts_with(&root) {
-        return Err(format!("COPY source `{src}` resolves outside the build context"));
+        return Err(format!(
+            "COPY source `{src}` resolves outside the build context"
+        ));
     }
     Ok(full)
 }
@@ -102,7 +105,12 @@ fn hash_entry(path: &Path, rel: &Path, h: &mut Sha256) -> Result<()> {
     let meta = std::fs::symlink_metadata(path).map_err(io)?;
     h.update(format!("{}\0{:o}\0", rel.display(), meta.mode()).as_bytes());
     if meta.is_symlink() {
-        h.update(std::fs::read_link(path).map_err(io)?.as_os_str().as_encoded_bytes());
+        h.update(
+            std::fs::read_link(path)
+                .map_err(io)?
+                .as_os_str()
+                .as_encoded_bytes(),
+        );
     } else if meta.is_file() {
         let mut f = std::fs::File::open(path).map_err(io)?;
         let mut buf = vec![0u8; 1 << 16];
@@ -145,7 +153,10 @@ pub(crate) fn pack_source(path: &Path, name: &str) -> Result<Vec<u8>> {
 /// Whether an ADD source is a local tar archive (unpacked, not copied).
 pub(crate) fn is_archive(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    path.is_file() && [".tar", ".tar.gz", ".tgz"].iter().any(|s| name.ends_with(s))
+    path.is_file()
+        && [".tar", ".tar.gz", ".tgz"]
+            .iter()
+            .any(|s| name.ends_with(s))
 }
 
 /// An archive's entries as a plain tar (gzip undone), for `write_tar`.

@@ -187,7 +187,12 @@ impl<'a> Builder<'a> {
         })
     }
 
-    async fn build_stage(&self, run: &mut Run<'_>, df: &Dockerfile, stage: &Stage) -> Result<State> {
+    async fn build_stage(
+        &self,
+        run: &mut Run<'_>,
+        df: &Dockerfile,
+        stage: &Stage,
+    ) -> Result<State> {
         let mut state = self.from_state(run, df, stage).await?;
         for step in &stage.steps {
             run.step_no += 1;
@@ -205,7 +210,8 @@ impl<'a> Builder<'a> {
                 global.insert(name.clone(), v.clone());
             }
         }
-        let from = dockerfile::expand(&stage.from, &global).map_err(|m| build_err(run, stage.line, m))?;
+        let from =
+            dockerfile::expand(&stage.from, &global).map_err(|m| build_err(run, stage.line, m))?;
         self.progress
             .step(run.step_no, run.total, &format!("FROM {from}"), false);
         let shell = vec!["/bin/sh".to_string(), "-c".to_string()];
@@ -218,7 +224,12 @@ impl<'a> Builder<'a> {
                 shell,
             });
         }
-        if let Some((_, s)) = run.stages.iter().rev().find(|(n, _)| n.as_deref() == Some(from.as_str())) {
+        if let Some((_, s)) = run
+            .stages
+            .iter()
+            .rev()
+            .find(|(n, _)| n.as_deref() == Some(from.as_str()))
+        {
             let mut s = s.clone();
             s.args.clear();
             return Ok(s);
@@ -246,9 +257,7 @@ impl<'a> Builder<'a> {
     /// Apply one step: from the cache when its key is there, else for real.
     async fn apply(&self, run: &mut Run<'_>, state: State, step: &Step) -> Result<State> {
         let inputs = context::step_inputs(run, &state, step)?;
-        let key = Digest::sha256(
-            format!("{}\n{}\n{}", state.key, step.text, inputs).as_bytes(),
-        );
+        let key = Digest::sha256(format!("{}\n{}\n{}", state.key, step.text, inputs).as_bytes());
         let cached = if run.opts.no_cache {
             None
         } else {

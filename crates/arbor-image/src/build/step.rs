@@ -34,7 +34,10 @@ pub(crate) async fn execute(
         Op::Env(pairs) => {
             for (k, v) in pairs {
                 let v = dockerfile::expand(v, &state.vars()).map_err(err)?;
-                state.config.env.retain(|kv| kv.split_once('=').map(|p| p.0) != Some(k));
+                state
+                    .config
+                    .env
+                    .retain(|kv| kv.split_once('=').map(|p| p.0) != Some(k));
                 state.config.env.push(format!("{k}={v}"));
             }
         }
@@ -97,7 +100,9 @@ fn network_host(run: &Run<'_>, flag: Option<&str>) -> std::result::Result<bool, 
         Some("none") => Ok(false),
         Some("host") if run.opts.network_host => Ok(true),
         Some("host") => Err("RUN --network=host needs `arbor image build --network host`".into()),
-        Some(other) => Err(format!("RUN --network={other} is not supported (host or none)")),
+        Some(other) => Err(format!(
+            "RUN --network={other} is not supported (host or none)"
+        )),
     }
 }
 
@@ -136,24 +141,47 @@ async fn run_command(
     out.push_str(&r.stderr_str());
     let tail: String = {
         let chars: Vec<char> = out.chars().collect();
-        chars[chars.len().saturating_sub(ERROR_TAIL)..].iter().collect()
+        chars[chars.len().saturating_sub(ERROR_TAIL)..]
+            .iter()
+            .collect()
     };
     let how = if r.timed_out {
         "timed out".to_string()
     } else {
         format!("exited with {}", r.exit_code)
     };
-    Err(ImageError::Invalid(format!("RUN {how}:\n{}", tail.trim_end())))
+    Err(ImageError::Invalid(format!(
+        "RUN {how}:\n{}",
+        tail.trim_end()
+    )))
 }
 
 /// COPY/ADD: unpack the sources into a sandbox over the stage, then chown/chmod.
-async fn copy(b: &Builder<'_>, run: &mut Run<'_>, state: &State, step: &Step, key: &Digest) -> Result<Digest> {
-    let Op::Copy { sources, dest, chown, chmod, from, add } = &step.op else {
+async fn copy(
+    b: &Builder<'_>,
+    run: &mut Run<'_>,
+    state: &State,
+    step: &Step,
+    key: &Digest,
+) -> Result<Digest> {
+    let Op::Copy {
+        sources,
+        dest,
+        chown,
+        chmod,
+        from,
+        add,
+    } = &step.op
+    else {
         return Err(build_err(run, step.line, "not a COPY step"));
     };
     let vars = state.vars();
     let (file, line) = (run.file.clone(), step.line);
-    let berr = |m: String| ImageError::Build { file: file.clone(), line, message: m };
+    let berr = |m: String| ImageError::Build {
+        file: file.clone(),
+        line,
+        message: m,
+    };
     let x = |s: &str| dockerfile::expand(s, &vars).map_err(berr);
     let dest = join_dir(&state.config.working_dir, &x(dest)?);
     let many = sources.len() > 1 || dest.ends_with('/');
@@ -168,9 +196,21 @@ async fn copy(b: &Builder<'_>, run: &mut Run<'_>, state: &State, step: &Step, ke
                     items.push((dest.clone(), read_archive(&path)?));
                     continue;
                 }
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file").to_string();
-                let target = if path.is_dir() || many { dest.clone() } else { parent(&dest) };
-                let file_name = if path.is_dir() || many { name } else { base(&dest) };
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("file")
+                    .to_string();
+                let target = if path.is_dir() || many {
+                    dest.clone()
+                } else {
+                    parent(&dest)
+                };
+                let file_name = if path.is_dir() || many {
+                    name
+                } else {
+                    base(&dest)
+                };
                 items.push((target, pack_source(&path, &file_name)?));
                 continue;
             }
@@ -183,7 +223,12 @@ async fn copy(b: &Builder<'_>, run: &mut Run<'_>, state: &State, step: &Step, ke
             sb.write_tar(&target, tar).await?;
         }
         if let Some(script) = fixups {
-            run_command(sb, vec!["/bin/sh".into(), "-c".into(), script], &BTreeMap::new()).await?;
+            run_command(
+                sb,
+                vec!["/bin/sh".into(), "-c".into(), script],
+                &BTreeMap::new(),
+            )
+            .await?;
         }
         Ok(())
     })
@@ -268,7 +313,9 @@ where
     let result = match body(&sb).await {
         Ok(()) => {
             let layer = Digest::sha256(format!("layer {key}").as_bytes());
-            b.store.add_layer_dir(&layer, &sb.writable_layer()).map(|_| layer)
+            b.store
+                .add_layer_dir(&layer, &sb.writable_layer())
+                .map(|_| layer)
         }
         Err(e) => Err(e),
     };
@@ -298,7 +345,11 @@ impl Builder<'_> {
             .or_else(|| stage.parse::<usize>().ok().and_then(|i| run.stages.get(i)))
         {
             Some((_, s)) => s.clone(),
-            None => return Err(ImageError::Invalid(format!("COPY --from={stage}: no such stage"))),
+            None => {
+                return Err(ImageError::Invalid(format!(
+                    "COPY --from={stage}: no such stage"
+                )));
+            }
         };
         let lease = self.store.lease(&state.record("build"))?;
         let spec = SandboxSpec {

@@ -128,10 +128,7 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
                 steps: Vec::new(),
             });
             if let Some(flag) = from.options.first() {
-                return Err(err(format!(
-                    "FROM {} is not supported",
-                    flag_text(flag)
-                )));
+                return Err(err(format!("FROM {} is not supported", flag_text(flag))));
             }
             continue;
         }
@@ -189,7 +186,9 @@ fn convert(ins: &Instruction) -> std::result::Result<Op, String> {
         Instruction::User(u) => Op::User(u.arguments.value.trim().to_string()),
         Instruction::Entrypoint(e) => Op::Entrypoint(command_form(&e.arguments)),
         Instruction::Cmd(c) => Op::Cmd(command_form(&c.arguments)),
-        Instruction::Shell(s) => Op::Shell(s.arguments.iter().map(|a| a.value.to_string()).collect()),
+        Instruction::Shell(s) => {
+            Op::Shell(s.arguments.iter().map(|a| a.value.to_string()).collect())
+        }
         Instruction::Expose(_) => Op::Ignored("EXPOSE"),
         Instruction::Healthcheck(_) => Op::Ignored("HEALTHCHECK"),
         Instruction::Stopsignal(_) => Op::Ignored("STOPSIGNAL"),

@@ -146,7 +146,10 @@ mod tests {
         let v = vars();
         assert_eq!(expand("$A-${A}", &v).unwrap(), "1-1");
         assert_eq!(expand("${PATH}:/usr/bin", &v).unwrap(), "/bin:/usr/bin");
-        assert_eq!(expand("${E:-d} ${A:-d} ${A:+x} ${E:+x}", &v).unwrap(), "d 1 x ");
+        assert_eq!(
+            expand("${E:-d} ${A:-d} ${A:+x} ${E:+x}", &v).unwrap(),
+            "d 1 x "
+        );
         assert_eq!(expand("\\$A $NOPE.", &v).unwrap(), "$A .");
         assert!(expand("${A", &v).is_err());
     }

@@ -18,28 +18,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedMutexGuard;
 
 use super::{PullProgress, oci_error};
+use crate::digest::Digest;
 use crate::error::{ImageError, Result};
 
 /// Config blobs larger than this are refused (real ones are a few KiB).
 pub const MAX_CONFIG_BYTES: i64 = 16 << 20;
-
-/// The hex of a `sha256:` digest (the only algorithm registries use for
-/// layers in practice); anything else is refused as Invalid.
-pub fn sha256_hex(digest: &str) -> Result<&str> {
-    match digest.strip_prefix("sha256:") {
-        Some(hex)
-            if hex.len() == 64
-                && hex
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
-        {
-            Ok(hex)
-        }
-        _ => Err(ImageError::Invalid(format!(
-            "unsupported or malformed blob digest {digest:?} (expected sha256:<64 hex>)"
-        ))),
-    }
-}
 
 /// Holds the right to fetch one blob into one scratch dir: other tasks of
 /// this process and other processes wait until it drops.
@@ -56,7 +39,7 @@ static LOCAL_LOCKS: LazyLock<LockMap> = LazyLock::new(Default::default);
 
 /// Take the lock for blob `digest` in scratch dir `dir` (created if missing).
 pub async fn lock_blob(dir: &Path, digest: &str) -> Result<BlobLock> {
-    let path = dir.join(format!("{}.lock", sha256_hex(digest)?));
+    let path = dir.join(format!("{}.lock", Digest::parse(digest)?.hex()));
     let local = {
         let mut map = LOCAL_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(path.clone()).or_default().clone()
@@ -109,9 +92,8 @@ pub async fn download_blob(
     dir: &Path,
     progress: &dyn PullProgress,
 ) -> Result<TempBlob> {
-    let hex = sha256_hex(&desc.digest)?;
     let blob = TempBlob {
-        path: dir.join(format!("{hex}.download")),
+        path: dir.join(format!("{}.download", Digest::parse(&desc.digest)?.hex())),
     };
     let mut file = tokio::fs::File::create(&blob.path)
         .await
@@ -161,7 +143,7 @@ pub async fn fetch_small_blob(
     reference: &Reference,
     desc: &OciDescriptor,
 ) -> Result<Vec<u8>> {
-    sha256_hex(&desc.digest)?;
+    Digest::parse(&desc.digest)?;
     if desc.size > MAX_CONFIG_BYTES {
         return Err(ImageError::Invalid(format!(
             "{}: config blob {} is {} bytes (more than {MAX_CONFIG_BYTES})",
@@ -213,23 +195,6 @@ fn stream_error(reference: &Reference, digest: &str, e: std::io::Error) -> Image
 mod tests {
     use super::*;
 
-    #[test]
-    fn only_sha256_digests_are_accepted() {
-        let good = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(sha256_hex(&good).unwrap(), "ab".repeat(32));
-        for bad in [
-            "sha512:00",
-            "sha256:ABAB",
-            "sha256:../../etc",
-            &format!("sha256:{}", "AB".repeat(32)),
-        ] {
-            assert!(
-                matches!(sha256_hex(bad), Err(ImageError::Invalid(_))),
-                "{bad}"
-            );
-        }
-    }
-
     #[tokio::test]
     async fn blob_lock_serializes_tasks() {
         let dir = tempfile::tempdir().unwrap();
@@ -244,5 +209,31 @@ mod tests {
         );
         drop(held);
         waiter.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn blob_lock_waits_for_another_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = format!("sha256:{}", "ef".repeat(32));
+        let lock_file = dir.path().join(format!("{}.lock", "ef".repeat(32)));
+        let ready = dir.path().join("ready");
+        // util-linux flock(1) holds the same lock file from another process.
+        let mut holder = std::process::Command::new("flock")
+            .arg(&lock_file)
+            .arg("-c")
+            .arg(format!("touch {} && sleep 0.6", ready.display()))
+            .spawn()
+            .expect("run flock(1)");
+        while !ready.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let start = std::time::Instant::now();
+        let lock = lock_blob(dir.path(), &digest).await.unwrap();
+        assert!(
+            start.elapsed() >= std::time::Duration::from_millis(300),
+            "lock taken while another process held it"
+        );
+        drop(lock);
+        holder.wait().unwrap();
     }
 }

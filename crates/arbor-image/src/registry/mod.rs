@@ -17,6 +17,7 @@ use oci_client::{Client, Reference};
 use serde::Deserialize;
 
 use crate::config::ImageConfig;
+use crate::digest::Digest;
 use crate::error::{ImageError, Result};
 use auth::{Credentials, DockerConfig};
 
@@ -74,6 +75,9 @@ pub struct Resolved {
     /// Where the manifest came from (a mirror or the registry itself);
     /// blobs are fetched from the same place.
     pub source: Reference,
+    /// Whether `source` is a mirror (a failed layer download then falls
+    /// back to the registry itself).
+    pub via_mirror: bool,
     /// Digest of the platform manifest.
     pub manifest_digest: String,
     /// Digest of the config blob (the image id).
@@ -141,7 +145,7 @@ impl Registry {
         let name = original.whole();
         if let Some(mirror) = self.cfg.mirrors.get(original.registry()) {
             let via = mirrored(&original, mirror);
-            match self.resolve_at(&name, via).await {
+            match self.resolve_from(&name, via, true).await {
                 Ok(resolved) => return Ok(resolved),
                 Err(e) => tracing::warn!(
                     reference = %name,
@@ -151,10 +155,17 @@ impl Registry {
                 ),
             }
         }
-        self.resolve_at(&name, original).await
+        self.resolve_from(&name, original, false).await
     }
 
-    async fn resolve_at(&self, name: &str, source: Reference) -> Result<Resolved> {
+    /// Resolve `name` at `source` only (no mirror logic); `via_mirror` is
+    /// recorded in the result.
+    pub(crate) async fn resolve_from(
+        &self,
+        name: &str,
+        source: Reference,
+        via_mirror: bool,
+    ) -> Result<Resolved> {
         let creds = self.credentials(&source)?;
         let auth = creds.registry_auth();
         let host = source.registry().to_string();
@@ -180,11 +191,12 @@ impl Registry {
             )));
         }
         for id in &parsed.rootfs.diff_ids {
-            download::sha256_hex(id)?;
+            Digest::parse(id)?;
         }
         Ok(Resolved {
             name: name.to_string(),
             source,
+            via_mirror,
             manifest_digest,
             config_digest: manifest.config.digest.clone(),
             layers: manifest.layers,
@@ -224,9 +236,10 @@ fn client_config(cfg: &RegistryConfig) -> ClientConfig {
     }
 }
 
-/// Pick the index entry for this host (linux, the host's GOARCH name).
+/// Pick the index entry that best fits this host ([`crate::platform::choose`]:
+/// os, GOARCH name and CPU variant), not merely the first linux/amd64 one.
 fn host_platform_resolver(entries: &[ImageIndexEntry]) -> Option<String> {
-    oci_client::client::current_platform_resolver(entries)
+    crate::platform::choose(entries).map(|i| entries[i].digest.clone())
 }
 
 /// `reference` with its registry replaced by `mirror`.
@@ -262,7 +275,21 @@ pub(crate) fn oci_error(what: &str, e: OciDistributionError) -> ImageError {
             message.trim()
         )),
         E::RegistryError { envelope, url } => {
-            ImageError::Registry(format!("{what}: registry refused {url}: {envelope}"))
+            // The registry's error codes (MANIFEST_UNKNOWN, DENIED, ...) say
+            // more than oci-client's rendering, which drops them.
+            let errors: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|e| {
+                    let code = serde_json::to_value(&e.code).ok();
+                    let code = code.as_ref().and_then(|c| c.as_str()).unwrap_or("ERROR");
+                    format!("{code}: {}", e.message)
+                })
+                .collect();
+            ImageError::Registry(format!(
+                "{what}: registry refused {url}: {}",
+                errors.join("; ")
+            ))
         }
         E::UnauthorizedError { url } => {
             ImageError::Registry(format!("{what}: HTTP 401 unauthorized at {url}"))
@@ -271,7 +298,8 @@ pub(crate) fn oci_error(what: &str, e: OciDistributionError) -> ImageError {
             ImageError::Registry(format!("{what}: authentication failed: {}", m.trim()))
         }
         E::RequestError(r) => {
-            let status = r.status().map(|s| format!("HTTP {s} ")).unwrap_or_default();
+            // reqwest's own text names the status ("HTTP status client
+            // error (404 Not Found) for url ...") when there is one.
             let hint = match r.url() {
                 Some(url) if url.scheme() == "https" && r.status().is_none() => format!(
                     " (spoken to over HTTPS; if {} serves plain HTTP, list it in insecure)",
@@ -281,7 +309,7 @@ pub(crate) fn oci_error(what: &str, e: OciDistributionError) -> ImageError {
                 ),
                 _ => String::new(),
             };
-            ImageError::Registry(format!("{what}: {status}{}{hint}", error_chain(&r)))
+            ImageError::Registry(format!("{what}: {}{hint}", error_chain(&r)))
         }
         other => ImageError::Registry(format!("{what}: {}", error_chain(&other))),
     }
