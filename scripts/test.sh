@@ -23,6 +23,21 @@ python3 scripts/check-doc-paths.py
 echo "==> cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+echo "==> Debian packages the image tests use"
+# busybox-static: the real minimal userland test images are made of;
+# docker-registry: the reference OCI registry, served on loopback by the tests;
+# apache2-utils: htpasswd, for the registry-credentials test.
+need_pkgs=()
+dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static)
+command -v docker-registry >/dev/null 2>&1 || need_pkgs+=(docker-registry)
+command -v htpasswd >/dev/null 2>&1 || need_pkgs+=(apache2-utils)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+# Debian's package starts a registry service where an init system runs; the
+# tests start their own on free loopback ports.
+systemctl stop docker-registry >/dev/null 2>&1 || true
+
 echo "==> installing Python packages used by client-compatibility tests"
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     -r scripts/test-requirements.txt

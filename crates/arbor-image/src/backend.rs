@@ -175,14 +175,24 @@ impl Backend for ImageBackend {
         let image = self.resolve(source).await.map_err(to_sandbox_error)?;
         let (spec, lease) = self.image_spec(&image, spec).map_err(to_sandbox_error)?;
         let inner = self.local.create(&spec).await?;
-        Ok(Box::new(ImageSandbox { inner, lease }))
+        Ok(Box::new(ImageSandbox::new(inner, lease)))
     }
 }
 
-/// A sandbox over image layers; holds the lease that pins them.
+/// A sandbox over image layers; holds the lease that pins them until it is
+/// destroyed.
 pub struct ImageSandbox {
     inner: Box<dyn Sandbox>,
-    lease: Lease,
+    lease: std::sync::Mutex<Option<Lease>>,
+}
+
+impl ImageSandbox {
+    fn new(inner: Box<dyn Sandbox>, lease: Lease) -> Self {
+        ImageSandbox {
+            inner,
+            lease: std::sync::Mutex::new(Some(lease)),
+        }
+    }
 }
 
 #[async_trait]
@@ -206,12 +216,20 @@ impl Sandbox for ImageSandbox {
         self.inner.read_tar(path).await
     }
     async fn fork(&self) -> SbResult<Box<dyn Sandbox>> {
-        Ok(Box::new(ImageSandbox {
-            inner: self.inner.fork().await?,
-            lease: self.lease.clone(),
-        }))
+        let lease = self.lease.lock().ok().and_then(|l| l.clone());
+        let Some(lease) = lease else {
+            return Err(SandboxError::Gone {
+                id: self.id().to_string(),
+                reason: "destroyed".into(),
+            });
+        };
+        Ok(Box::new(ImageSandbox::new(self.inner.fork().await?, lease)))
     }
     async fn destroy(&self) -> SbResult<()> {
-        self.inner.destroy().await
+        let result = self.inner.destroy().await;
+        if let Ok(mut lease) = self.lease.lock() {
+            lease.take();
+        }
+        result
     }
 }
