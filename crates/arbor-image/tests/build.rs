@@ -17,7 +17,8 @@ type TestResult = Result<(), Failed>;
 
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
+        let ok: bool = $cond;
+        if !ok {
             return Err(Failed::from(format!($($msg)+)));
         }
     };

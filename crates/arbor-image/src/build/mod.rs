@@ -193,7 +193,7 @@ impl<'a> Builder<'a> {
         df: &Dockerfile,
         stage: &Stage,
     ) -> Result<State> {
-        let mut state = self.from_state(run, df, stage).await?;
+        let mut state = self.base_state(run, df, stage).await?;
         for step in &stage.steps {
             run.step_no += 1;
             state = self.apply(run, state, step).await?;
@@ -202,7 +202,7 @@ impl<'a> Builder<'a> {
     }
 
     /// The state a stage starts from: `scratch`, an earlier stage, or an image.
-    async fn from_state(&self, run: &mut Run<'_>, df: &Dockerfile, stage: &Stage) -> Result<State> {
+    async fn base_state(&self, run: &mut Run<'_>, df: &Dockerfile, stage: &Stage) -> Result<State> {
         run.step_no += 1;
         let mut global: BTreeMap<String, String> = BTreeMap::new();
         for (name, default) in &df.global_args {
