@@ -157,6 +157,16 @@ impl<'a> Builder<'a> {
         } else {
             opts.context.join(&opts.dockerfile)
         };
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("docker-compose") || name.starts_with("compose.") {
+            return Err(ImageError::Build {
+                file: path.display().to_string(),
+                line: 1,
+                message: "docker compose environments (several services) are not supported: \
+                          give the task a Dockerfile or an image"
+                    .into(),
+            });
+        }
         let text = std::fs::read_to_string(&path)
             .map_err(|e| ImageError::io(format!("read {}", path.display()), e))?;
         let df = dockerfile::parse(&text, &path.display().to_string())?;
