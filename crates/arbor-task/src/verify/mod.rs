@@ -392,7 +392,9 @@ impl Ctx<'_> {
     }
 }
 
-/// Apply a unified diff in `workdir`: `git apply`, else `patch -p1`.
+/// Apply a unified diff in `workdir`: `git apply`, else `patch -p1`
+/// (GNU patch with fuzz; busybox's, as in Alpine and other small images,
+/// knows neither `--batch` nor `--fuzz`, so it gets only `-N`).
 /// `Ok(Err(msg))` = it does not apply; `Err` = the sandbox failed.
 pub(crate) async fn apply_patch(
     sb: &dyn Sandbox,
@@ -408,8 +410,10 @@ pub(crate) async fn apply_patch(
     }
     let script = format!(
         "git apply --whitespace=nowarn {tmp} 2>/tmp/arbor-git-apply.err || \
-         patch -p1 --forward --batch --fuzz=3 < {tmp} || \
-         {{ cat /tmp/arbor-git-apply.err >&2; exit 1; }}"
+         case \"$(patch --version 2>/dev/null)\" in \
+           *GNU*) patch -p1 --forward --batch --fuzz=3 < {tmp} ;; \
+           *) patch -p1 -N < {tmp} ;; \
+         esac || {{ cat /tmp/arbor-git-apply.err >&2; exit 1; }}"
     );
     let req = ExecRequest::shell(script)
         .cwd(workdir.to_string())
