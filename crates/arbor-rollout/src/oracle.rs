@@ -149,10 +149,9 @@ pub fn solution_commands(task: &Task, solution: &Solution) -> Result<Vec<String>
         let tmp = "/tmp/arbor-oracle.patch";
         write_bytes(tmp, p.as_bytes(), 0o644, &mut out);
         out.push(format!(
-            "cd {} && {{ git apply --whitespace=nowarn {tmp} 2>/tmp/arbor-oracle-apply.err || \
-             patch -p1 --forward --batch --fuzz=3 < {tmp} || \
-             {{ cat /tmp/arbor-oracle-apply.err >&2; exit 1; }}; }}",
-            q(workdir)
+            "cd {} && {{ {}; }}",
+            q(workdir),
+            arbor_task::verify::apply_patch_script(tmp)
         ));
     }
     if let Some(script) = &solution.script {

@@ -22,6 +22,12 @@
 //!
 //! Specs may also live in a separate file (`specs = "specs.json"`), in the
 //! shape of SWE-bench's `MAP_REPO_VERSION_TO_SPECS`.
+//!
+//! With an `[images]` table ([`SweImages`]) every instance instead runs in
+//! its own prebuilt image (`{registry}/{prefix}{instance_id}:{tag}`, named
+//! as SWE-bench's harness names them) whose `/testbed` already holds the
+//! repository and its environment: no `[repos]` entry, no checkout, no
+//! install; grading enters the environment (`activate`) before the tests.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +41,10 @@ use crate::model::{Environment, GitCheckout, Solution, Task};
 use crate::run::{PrepareOptions, run_solution};
 use crate::source::{Dataset, check_unique, deserialize_at, read_text, toml_to_value, validate};
 use crate::verify::{GradeOptions, LogParser, TestSuiteSpec, VerifierResult, VerifierSpec};
+
+mod images;
+
+pub use images::{DEFAULT_ACTIVATE, DEFAULT_PREFIX, DEFAULT_REGISTRY, DEFAULT_TAG, SweImages};
 
 /// Workdir of SWE-bench tasks (as in SWE-bench's images).
 pub const SWE_WORKDIR: &str = "/testbed";
@@ -150,6 +160,9 @@ pub struct SweBenchConfig {
     pub specs_file: Option<PathBuf>,
     /// Show `hints_text` to the agent (default false).
     pub include_hints: bool,
+    /// Run every instance in its own prebuilt image instead of a mirror
+    /// checkout plus install (image mode).
+    pub images: Option<SweImages>,
 }
 
 impl SweBenchConfig {
@@ -216,7 +229,8 @@ impl Dataset for SweBenchDataset {
             return Err(TaskError::invalid(
                 self.config_path.display().to_string(),
                 "-",
-                "SWE-bench config not found (it maps each `repo` to a local git mirror or bundle)",
+                "SWE-bench config not found (it maps each `repo` to a local git mirror or bundle, \
+                 or names instance images in [images], and gives each repo's test command)",
             ));
         };
         let instances = read_instances(&self.path)?;
@@ -303,23 +317,15 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// Turn an instance into a task.
+/// Turn an instance into a task: in image mode (the config has `[images]`)
+/// it runs in the instance's image as it is; otherwise in a checkout of
+/// `base_commit` from the repo's mirror, after the spec's install.
 pub fn instance_to_task(inst: &SweInstance, cfg: &SweBenchConfig, file: &str) -> Result<Task> {
     let version = match &inst.version {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
         v => v.to_string(),
     };
-    let repo_path = cfg.repos.get(&inst.repo).ok_or_else(|| {
-        TaskError::invalid(
-            file,
-            "repo",
-            format!(
-                "`{}` has no local mirror in the config's [repos]",
-                inst.repo
-            ),
-        )
-    })?;
     let spec = cfg.spec_for(&inst.repo, &version).ok_or_else(|| {
         TaskError::invalid(
             file,
@@ -330,8 +336,96 @@ pub fn instance_to_task(inst: &SweInstance, cfg: &SweBenchConfig, file: &str) ->
             ),
         )
     })?;
-    let f2p = test_list(&inst.FAIL_TO_PASS, file, "FAIL_TO_PASS")?;
-    let p2p = test_list(&inst.PASS_TO_PASS, file, "PASS_TO_PASS")?;
+    let mut environment = match &cfg.images {
+        Some(images) => image_environment(inst, spec, images, file)?,
+        None => mirror_environment(inst, spec, cfg, file)?,
+    };
+    environment.env = spec.env.clone();
+    let activate = cfg.images.as_ref().map_or("", |i| i.activate.trim());
+    let mut instruction = inst.problem_statement.clone();
+    if cfg.include_hints && !inst.hints_text.trim().is_empty() {
+        instruction.push_str("\n\nHints:\n");
+        instruction.push_str(&inst.hints_text);
+    }
+    let task = Task {
+        id: inst.instance_id.clone(),
+        domain: "swe".into(),
+        instruction,
+        environment,
+        verifier: VerifierSpec::TestSuite(test_suite(inst, spec, activate, file)?),
+        oracle: Some(Solution {
+            patch: Some(inst.patch.clone()),
+            ..Solution::default()
+        }),
+        grade_mode: None,
+        metadata: metadata(inst, spec, version),
+    };
+    validate(&task, file)?;
+    Ok(task)
+}
+
+/// Mirror mode: the files of `base_commit` from the repo's local mirror,
+/// then the spec's `pre_install` and `install`.
+fn mirror_environment(
+    inst: &SweInstance,
+    spec: &RepoSpec,
+    cfg: &SweBenchConfig,
+    file: &str,
+) -> Result<Environment> {
+    let repo_path = cfg.repos.get(&inst.repo).ok_or_else(|| {
+        TaskError::invalid(
+            file,
+            "repo",
+            format!(
+                "`{}` has no local mirror in the config's [repos] (or give the config an \
+                 [images] table to run instances in their images)",
+                inst.repo
+            ),
+        )
+    })?;
+    let mut setup = spec.pre_install.lines();
+    setup.extend(spec.install.lines());
+    Ok(Environment {
+        image: spec.image.clone(),
+        rootfs: spec.rootfs.clone(),
+        workdir: SWE_WORKDIR.into(),
+        git: Some(GitCheckout {
+            repo: repo_path.clone(),
+            commit: inst.base_commit.clone(),
+        }),
+        setup: Some(format!("set -e\n{}", setup.join("\n"))),
+        ..Environment::default()
+    })
+}
+
+/// Image mode: the instance's image (the spec's own `image` wins) as it
+/// is; setup only tags the base state for the test-file restore.
+fn image_environment(
+    inst: &SweInstance,
+    spec: &RepoSpec,
+    images: &SweImages,
+    file: &str,
+) -> Result<Environment> {
+    let image = match &spec.image {
+        Some(image) => image.clone(),
+        None => images.checked_image_name(&inst.instance_id, file)?,
+    };
+    Ok(Environment {
+        image: Some(image),
+        workdir: SWE_WORKDIR.into(),
+        setup: Some(images.setup_script()),
+        ..Environment::default()
+    })
+}
+
+/// The grading: restore the files `test_patch` touches, apply it, run
+/// `activate`, the eval commands and the test command on those files.
+fn test_suite(
+    inst: &SweInstance,
+    spec: &RepoSpec,
+    activate: &str,
+    file: &str,
+) -> Result<TestSuiteSpec> {
     let test_cmd = spec.test_cmd.lines().join(" && ");
     if test_cmd.trim().is_empty() {
         return Err(TaskError::invalid(
@@ -341,18 +435,24 @@ pub fn instance_to_task(inst: &SweInstance, cfg: &SweBenchConfig, file: &str) ->
         ));
     }
     let touched = diff_files(&inst.test_patch);
-    let mut restore = Vec::new();
-    for (f, existed) in &touched {
-        if *existed {
-            restore.push(format!(
-                "git checkout -q arbor-base -- {} 2>/dev/null || true",
-                shell_quote(f)
-            ));
-        } else {
-            restore.push(format!("rm -f {}", shell_quote(f)));
-        }
+    let restore: Vec<String> = touched
+        .iter()
+        .map(|(f, existed)| {
+            if *existed {
+                format!(
+                    "git checkout -q arbor-base -- {} 2>/dev/null || true",
+                    shell_quote(f)
+                )
+            } else {
+                format!("rm -f {}", shell_quote(f))
+            }
+        })
+        .collect();
+    let mut command: Vec<String> = Vec::new();
+    if !activate.is_empty() {
+        command.push(activate.to_string());
     }
-    let mut command = spec.eval_commands.lines();
+    command.extend(spec.eval_commands.lines());
     let mut tc = test_cmd;
     if spec.test_files_as_args.unwrap_or(true) {
         for (f, _) in &touched {
@@ -361,13 +461,20 @@ pub fn instance_to_task(inst: &SweInstance, cfg: &SweBenchConfig, file: &str) ->
         }
     }
     command.push(tc);
-    let mut setup = spec.pre_install.lines();
-    setup.extend(spec.install.lines());
-    let mut instruction = inst.problem_statement.clone();
-    if cfg.include_hints && !inst.hints_text.trim().is_empty() {
-        instruction.push_str("\n\nHints:\n");
-        instruction.push_str(&inst.hints_text);
-    }
+    Ok(TestSuiteSpec {
+        command: command.join(" && "),
+        pre_command: (!restore.is_empty()).then(|| restore.join("\n")),
+        patch: Some(inst.test_patch.clone()),
+        files: Vec::new(),
+        parser: spec.parser.unwrap_or_default(),
+        junit_path: spec.junit_path.clone(),
+        fail_to_pass: test_list(&inst.FAIL_TO_PASS, file, "FAIL_TO_PASS")?,
+        pass_to_pass: test_list(&inst.PASS_TO_PASS, file, "PASS_TO_PASS")?,
+        timeout_s: spec.timeout_s,
+    })
+}
+
+fn metadata(inst: &SweInstance, spec: &RepoSpec, version: String) -> BTreeMap<String, Value> {
     let mut metadata = BTreeMap::new();
     metadata.insert("source".into(), Value::String("swebench".into()));
     metadata.insert("repo".into(), Value::String(inst.repo.clone()));
@@ -385,42 +492,7 @@ pub fn instance_to_task(inst: &SweInstance, cfg: &SweBenchConfig, file: &str) ->
     for (k, v) in &spec.extra {
         metadata.insert(format!("spec.{k}"), v.clone());
     }
-    let task = Task {
-        id: inst.instance_id.clone(),
-        domain: "swe".into(),
-        instruction,
-        environment: Environment {
-            image: spec.image.clone(),
-            rootfs: spec.rootfs.clone(),
-            workdir: SWE_WORKDIR.into(),
-            git: Some(GitCheckout {
-                repo: repo_path.clone(),
-                commit: inst.base_commit.clone(),
-            }),
-            setup: Some(format!("set -e\n{}", setup.join("\n"))),
-            env: spec.env.clone(),
-            ..Environment::default()
-        },
-        verifier: VerifierSpec::TestSuite(TestSuiteSpec {
-            command: command.join(" && "),
-            pre_command: (!restore.is_empty()).then(|| restore.join("\n")),
-            patch: Some(inst.test_patch.clone()),
-            files: Vec::new(),
-            parser: spec.parser.unwrap_or_default(),
-            junit_path: spec.junit_path.clone(),
-            fail_to_pass: f2p,
-            pass_to_pass: p2p,
-            timeout_s: spec.timeout_s,
-        }),
-        oracle: Some(Solution {
-            patch: Some(inst.patch.clone()),
-            ..Solution::default()
-        }),
-        grade_mode: None,
-        metadata,
-    };
-    validate(&task, file)?;
-    Ok(task)
+    metadata
 }
 
 /// One line of a SWE-bench predictions file.

@@ -392,7 +392,23 @@ impl Ctx<'_> {
     }
 }
 
-/// Apply a unified diff in `workdir`: `git apply`, else `patch -p1`.
+/// The shell commands that apply the unified diff in `patch_file` in the
+/// current directory: `git apply`, else `patch -p1` (GNU patch with fuzz;
+/// busybox's, as in Alpine and other small images, knows neither `--batch`
+/// nor `--fuzz`, so it gets only `-N`). On failure `git apply`'s error is
+/// printed and the status is 1. Shared with the scripted-oracle policy,
+/// which types the same commands an agent would.
+pub fn apply_patch_script(patch_file: &str) -> String {
+    format!(
+        "git apply --whitespace=nowarn {patch_file} 2>/tmp/arbor-git-apply.err || \
+         case \"$(patch --version 2>/dev/null)\" in \
+           *GNU*) patch -p1 --forward --batch --fuzz=3 < {patch_file} ;; \
+           *) patch -p1 -N < {patch_file} ;; \
+         esac || {{ cat /tmp/arbor-git-apply.err >&2; exit 1; }}"
+    )
+}
+
+/// Apply a unified diff in `workdir` with [`apply_patch_script`].
 /// `Ok(Err(msg))` = it does not apply; `Err` = the sandbox failed.
 pub(crate) async fn apply_patch(
     sb: &dyn Sandbox,
@@ -406,11 +422,7 @@ pub(crate) async fn apply_patch(
     if let Err(e) = sb.write_file(tmp, patch.as_bytes(), 0o644).await {
         return Err(exec_failure("writing the patch", e));
     }
-    let script = format!(
-        "git apply --whitespace=nowarn {tmp} 2>/tmp/arbor-git-apply.err || \
-         patch -p1 --forward --batch --fuzz=3 < {tmp} || \
-         {{ cat /tmp/arbor-git-apply.err >&2; exit 1; }}"
-    );
+    let script = apply_patch_script(tmp);
     let req = ExecRequest::shell(script)
         .cwd(workdir.to_string())
         .timeout(Duration::from_secs(120));
