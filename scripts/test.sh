@@ -42,6 +42,19 @@ echo "==> installing Python packages used by client-compatibility tests"
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     -r scripts/test-requirements.txt
 
+# --- arbor_rl (python/): the PyTorch tree-training package. ---
+# Its pyo3 crate is its own cargo project (excluded from the workspace, so `cargo test
+# --workspace` never builds pyo3 or needs libpython); it is linted here and built by maturin
+# through `pip install ./python`. torch/transformers/maturin/pytest come from
+# test-requirements.txt above. pytest runs from the repository root so that the installed
+# package (with its compiled `_native` module) is the one imported, not the source folder.
+echo "==> arbor_rl: fmt, clippy, build, tests (CPU)"
+cargo fmt --manifest-path python/Cargo.toml --check
+cargo clippy --manifest-path python/Cargo.toml --all-targets --quiet -- -D warnings
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    --no-build-isolation ./python
+python3 -m pytest -q -p no:cacheprovider python/tests
+
 echo "==> agent virtualenv for black-box scaffold tests (target/agent-venv)"
 # Built on Debian's /usr/bin/python3 so its standard library is visible inside
 # sandboxes, whose default rootfs shows the host's /usr.
