@@ -85,6 +85,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sessions/{id}/tree", get(get_tree))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -513,6 +515,35 @@ async fn list_sessions(State(state): St) -> Response {
         .map(|(id, calls)| json!({"id": id, "calls": calls}))
         .collect();
     axum::Json(json!({"sessions": list})).into_response()
+}
+
+/// Every unknown path gets a JSON error a client can show. The common
+/// misconfiguration, a base URL that already ends in `/v1` given to a client
+/// that appends `/v1/...` itself (Anthropic-style SDKs), is named.
+async fn unknown_path(uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    let mut message = format!("no such endpoint: {path}");
+    if path.contains("/v1/v1/") {
+        message.push_str(
+            " (the path has /v1 twice: this client appends /v1 itself, so give it the \
+             base URL without the trailing /v1)",
+        );
+    }
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({"error": {"message": message, "type": "not_found_error"}})),
+    )
+        .into_response()
+}
+
+/// A known path called with the wrong method, answered in JSON too.
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let message = format!("{method} is not allowed on {}", uri.path());
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(json!({"error": {"message": message, "type": "invalid_request_error"}})),
+    )
+        .into_response()
 }
 
 fn not_found(id: &str) -> Response {

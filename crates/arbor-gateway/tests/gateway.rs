@@ -225,6 +225,22 @@ async fn errors_use_each_api_shape() {
     assert_eq!(v["error"]["type"], "api_error");
     let (_, models) = env.get("/v1/models").await;
     assert_eq!(models["data"][0]["id"], "standin");
+    // Unknown paths and wrong methods answer in JSON; a doubled /v1 is named.
+    let (s, v) = env
+        .post("/s/abc/v1/v1/messages", &json!({"model": "m"}))
+        .await;
+    assert_eq!(s, 404, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("/v1 twice"), "{msg}");
+    let (s, v) = env.get("/v1/chat/completions").await;
+    assert_eq!(s, 405, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("GET is not allowed"),
+        "{v}"
+    );
     // Nothing was recorded for failed calls.
     assert!(env.gw.store().is_empty());
 }
