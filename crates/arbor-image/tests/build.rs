@@ -56,7 +56,7 @@ ENV NAME=arbor HOME_DIR="/home/app"
 RUN echo "$GREETING $NAME" > /app/greeting && rm /etc/doomed
 RUN ["/bin/sh", "-c", "mkdir -p /home/app && chown app:app /home/app"]
 COPY --chown=app:app conf/ /app/conf/
-COPY note.txt /app/
+COPY note.txt /app
 LABEL org.example.role=test
 EXPOSE 8080
 USER app

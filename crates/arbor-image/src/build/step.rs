@@ -184,7 +184,7 @@ async fn copy(
     };
     let x = |s: &str| dockerfile::expand(s, &vars).map_err(berr);
     let dest = join_dir(&state.config.working_dir, &x(dest)?);
-    let many = sources.len() > 1 || dest.ends_with('/');
+    let many = sources.len() > 1 || dest.ends_with('/') || is_dir_in(b, state, &dest);
     let mut items: Vec<(String, Vec<u8>)> = Vec::new();
     for src in sources {
         let src = x(src)?;
@@ -234,6 +234,23 @@ async fn copy(
     })
     .await
     .map_err(|e| step_error(run, step, e))
+}
+
+/// Whether `path` is a directory in the stage's filesystem (the uppermost
+/// layer that has it decides; a whiteout hides it), so `COPY file /dir`
+/// copies into the directory as Docker does.
+fn is_dir_in(b: &Builder<'_>, state: &State, path: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let rel = path.trim_start_matches('/');
+    if rel.is_empty() {
+        return true;
+    }
+    for layer in state.layers.iter().rev() {
+        if let Ok(meta) = std::fs::symlink_metadata(b.store.layer_dir(layer).join(rel)) {
+            return meta.is_dir() && !meta.file_type().is_char_device();
+        }
+    }
+    false
 }
 
 /// `chown`/`chmod` of what was copied (run inside, so names resolve against
