@@ -76,6 +76,7 @@ model_call_s = 60
 {body}"#,
         out = out.display()
     );
+    std::fs::create_dir_all(dir).expect("experiment folder");
     let path = dir.join("agents.toml");
     std::fs::write(&path, exp).expect("write experiment");
     let g = Guard(None);
