@@ -7,14 +7,18 @@
 # stats`); the run's wall seconds. Installs the pinned CLIs first
 # (scripts/install-agents.sh). Needs root (sandboxes). Progress goes to stderr.
 #
-# Usage: scripts/agents-check.sh [RUN_DIR]     (default: a fresh temporary directory)
+# Usage: [ARBOR=path/to/arbor] scripts/agents-check.sh [RUN_DIR]   (default: a fresh temporary directory)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-agents.sh >&2
-cargo build --release --quiet -p arbor-cli >&2
-target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-arbor="$target_dir/release/arbor"
+if [ -n "${ARBOR:-}" ]; then
+    arbor="$ARBOR"    # an already built `arbor` binary
+else
+    cargo build --release --quiet -p arbor-cli >&2
+    target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+    arbor="$target_dir/release/arbor"
+fi
 
 run_dir="${1:-$(mktemp -d /tmp/arbor-agents-check.XXXXXX)/run}"
 start=$(date +%s.%N)
