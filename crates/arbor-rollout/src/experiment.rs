@@ -425,3 +425,56 @@ impl Experiment {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_presets_parse_by_kind_and_their_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("exp.toml");
+        let text = r#"
+name = "agents"
+output = "runs/agents"
+[[datasets]]
+domain = "terminal"
+n = 1
+[[scaffolds]]
+kind = "claude-code"
+path = "../npm"
+[[scaffolds]]
+kind = "mini-swe-agent"
+name = "mini"
+binds = [{ source = "tools" }]
+[[scaffolds]]
+kind = "codex"
+[[scaffolds]]
+kind = "opencode"
+[policy]
+kind = "scripted-oracle"
+"#;
+        std::fs::write(&file, text).expect("write");
+        let exp = Experiment::load(&file).expect("parses");
+        let names: Vec<&str> = exp.scaffolds.iter().map(ScaffoldSpec::name).collect();
+        assert_eq!(names, ["claude-code", "mini", "codex", "opencode"]);
+        assert!(exp.scaffolds.iter().all(ScaffoldSpec::is_blackbox));
+        let ScaffoldSpec::ClaudeCode(p) = &exp.scaffolds[0] else {
+            panic!("claude-code")
+        };
+        assert_eq!(p.path.as_deref(), Some(dir.path().join("../npm").as_path()));
+        let ScaffoldSpec::MiniSweAgent(p) = &exp.scaffolds[1] else {
+            panic!("mini-swe-agent")
+        };
+        assert_eq!(p.binds[0].source, dir.path().join("tools"));
+        // Not installed there: resolving says so.
+        let e = exp.scaffolds[0].blackbox().expect_err("no CLI in ../npm");
+        assert!(e.contains("install-agents.sh"), "{e}");
+        let bad = text.replace("kind = \"codex\"", "kind = \"codex\"\nflags = 1");
+        assert!(
+            Experiment::parse(&bad)
+                .expect_err("unknown field")
+                .contains("flags")
+        );
+    }
+}
