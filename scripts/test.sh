@@ -55,16 +55,12 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
     --no-build-isolation ./python
 python3 -m pytest -q -p no:cacheprovider python/tests
 
-echo "==> agent virtualenv for black-box scaffold tests (target/agent-venv)"
-# Built on Debian's /usr/bin/python3 so its standard library is visible inside
-# sandboxes, whose default rootfs shows the host's /usr.
-if ! /usr/bin/python3 -m venv --help >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq python3-venv
-fi
-if [ ! -x target/agent-venv/bin/python ]; then
-    /usr/bin/python3 -m venv target/agent-venv
-fi
-target/agent-venv/bin/pip install --quiet --disable-pip-version-check -r scripts/agent-requirements.txt
+echo "==> agent CLIs for black-box scaffold tests (scripts/install-agents.sh)"
+# mini-swe-agent and the openai SDK in target/agent-venv (built on Debian's /usr/bin/python3 so
+# its standard library is visible inside sandboxes, whose default rootfs shows the host's /usr),
+# and Claude Code in target/agents/npm: crates/arbor-cli/tests/agents.rs runs both end to end.
+# Codex and OpenCode are left to scripts/agents-check.sh (two more ~400 MB downloads).
+scripts/install-agents.sh claude-code mini-swe-agent
 
 echo "==> cargo test --workspace"
 cargo test --workspace

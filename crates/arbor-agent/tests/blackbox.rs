@@ -123,6 +123,8 @@ async fn openai_sdk_agent_solves_task_through_bridge() {
     let scaffold = BlackBoxScaffold {
         config: BlackBoxConfig {
             name: "openai-sdk-loop".into(),
+            files: Default::default(),
+            binds: vec![],
             install: vec![format!("cat > /tmp/agent.py <<'PYEOF'\n{AGENT}\nPYEOF")],
             run: format!("{venv_str}/bin/python /tmp/agent.py {{instruction_file}}"),
             env: [

@@ -165,6 +165,8 @@ fn mini_config(venv: &str, mode: &Mode) -> BlackBoxConfig {
     );
     BlackBoxConfig {
         name: mode.name.into(),
+        files: Default::default(),
+        binds: vec![],
         install: vec![],
         run,
         env: env

@@ -10,7 +10,7 @@ use clap::Subcommand;
 
 use crate::bench::{BenchOptions, bench};
 use crate::standin::{self, StandinConfig};
-use crate::{GatewayConfig, ToolPolicy, serve};
+use crate::{GatewayConfig, SessionCaps, ToolPolicy, serve};
 
 #[derive(Subcommand)]
 pub enum Cmd {
@@ -46,6 +46,16 @@ pub enum Cmd {
         /// Upstream idle-stream timeout (seconds).
         #[arg(long, default_value_t = 120)]
         idle_timeout: u64,
+        /// Refuse a session's calls (429, `session_call_cap`) after this many.
+        #[arg(long)]
+        max_calls_per_session: Option<u64>,
+        /// Refuse a session's calls (429, `session_token_cap`) once its calls used this many
+        /// prompt + completion tokens.
+        #[arg(long)]
+        max_tokens_per_session: Option<u64>,
+        /// Largest accepted request body (MiB).
+        #[arg(long, default_value_t = 256)]
+        max_body_mb: usize,
     },
     /// Run the deterministic stand-in upstream.
     Standin {
@@ -87,6 +97,9 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             default_model,
             request_timeout,
             idle_timeout,
+            max_calls_per_session,
+            max_tokens_per_session,
+            max_body_mb,
         } => {
             let mut cfg = GatewayConfig::new(listen, upstreams, store);
             cfg.tokenizer = tokenizer;
@@ -100,6 +113,11 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             cfg.default_model = default_model;
             cfg.request_timeout = Duration::from_secs(request_timeout);
             cfg.idle_stream_timeout = Duration::from_secs(idle_timeout);
+            cfg.caps = SessionCaps {
+                max_calls: max_calls_per_session,
+                max_tokens: max_tokens_per_session,
+            };
+            cfg.max_body_bytes = max_body_mb.saturating_mul(1 << 20);
             serve(cfg).await.context("gateway failed")?;
         }
         Cmd::Standin {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -51,6 +51,8 @@ pub enum ApiErrorKind {
     InvalidRequest,
     /// Not found (404).
     NotFound,
+    /// A per-session cap is reached (429; the body's `code` says which).
+    RateLimited,
     /// The upstream failed (502) or timed out (504).
     Upstream,
     /// No upstream could take the request (503).
@@ -70,6 +72,8 @@ pub struct ApiError {
     pub message: String,
     /// API whose error shape to use.
     pub api: Api,
+    /// Machine-readable code (e.g. `session_call_cap`), if any.
+    pub code: Option<&'static str>,
 }
 
 impl ApiError {
@@ -80,6 +84,7 @@ impl ApiError {
             kind: ApiErrorKind::InvalidRequest,
             message: message.into(),
             api,
+            code: None,
         }
     }
 
@@ -95,7 +100,29 @@ impl ApiError {
             kind,
             message: message.into(),
             api,
+            code: None,
         }
+    }
+
+    /// An error for a status the gateway did not produce itself (a rejected body, a path
+    /// that could not be decoded), its kind derived from the status.
+    pub fn from_status(api: Api, status: StatusCode, message: impl Into<String>) -> Self {
+        let kind = match status.as_u16() {
+            404 => ApiErrorKind::NotFound,
+            429 => ApiErrorKind::RateLimited,
+            502 | 504 => ApiErrorKind::Upstream,
+            503 => ApiErrorKind::Overloaded,
+            s if s >= 500 => ApiErrorKind::Internal,
+            _ => ApiErrorKind::InvalidRequest,
+        };
+        Self::new(api, status, kind, message)
+    }
+
+    /// Sets the machine-readable `code` (OpenAI shape; the Anthropic shape has none, so there
+    /// it prefixes the message).
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
     }
 
     /// The JSON body of this error in its API's shape.
@@ -105,20 +132,26 @@ impl ApiError {
                 let ty = match self.kind {
                     ApiErrorKind::InvalidRequest => "invalid_request_error",
                     ApiErrorKind::NotFound => "not_found_error",
+                    ApiErrorKind::RateLimited => "rate_limit_error",
                     ApiErrorKind::Upstream => "upstream_error",
                     ApiErrorKind::Overloaded => "server_overloaded",
                     ApiErrorKind::Internal => "server_error",
                 };
-                json!({"error": {"message": self.message, "type": ty, "param": null, "code": null}})
+                json!({"error": {"message": self.message, "type": ty, "param": null, "code": self.code}})
             }
             Api::Messages => {
                 let ty = match self.kind {
                     ApiErrorKind::InvalidRequest => "invalid_request_error",
                     ApiErrorKind::NotFound => "not_found_error",
+                    ApiErrorKind::RateLimited => "rate_limit_error",
                     ApiErrorKind::Upstream | ApiErrorKind::Internal => "api_error",
                     ApiErrorKind::Overloaded => "overloaded_error",
                 };
-                json!({"type": "error", "error": {"type": ty, "message": self.message}})
+                let message = match self.code {
+                    Some(c) => format!("{c}: {}", self.message),
+                    None => self.message.clone(),
+                };
+                json!({"type": "error", "error": {"type": ty, "message": message}})
             }
         }
     }
@@ -126,6 +159,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if self.kind == ApiErrorKind::RateLimited {
+            // A cap does not lift by waiting: tell the OpenAI and Anthropic SDKs not to retry.
+            resp.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        resp
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod anthropic;
 pub mod bench;
+pub mod caps;
 pub mod chat;
 pub mod cli;
 pub mod error;
@@ -37,11 +38,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use caps::{CapHit, CapKind, SessionCaps};
 pub use chat::ToolPolicy;
 pub use error::{Api, GatewayError};
 pub use record::CallRecord;
 pub use store::Store;
 
+use crate::caps::CapTracker;
 use crate::chat::NormOptions;
 use crate::metrics::Metrics;
 use crate::recorder::Recorder;
@@ -74,6 +77,10 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     /// Longest silence allowed inside an upstream stream.
     pub idle_stream_timeout: Duration,
+    /// Per-session caps on calls and tokens (none by default).
+    pub caps: SessionCaps,
+    /// Largest accepted request body, bytes.
+    pub max_body_bytes: usize,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -92,13 +99,16 @@ impl std::fmt::Debug for GatewayConfig {
             .field("default_model", &self.default_model)
             .field("request_timeout", &self.request_timeout)
             .field("idle_stream_timeout", &self.idle_stream_timeout)
+            .field("caps", &self.caps)
+            .field("max_body_bytes", &self.max_body_bytes)
             .finish()
     }
 }
 
 impl GatewayConfig {
     /// A configuration with defaults: one upstream, no tokenizer, token ids requested,
-    /// non-function tools refused, 600 s request and 120 s idle-stream timeouts.
+    /// non-function tools refused, 600 s request and 120 s idle-stream timeouts, no session
+    /// caps, 256 MiB bodies.
     pub fn new(listen: SocketAddr, upstreams: Vec<String>, store: PathBuf) -> Self {
         Self {
             listen,
@@ -111,6 +121,8 @@ impl GatewayConfig {
             default_model: None,
             request_timeout: Duration::from_secs(600),
             idle_stream_timeout: Duration::from_secs(120),
+            caps: SessionCaps::default(),
+            max_body_bytes: server::DEFAULT_MAX_BODY,
         }
     }
 }
@@ -138,6 +150,17 @@ impl RunningGateway {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.state.metrics
+    }
+
+    /// The first per-session cap `session` reached, if any (its calls past the cap were
+    /// refused).
+    pub fn cap_hit(&self, session: &str) -> Option<CapHit> {
+        self.state.caps.hit(session)
+    }
+
+    /// The per-session caps and counts, to read cap hits after the gateway is gone.
+    pub fn caps(&self) -> Arc<CapTracker> {
+        self.state.caps.clone()
     }
 
     /// Stops accepting connections, waits for open requests to finish, and closes the store.
@@ -171,6 +194,7 @@ fn build_state(config: &GatewayConfig) -> Result<Arc<AppState>, GatewayError> {
         duplicates_skipped = recovery.duplicates_skipped,
         "store opened"
     );
+    let caps = Arc::new(CapTracker::new(config.caps, &recovery.records));
     let recorder = Recorder::new(store, tokenizer, &recovery.records);
     let pool = UpstreamPool::new(
         &config.upstreams,
@@ -188,6 +212,8 @@ fn build_state(config: &GatewayConfig) -> Result<Arc<AppState>, GatewayError> {
             default_model: config.default_model.clone(),
         },
         models: config.default_model.iter().cloned().collect(),
+        caps,
+        max_body: config.max_body_bytes,
     }))
 }
 

@@ -1,11 +1,18 @@
 //! OpenAI Responses, translated to and from Chat Completions.
+//!
+//! Function tools nested in `namespace` tools are offered upstream under flat names and the
+//! model's calls of them come back with their `namespace` ([`tools`]).
 
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use crate::chat::{NormOptions, ToolPolicy};
+use crate::chat::NormOptions;
 use crate::sink::StreamSink;
 use crate::sse;
+
+pub mod tools;
+
+use tools::{ToolNames, insert_tools};
 
 fn parts_text(content: &Value) -> Result<Value, String> {
     match content {
@@ -44,8 +51,8 @@ fn parts_text(content: &Value) -> Result<Value, String> {
 /// Translates a Responses request into a Chat Completions request.
 ///
 /// Steps: refuse server-side state, the instructions as system prompt, the input items
-/// (messages, function calls and their outputs), the tools and tool choice, then the sampling
-/// parameters; keys keep this order on the wire.
+/// (messages, function calls and their outputs), the tools (namespaces flattened) and tool
+/// choice, then the sampling parameters; keys keep this order on the wire.
 pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
     let obj = req
         .as_object()
@@ -56,6 +63,7 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
     {
         return Err("`previous_response_id` is not supported by this gateway: send the full input (store: false)".into());
     }
+    let names = ToolNames::from_request(req);
     let mut messages: Vec<Value> = Vec::new();
     if let Some(i) = obj.get("instructions").and_then(Value::as_str)
         && !i.is_empty()
@@ -66,7 +74,7 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
         Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                push_item(i, item, &mut messages)?;
+                push_item(i, item, &names, &mut messages)?;
             }
         }
         _ => return Err("`input` must be a string or an array of items".into()),
@@ -79,14 +87,19 @@ pub fn to_chat(req: &Value, opts: &NormOptions) -> Result<Value, String> {
             .unwrap_or_else(|| json!(opts.default_model.clone().unwrap_or_default())),
     );
     body.insert("messages".into(), Value::Array(messages));
-    insert_tools(obj, opts, &mut body)?;
+    insert_tools(obj, opts, &names, &mut body)?;
     copy_sampling(obj, &mut body);
     Ok(Value::Object(body))
 }
 
 /// Translates `input[i]` into Chat messages (an item without a type but with a role is a
 /// message).
-fn push_item(i: usize, item: &Value, messages: &mut Vec<Value>) -> Result<(), String> {
+fn push_item(
+    i: usize,
+    item: &Value,
+    names: &ToolNames,
+    messages: &mut Vec<Value>,
+) -> Result<(), String> {
     let ty = item
         .get("type")
         .and_then(Value::as_str)
@@ -103,7 +116,7 @@ fn push_item(i: usize, item: &Value, messages: &mut Vec<Value>) -> Result<(), St
                 .map_err(|e| format!("input[{i}]: {e}"))?;
             messages.push(json!({"role": role, "content": content}));
         }
-        "function_call" => push_function_call(item, messages),
+        "function_call" => push_function_call(item, names, messages),
         "function_call_output" => messages.push(function_output_message(item)),
         // Reasoning items (possibly encrypted) are kept in the record only.
         "reasoning" => {}
@@ -115,13 +128,19 @@ fn push_item(i: usize, item: &Value, messages: &mut Vec<Value>) -> Result<(), St
 }
 
 /// A `function_call` item joins the previous assistant message's tool calls (parallel calls
-/// are separate items), or starts an assistant message without content.
-fn push_function_call(item: &Value, messages: &mut Vec<Value>) {
+/// are separate items), or starts an assistant message without content. A call of a
+/// namespaced tool takes the tool's flat name.
+fn push_function_call(item: &Value, names: &ToolNames, messages: &mut Vec<Value>) {
+    let name = item.get("name").and_then(Value::as_str).unwrap_or("");
+    let name = match item.get("namespace").and_then(Value::as_str) {
+        Some(ns) => names.flat(ns, name),
+        None => name.to_string(),
+    };
     let tc = json!({
         "id": item.get("call_id").and_then(Value::as_str).unwrap_or(""),
         "type": "function",
         "function": {
-            "name": item.get("name").and_then(Value::as_str).unwrap_or(""),
+            "name": name,
             "arguments": item.get("arguments").and_then(Value::as_str).unwrap_or("{}"),
         }
     });
@@ -156,60 +175,6 @@ fn function_output_message(item: &Value) -> Value {
         "content": out})
 }
 
-/// Function tools keep their fields (others are refused or dropped by policy); the tool choice
-/// and `parallel_tool_calls` follow when any tool is left.
-fn insert_tools(
-    obj: &Map<String, Value>,
-    opts: &NormOptions,
-    body: &mut Map<String, Value>,
-) -> Result<(), String> {
-    let Some(tools) = obj.get("tools").and_then(Value::as_array) else {
-        return Ok(());
-    };
-    let mut out = Vec::new();
-    for t in tools {
-        let ty = t.get("type").and_then(Value::as_str).unwrap_or("");
-        if ty == "function" {
-            let mut f = Map::new();
-            for k in ["name", "description", "parameters", "strict"] {
-                if let Some(v) = t.get(k)
-                    && !v.is_null()
-                {
-                    f.insert(k.into(), v.clone());
-                }
-            }
-            out.push(json!({"type": "function", "function": Value::Object(f)}));
-        } else if opts.tool_policy == ToolPolicy::Refuse {
-            return Err(format!(
-                "tool type `{ty}` is not supported by this gateway (only function tools); \
-                 start it with --drop-unsupported-tools to drop such tools"
-            ));
-        }
-    }
-    if !out.is_empty() {
-        body.insert("tools".into(), Value::Array(out));
-        if let Some(tc) = obj.get("tool_choice") {
-            body.insert("tool_choice".into(), tool_choice(tc));
-        }
-        if let Some(p) = obj.get("parallel_tool_calls") {
-            body.insert("parallel_tool_calls".into(), p.clone());
-        }
-    }
-    Ok(())
-}
-
-/// A string tool choice passes through; `{"type": "function", "name"}` takes the Chat shape;
-/// anything else is `auto`.
-fn tool_choice(tc: &Value) -> Value {
-    match tc {
-        Value::String(_) => tc.clone(),
-        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
-            json!({"type": "function", "function": {"name": o.get("name")}})
-        }
-        _ => json!("auto"),
-    }
-}
-
 /// Copies the sampling parameters that are set, under their Chat names.
 fn copy_sampling(obj: &Map<String, Value>, body: &mut Map<String, Value>) {
     for (from, to) in [
@@ -234,9 +199,16 @@ fn suffix(full: &Value) -> String {
         .to_string()
 }
 
-fn fc_item(call_id: &str, name: &str, args: &str, status: &str) -> Value {
-    json!({"type": "function_call", "id": format!("fc_{call_id}"), "call_id": call_id,
-           "name": name, "arguments": args, "status": status})
+/// A `function_call` output item; a flat name of a namespaced tool is split back into
+/// `namespace` and `name`.
+fn fc_item(names: &ToolNames, call_id: &str, flat: &str, args: &str, status: &str) -> Value {
+    let mut item = json!({"type": "function_call", "id": format!("fc_{call_id}"), "call_id": call_id,
+           "name": flat, "arguments": args, "status": status});
+    if let Some((ns, name)) = names.split(flat) {
+        item["name"] = json!(name);
+        item["namespace"] = json!(ns);
+    }
+    item
 }
 
 fn msg_item(id: &str, text: Option<&str>, status: &str) -> Value {
@@ -303,6 +275,7 @@ pub fn from_chat(full: &Value, req: &Value) -> Value {
         .get("choices")
         .and_then(|c| c.get(0))
         .and_then(|c| c.get("message"));
+    let names = ToolNames::from_request(req);
     let mut output = Vec::new();
     if let Some(t) = msg.and_then(|m| m.get("content")).and_then(Value::as_str)
         && !t.is_empty()
@@ -320,6 +293,7 @@ pub fn from_chat(full: &Value, req: &Value) -> Value {
         for tc in tcs {
             let f = tc.get("function");
             output.push(fc_item(
+                &names,
                 tc.get("id").and_then(Value::as_str).unwrap_or(""),
                 f.and_then(|f| f.get("name"))
                     .and_then(Value::as_str)
@@ -353,6 +327,7 @@ enum Item {
 /// Streams Responses events (response.created ... response.completed).
 pub struct ResponsesSink {
     req: Value,
+    names: ToolNames,
     seq: u64,
     started: bool,
     item: Item,
@@ -364,6 +339,7 @@ impl ResponsesSink {
     /// A sink for a request.
     pub fn new(req: Value) -> Self {
         Self {
+            names: ToolNames::from_request(&req),
             req,
             seq: 0,
             started: false,
@@ -412,12 +388,12 @@ impl ResponsesSink {
                 ..
             } => {
                 let item_id = format!("fc_{call_id}");
+                let item = fc_item(&self.names, &call_id, &name, &args, "completed");
                 out.push(self.ev(
                     "response.function_call_arguments.done",
                     json!({"item_id": item_id,
-                    "output_index": index, "name": name, "arguments": args}),
+                    "output_index": index, "name": item["name"], "arguments": args}),
                 ));
-                let item = fc_item(&call_id, &name, &args, "completed");
                 out.push(self.ev(
                     "response.output_item.done",
                     json!({"output_index": index, "item": item}),
@@ -493,7 +469,7 @@ impl StreamSink for ResponsesSink {
                     let index = self.next_output;
                     self.next_output += 1;
                     out.push(self.ev("response.output_item.added",
-                        json!({"output_index": index, "item": fc_item(&call_id, &name, "", "in_progress")})));
+                        json!({"output_index": index, "item": fc_item(&self.names, &call_id, &name, "", "in_progress")})));
                     self.item = Item::Call {
                         tc: ti,
                         index,
@@ -552,6 +528,7 @@ impl StreamSink for ResponsesSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::ToolPolicy;
 
     #[test]
     fn translates_items() {

@@ -1,18 +1,25 @@
 //! The HTTP server: routes, session addressing, the call engine and stream driving.
+//!
+//! Every 4xx/5xx answer has a JSON body in the error shape of the API the caller speaks
+//! (Anthropic's on `/messages` paths or with an `anthropic-version` header, OpenAI's
+//! otherwise): the call engine builds [`ApiError`]s, and [`json_errors`] rewrites anything
+//! else (axum's own rejections, such as a body over the size limit).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::stream;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::caps::{CapHit, CapTracker};
 use crate::chat::{self, Accumulator, NormOptions};
 use crate::error::{Api, ApiError, ApiErrorKind};
 use crate::metrics::Metrics;
@@ -33,12 +40,17 @@ pub struct AppState {
     pub norm: NormOptions,
     /// Models listed by `GET /v1/models` when no upstream answers.
     pub models: Vec<String>,
+    /// Per-session caps and counts.
+    pub caps: Arc<CapTracker>,
+    /// Largest accepted request body, bytes.
+    pub max_body: usize,
 }
 
 type St = State<Arc<AppState>>;
 
 /// Builds the router.
 pub fn router(state: Arc<AppState>) -> Router {
+    let max_body = state.max_body;
     Router::new()
         .route(
             "/v1/chat/completions",
@@ -87,12 +99,52 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(|| async { "ok" }))
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
 }
 
-/// Largest accepted request body (long agent contexts with images exceed axum's 2 MB default).
-const MAX_BODY: usize = 256 << 20;
+/// Largest accepted request body by default (long agent contexts with images exceed axum's
+/// 2 MB default).
+pub const DEFAULT_MAX_BODY: usize = 256 << 20;
+
+/// The API whose error shape a request gets: Anthropic's on `/messages` paths or with an
+/// `anthropic-version` header, OpenAI Responses' on `/responses` paths, else OpenAI Chat's.
+fn api_of(path: &str, headers: &HeaderMap) -> Api {
+    if path.contains("/messages") || headers.contains_key("anthropic-version") {
+        Api::Messages
+    } else if path.contains("/responses") {
+        Api::Responses
+    } else {
+        Api::Chat
+    }
+}
+
+/// Gives every 4xx/5xx answer that is not JSON yet a JSON body in the caller's error shape,
+/// keeping the original text (e.g. axum's "length limit exceeded") as the message.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let api = api_of(req.uri().path(), req.headers());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    ApiError::from_status(api, status, message).into_response()
+}
 
 /// Longest accepted session id.
 const MAX_SESSION_LEN: usize = 256;
@@ -188,6 +240,10 @@ async fn run_call(
     let started_ms = now_ms();
     let request = admit(api, &body)?;
     let (upstream_request, info) = upstream_request(state, api, &request)?;
+    state
+        .caps
+        .admit(&session)
+        .map_err(|hit| cap_error(api, hit))?;
     let t_upstream = Instant::now();
     let opened = state
         .pool
@@ -210,6 +266,17 @@ async fn run_call(
     } else {
         answer_full(state, input, opened, &info, t_upstream, t0).await
     }
+}
+
+/// The answer to a call past a session cap (429; see [`crate::caps`]).
+fn cap_error(api: Api, hit: CapHit) -> ApiError {
+    ApiError::new(
+        api,
+        StatusCode::TOO_MANY_REQUESTS,
+        ApiErrorKind::RateLimited,
+        format!("{hit}; this session can make no more model calls"),
+    )
+    .with_code(hit.cap.code())
 }
 
 /// Parses the body; it must be a JSON object.
@@ -280,7 +347,8 @@ async fn answer_full(
         chat::strip_for_caller(&mut input.response, false);
     }
     input.full = full;
-    state
+    let session = input.session.clone();
+    let record = state
         .recorder
         .record(input, &state.metrics)
         .await
@@ -292,6 +360,8 @@ async fn answer_full(
                 format!("recording the call failed: {e}"),
             )
         })?;
+    let (p, c) = record.token_counts();
+    state.caps.add_tokens(&session, p + c);
     state.metrics.request_seconds[api_index(api)].observe(t0.elapsed());
     let mut resp = axum::Json(caller).into_response();
     // How long the upstream (the policy) took, so callers can tell the
@@ -435,8 +505,11 @@ async fn drive_stream(
     input.full = full;
     let full_for_terminal = input.full.clone();
     let api = input.api;
+    let session = input.session.clone();
     match state.recorder.record(input, &state.metrics).await {
-        Ok(_) => {
+        Ok(record) => {
+            let (p, c) = record.token_counts();
+            state.caps.add_tokens(&session, p + c);
             send_all!(sink.terminal(&full_for_terminal));
             state.metrics.request_seconds[api_index(api)].observe(t0.elapsed());
         }
@@ -520,7 +593,7 @@ async fn list_sessions(State(state): St) -> Response {
 /// Every unknown path gets a JSON error a client can show. The common
 /// misconfiguration, a base URL that already ends in `/v1` given to a client
 /// that appends `/v1/...` itself (Anthropic-style SDKs), is named.
-async fn unknown_path(uri: axum::http::Uri) -> Response {
+async fn unknown_path(uri: axum::http::Uri, headers: HeaderMap) -> Response {
     let path = uri.path();
     let mut message = format!("no such endpoint: {path}");
     if path.contains("/v1/v1/") {
@@ -529,21 +602,19 @@ async fn unknown_path(uri: axum::http::Uri) -> Response {
              base URL without the trailing /v1)",
         );
     }
-    (
-        StatusCode::NOT_FOUND,
-        axum::Json(json!({"error": {"message": message, "type": "not_found_error"}})),
-    )
-        .into_response()
+    let api = api_of(path, &headers);
+    ApiError::new(api, StatusCode::NOT_FOUND, ApiErrorKind::NotFound, message).into_response()
 }
 
 /// A known path called with the wrong method, answered in JSON too.
-async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+async fn wrong_method(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
     let message = format!("{method} is not allowed on {}", uri.path());
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        axum::Json(json!({"error": {"message": message, "type": "invalid_request_error"}})),
-    )
-        .into_response()
+    let api = api_of(uri.path(), &headers);
+    ApiError::from_status(api, StatusCode::METHOD_NOT_ALLOWED, message).into_response()
 }
 
 fn not_found(id: &str) -> Response {

@@ -612,3 +612,319 @@ async fn n_choices_are_recorded_per_choice_and_become_tree_paths() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["data"][0]["type"], "model");
 }
+
+/// Tools as Codex sends them: function tools grouped in a `namespace` tool (here an MCP
+/// server's five tools), next to a plain function tool.
+fn codex_tools() -> Value {
+    let f = |name: &str, prop: &str| {
+        json!({"type": "function", "name": name, "description": format!("{name} on the workspace"),
+               "strict": false, "parameters": {"type": "object", "properties": {prop: {"type": "string"}},
+               "required": [prop], "additionalProperties": false}})
+    };
+    json!([
+        {"type": "namespace", "name": "mcp__fs__", "description": "Tools in the mcp__fs__ namespace.",
+         "tools": [f("read_file", "path"), f("write_file", "path"), f("list_dir", "path"),
+                   f("search", "query"), f("stat", "path")]},
+        {"type": "function", "name": "exec_command", "description": "Run a command.", "strict": false,
+         "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}
+    ])
+}
+
+/// The tool names the upstream saw: the stand-in renders them into its prompt ids.
+fn upstream_tool_names(call: &Value) -> String {
+    let prompt = standin_decode(&ids(&call["tokens"]["prompt"]));
+    let start = prompt.find("<|im_start|>tools\n").expect("tools turn") + 18;
+    let end = start
+        + prompt[start..]
+            .find("<|im_end|>")
+            .expect("end of tools turn");
+    prompt[start..end].to_string()
+}
+
+const FLAT_NAMES: &str = "mcp__fs__read_file,mcp__fs__write_file,mcp__fs__list_dir,mcp__fs__search,mcp__fs__stat,exec_command";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_tools_are_flattened_upstream_and_calls_mapped_back() {
+    let env = Env::new().await;
+    let tools = codex_tools();
+    let mut input = vec![
+        json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "read it"}]}),
+    ];
+    let body = json!({"model": "gpt-x", "instructions": "be brief", "tools": tools, "tool_choice": "auto",
+        "parallel_tool_calls": false, "input": input, "stream": false, "store": false});
+    let (s, r) = env.post("/s/ns/v1/responses", &body).await;
+    assert_eq!(s, 200, "{r}");
+    let fc = r["output"][0].clone();
+    assert_eq!(fc["type"], "function_call", "{r}");
+    assert_eq!(fc["namespace"], "mcp__fs__", "{fc}");
+    assert_eq!(fc["name"], "read_file", "{fc}");
+    assert_eq!(fc["arguments"], r#"{"path":"standin"}"#);
+    // The client sends the call back in its history, with its namespace.
+    input.push(fc.clone());
+    input
+        .push(json!({"type": "function_call_output", "call_id": fc["call_id"], "output": "hello"}));
+    let body = json!({"model": "gpt-x", "instructions": "be brief", "tools": tools, "input": input,
+        "stream": true, "store": false});
+    let (s, sse) = env.post_stream("/s/ns/v1/responses", &body).await;
+    assert_eq!(s, 200);
+    let last: Value = serde_json::from_str(&sse_events(&sse).last().unwrap().1).unwrap();
+    assert_eq!(last["type"], "response.completed", "{last}");
+    assert!(
+        last["response"]["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("hello")
+    );
+    let calls = env.calls("ns").await;
+    assert_eq!(calls.len(), 2);
+    for c in &calls {
+        check_standin_tokens(c);
+        assert_eq!(upstream_tool_names(c), FLAT_NAMES);
+    }
+    let up = &calls[1]["upstream_request"]["messages"];
+    assert_eq!(
+        up[2]["tool_calls"][0]["function"]["name"],
+        "mcp__fs__read_file"
+    );
+    // The history was sent upstream under the name the model used: the second prompt extends
+    // the first call's prompt + completion token for token.
+    assert_eq!(
+        calls[1]["branch"]["extends_previous"], true,
+        "{}",
+        calls[1]["branch"]
+    );
+    assert_eq!(calls[0]["response"]["output"][0]["namespace"], "mcp__fs__");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_calls_stream_back_namespaced_and_tool_choice_names_one() {
+    let env = Env::new().await;
+    let body = json!({"model": "gpt-x", "tools": codex_tools(), "stream": true,
+        "tool_choice": {"type": "function", "namespace": "mcp__fs__", "name": "stat"},
+        "input": [{"role": "user", "content": "stat it"}]});
+    let (s, sse) = env.post_stream("/s/nss/v1/responses", &body).await;
+    assert_eq!(s, 200);
+    let evs: Vec<Value> = sse_events(&sse)
+        .iter()
+        .map(|e| serde_json::from_str(&e.1).unwrap())
+        .collect();
+    let of = |ty: &str| evs.iter().find(|e| e["type"] == ty).cloned().unwrap();
+    let added = of("response.output_item.added");
+    assert_eq!(added["item"]["namespace"], "mcp__fs__", "{added}");
+    assert_eq!(added["item"]["name"], "stat");
+    assert_eq!(of("response.function_call_arguments.done")["name"], "stat");
+    let done = of("response.output_item.done");
+    assert_eq!(done["item"]["namespace"], "mcp__fs__");
+    assert_eq!(done["item"]["arguments"], r#"{"path":"standin"}"#);
+    let completed = of("response.completed");
+    let item = &completed["response"]["output"][0];
+    assert_eq!(
+        (item["namespace"].as_str(), item["name"].as_str()),
+        (Some("mcp__fs__"), Some("stat"))
+    );
+    let calls = env.calls("nss").await;
+    assert_eq!(upstream_tool_names(&calls[0]), FLAT_NAMES);
+    assert_eq!(
+        calls[0]["upstream_request"]["tool_choice"]["function"]["name"],
+        "mcp__fs__stat"
+    );
+    assert_eq!(calls[0]["response"]["output"][0]["namespace"], "mcp__fs__");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_unsupported_tools_keeps_namespaced_functions() {
+    let mut tools = codex_tools();
+    tools[0]["tools"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "custom", "name": "apply_patch", "format": {"type": "grammar"}}));
+    tools
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "web_search"}));
+    let body = json!({"model": "gpt-x", "tools": tools, "input": "go"});
+    // Refused by default, naming the tool that is not a function...
+    let env = Env::new().await;
+    let (s, v) = env.post("/s/d/v1/responses", &body).await;
+    assert_eq!(s, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("`custom` in namespace `mcp__fs__`"), "{msg}");
+    // ... and dropped alone when asked: the namespace's functions stay.
+    let env = Env::with(vec![StandinConfig::default()], |c| {
+        c.tool_policy = arbor_gateway::ToolPolicy::Drop
+    })
+    .await;
+    let (s, v) = env.post("/s/d/v1/responses", &body).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["output"][0]["namespace"], "mcp__fs__", "{v}");
+    assert_eq!(upstream_tool_names(&env.calls("d").await[0]), FLAT_NAMES);
+}
+
+/// POSTs raw bytes; returns status, headers and the body as JSON (a string if it is not).
+async fn post_raw(
+    env: &Env,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = env
+        .client
+        .post(env.url(path))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    let text = r.text().await.unwrap();
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn assert_anthropic_error(v: &Value, ty: &str, needle: &str) {
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], ty, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains(needle), "{needle:?} not in {v}");
+}
+
+fn assert_openai_error(v: &Value, ty: &str, needle: &str) {
+    assert_eq!(v["error"]["type"], ty, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains(needle), "{needle:?} not in {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_answer_is_json_in_the_callers_shape() {
+    let env = Env::with(vec![StandinConfig::default()], |c| c.max_body_bytes = 1024).await;
+    // A body over the limit (axum's own rejection).
+    let big = serde_json::to_vec(
+        &json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(2000)}]}),
+    )
+    .unwrap();
+    let (s, _, v) = post_raw(&env, "/s/a/v1/messages", big.clone()).await;
+    assert_eq!(s, 413);
+    assert_anthropic_error(&v, "invalid_request_error", "length limit");
+    let (s, _, v) = post_raw(&env, "/v1/chat/completions", big).await;
+    assert_eq!(s, 413);
+    assert_openai_error(&v, "invalid_request_error", "length limit");
+    // A session that is not valid UTF-8 once percent-decoded (axum's path rejection).
+    let (s, _, v) = post_raw(&env, "/s/%FF/v1/messages", b"{}".to_vec()).await;
+    assert_eq!(s, 400, "{v}");
+    assert_anthropic_error(&v, "invalid_request_error", "UTF-8");
+    // Bad JSON, unknown paths and wrong methods, each in the shape of its API.
+    let (s, _, v) = post_raw(&env, "/v1/messages", b"{not json".to_vec()).await;
+    assert_eq!(s, 400);
+    assert_anthropic_error(&v, "invalid_request_error", "not valid JSON");
+    let (s, _, v) = post_raw(&env, "/s/abc/v1/v1/messages", b"{}".to_vec()).await;
+    assert_eq!(s, 404);
+    assert_anthropic_error(&v, "not_found_error", "/v1 twice");
+    let (s, v) = env.get("/v1/messages").await;
+    assert_eq!(s, 405);
+    assert_anthropic_error(&v, "invalid_request_error", "GET is not allowed");
+    let (s, v) = env.get("/v1/responses").await;
+    assert_eq!(s, 405);
+    assert_openai_error(&v, "invalid_request_error", "GET is not allowed");
+    let (s, v) = env.get("/sessions/nobody").await;
+    assert_eq!(s, 404);
+    assert_openai_error(&v, "not_found_error", "nobody");
+    // An upstream's own refusal keeps its status and comes in the caller's shape.
+    let refusing = Env::with(
+        vec![StandinConfig {
+            fail_status: Some(409),
+            ..Default::default()
+        }],
+        |_| {},
+    )
+    .await;
+    let body =
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+    let (s, v) = refusing.post("/v1/messages", &body).await;
+    assert_eq!(s, 409, "{v}");
+    assert_anthropic_error(&v, "invalid_request_error", "upstream refused");
+    let (s, v) = refusing
+        .post("/v1/responses", &json!({"model": "m", "input": "hi"}))
+        .await;
+    assert_eq!(s, 409, "{v}");
+    assert_openai_error(&v, "invalid_request_error", "upstream refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_caps_refuse_calls_with_a_code_and_survive_a_restart() {
+    let caps = arbor_gateway::SessionCaps {
+        max_calls: Some(2),
+        max_tokens: None,
+    };
+    let env = Env::with(vec![StandinConfig::default()], |c| c.caps = caps).await;
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..2 {
+        let (s, v) = env.post("/s/loop/v1/chat/completions", &chat).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    assert_eq!(env.gw.cap_hit("loop"), None);
+    let mut stream = chat.clone();
+    stream["stream"] = json!(true);
+    let (s, headers, v) = post_raw(
+        &env,
+        "/s/loop/v1/chat/completions",
+        serde_json::to_vec(&stream).unwrap(),
+    )
+    .await;
+    assert_eq!(s, 429, "{v}");
+    assert_eq!(headers["x-should-retry"], "false");
+    assert_eq!(v["error"]["code"], "session_call_cap", "{v}");
+    assert_openai_error(
+        &v,
+        "rate_limit_error",
+        "call cap: the session made 2 model calls, the cap is 2",
+    );
+    let hit = env.gw.cap_hit("loop").expect("cap hit remembered");
+    assert_eq!(
+        (hit.cap, hit.limit, hit.used),
+        (arbor_gateway::CapKind::Calls, 2, 2)
+    );
+    // Other sessions are not affected; refused calls are not recorded.
+    let (s, _) = env.post("/s/other/v1/chat/completions", &chat).await;
+    assert_eq!(s, 200);
+    assert_eq!(env.calls("loop").await.len(), 2);
+    // A gateway reopened on the same store counts the recorded calls.
+    let store = env.dir.path().join("store");
+    let upstream = env.standins[0].url();
+    env.gw.shutdown().await.unwrap();
+    let mut cfg =
+        arbor_gateway::GatewayConfig::new(([127, 0, 0, 1], 0).into(), vec![upstream], store);
+    cfg.caps = caps;
+    let gw = arbor_gateway::start(cfg).await.unwrap();
+    let r = env
+        .client
+        .post(format!("{}/s/loop/v1/messages", gw.url()))
+        .json(&json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_anthropic_error(&v, "rate_limit_error", "session_call_cap: call cap");
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_cap_refuses_the_call_after_the_one_that_crossed_it() {
+    let caps = arbor_gateway::SessionCaps {
+        max_calls: None,
+        max_tokens: Some(20),
+    };
+    let env = Env::with(vec![StandinConfig::default()], |c| c.caps = caps).await;
+    let body = json!({"model": "m", "input": "hello there"});
+    let (s, v) = env.post("/s/t/v1/responses", &body).await;
+    assert_eq!(s, 200, "{v}");
+    let used = v["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used >= 20, "{v}");
+    let (s, v) = env.post("/s/t/v1/responses", &body).await;
+    assert_eq!(s, 429, "{v}");
+    assert_eq!(v["error"]["code"], "session_token_cap");
+    let hit = env.gw.cap_hit("t").unwrap();
+    assert_eq!((hit.cap, hit.used), (arbor_gateway::CapKind::Tokens, used));
+}

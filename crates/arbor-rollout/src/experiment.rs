@@ -20,6 +20,9 @@
 //! max_steps = 20
 //! [[scaffolds]]
 //! kind = "tools"
+//! [[scaffolds]]                  # an agent CLI (docs/agents.md): "claude-code",
+//! kind = "claude-code"           # "codex", "opencode", "mini-swe-agent", "blackbox"
+//! path = "../target/agents/npm"  # its install folder (relative to this file)
 //!
 //! [policy]
 //! kind = "scripted-oracle"       # or "upstream" with base_url/model
@@ -30,6 +33,7 @@ use std::path::{Path, PathBuf};
 
 use arbor_agent::ScaffoldConfig;
 use arbor_agent::scaffold::blackbox::BlackBoxConfig;
+use arbor_agent::scaffold::presets::{Agent, PresetConfig};
 use arbor_task::verify::GradeMode;
 use serde::{Deserialize, Serialize};
 
@@ -182,6 +186,16 @@ pub enum ScaffoldSpec {
     Tools(ScaffoldConfig),
     /// Any agent program inside the sandbox.
     Blackbox(BlackBoxConfig),
+    /// Claude Code (`claude -p`, Anthropic Messages).
+    #[serde(rename = "claude-code")]
+    ClaudeCode(PresetConfig),
+    /// Codex CLI (`codex exec`, Responses).
+    Codex(PresetConfig),
+    /// OpenCode (`opencode run`, Chat Completions).
+    Opencode(PresetConfig),
+    /// mini-swe-agent (`mini`, Chat Completions through litellm).
+    #[serde(rename = "mini-swe-agent")]
+    MiniSweAgent(PresetConfig),
 }
 
 impl ScaffoldSpec {
@@ -191,6 +205,62 @@ impl ScaffoldSpec {
             ScaffoldSpec::Bash(_) => "bash",
             ScaffoldSpec::Tools(_) => "tools",
             ScaffoldSpec::Blackbox(b) => &b.name,
+            ScaffoldSpec::ClaudeCode(p)
+            | ScaffoldSpec::Codex(p)
+            | ScaffoldSpec::Opencode(p)
+            | ScaffoldSpec::MiniSweAgent(p) => p.name.as_deref().unwrap_or(self.kind()),
+        }
+    }
+
+    /// The `kind` in the experiment file.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ScaffoldSpec::Bash(_) => "bash",
+            ScaffoldSpec::Tools(_) => "tools",
+            ScaffoldSpec::Blackbox(_) => "blackbox",
+            ScaffoldSpec::ClaudeCode(_) => Agent::ClaudeCode.kind(),
+            ScaffoldSpec::Codex(_) => Agent::Codex.kind(),
+            ScaffoldSpec::Opencode(_) => Agent::OpenCode.kind(),
+            ScaffoldSpec::MiniSweAgent(_) => Agent::MiniSweAgent.kind(),
+        }
+    }
+
+    /// Whether the scaffold runs an agent program inside the sandbox.
+    pub fn is_blackbox(&self) -> bool {
+        !matches!(self, ScaffoldSpec::Bash(_) | ScaffoldSpec::Tools(_))
+    }
+
+    /// The black-box configuration of a black-box or preset scaffold
+    /// (`None` for arbor's own), or why its agent cannot be found.
+    pub fn blackbox(&self) -> std::result::Result<Option<BlackBoxConfig>, String> {
+        let (agent, preset) = match self {
+            ScaffoldSpec::Bash(_) | ScaffoldSpec::Tools(_) => return Ok(None),
+            ScaffoldSpec::Blackbox(b) => return Ok(Some(b.clone())),
+            ScaffoldSpec::ClaudeCode(p) => (Agent::ClaudeCode, p),
+            ScaffoldSpec::Codex(p) => (Agent::Codex, p),
+            ScaffoldSpec::Opencode(p) => (Agent::OpenCode, p),
+            ScaffoldSpec::MiniSweAgent(p) => (Agent::MiniSweAgent, p),
+        };
+        agent.blackbox(preset).map(Some)
+    }
+
+    /// Host paths in the scaffold's settings, resolved against `base`.
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match self {
+            ScaffoldSpec::Bash(_) | ScaffoldSpec::Tools(_) => {}
+            ScaffoldSpec::Blackbox(b) => b.binds.iter_mut().for_each(|b| resolve(&mut b.source)),
+            ScaffoldSpec::ClaudeCode(p)
+            | ScaffoldSpec::Codex(p)
+            | ScaffoldSpec::Opencode(p)
+            | ScaffoldSpec::MiniSweAgent(p) => {
+                p.path.iter_mut().for_each(resolve);
+                p.binds.iter_mut().for_each(|b| resolve(&mut b.source));
+            }
         }
     }
 }
@@ -276,7 +346,8 @@ pub struct VerifierOverrides {
 }
 
 impl Experiment {
-    /// Parse and check an experiment file. Relative dataset paths are resolved
+    /// Parse and check an experiment file. Relative dataset paths and
+    /// scaffolds' host paths (an agent's `path`, `binds`) are resolved
     /// against the file's folder; `output` against the current directory.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -291,6 +362,9 @@ impl Experiment {
             && !checkpoint.exists()
         {
             *checkpoint = base.join(&*checkpoint);
+        }
+        for s in &mut exp.scaffolds {
+            s.resolve_paths(base);
         }
         for d in &mut exp.datasets {
             if let Some(p) = &mut d.path
@@ -349,5 +423,58 @@ impl Experiment {
             d.validate().map_err(|m| format!("datasets[{i}]: {m}"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_presets_parse_by_kind_and_their_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("exp.toml");
+        let text = r#"
+name = "agents"
+output = "runs/agents"
+[[datasets]]
+domain = "terminal"
+n = 1
+[[scaffolds]]
+kind = "claude-code"
+path = "../npm"
+[[scaffolds]]
+kind = "mini-swe-agent"
+name = "mini"
+binds = [{ source = "tools" }]
+[[scaffolds]]
+kind = "codex"
+[[scaffolds]]
+kind = "opencode"
+[policy]
+kind = "scripted-oracle"
+"#;
+        std::fs::write(&file, text).expect("write");
+        let exp = Experiment::load(&file).expect("parses");
+        let names: Vec<&str> = exp.scaffolds.iter().map(ScaffoldSpec::name).collect();
+        assert_eq!(names, ["claude-code", "mini", "codex", "opencode"]);
+        assert!(exp.scaffolds.iter().all(ScaffoldSpec::is_blackbox));
+        let ScaffoldSpec::ClaudeCode(p) = &exp.scaffolds[0] else {
+            panic!("claude-code")
+        };
+        assert_eq!(p.path.as_deref(), Some(dir.path().join("../npm").as_path()));
+        let ScaffoldSpec::MiniSweAgent(p) = &exp.scaffolds[1] else {
+            panic!("mini-swe-agent")
+        };
+        assert_eq!(p.binds[0].source, dir.path().join("tools"));
+        // Not installed there: resolving says so.
+        let e = exp.scaffolds[0].blackbox().expect_err("no CLI in ../npm");
+        assert!(e.contains("install-agents.sh"), "{e}");
+        let bad = text.replace("kind = \"codex\"", "kind = \"codex\"\nflags = 1");
+        assert!(
+            Experiment::parse(&bad)
+                .expect_err("unknown field")
+                .contains("flags")
+        );
     }
 }

@@ -42,6 +42,7 @@ use crate::store::{RunStore, done_keys};
 use crate::summary::{Summary, fill_counts, quantile};
 
 mod attempt;
+pub mod blackbox;
 mod policy;
 
 pub use attempt::GATEWAY_BRIDGE_PORT;
@@ -153,10 +154,11 @@ pub async fn run(exp: &Experiment, exp_text: &str, opts: RunOptions) -> Result<S
     // with a matching experiment) do not count.
     let all: Vec<RolloutResult> = loaded.results;
 
+    let agents = blackbox::resolve_agents(exp)?;
     let (_policy, upstreams) = start_policy(exp, &tasks).await?;
     let (gateway, settings) = start_gateway(exp, &dir, upstreams).await?;
     let sandboxes = Sandboxes::start(exp, &opts, &tasks).await?;
-    let ctx = Arc::new(new_ctx(exp, &sandboxes, &gateway, settings));
+    let ctx = Arc::new(new_ctx(exp, &sandboxes, &gateway, settings, agents, &dir));
 
     let mut rec = Recorder::new(&store, &opts, sandboxes.live.clone(), requested, all);
     let new_before = rec.all.len();
@@ -277,6 +279,8 @@ fn new_ctx(
     sandboxes: &Sandboxes,
     gateway: &arbor_gateway::RunningGateway,
     settings: ModelSettings,
+    agents: HashMap<String, blackbox::ResolvedAgent>,
+    dir: &std::path::Path,
 ) -> Ctx {
     Ctx {
         backend: sandboxes.backend.clone(),
@@ -298,6 +302,8 @@ fn new_ctx(
         steps: Mutex::new(Vec::new()),
         store: gateway.store().clone(),
         used_attempts: used_attempts(gateway.store()),
+        agents,
+        run_dir: dir.to_path_buf(),
     }
 }
 

@@ -137,4 +137,31 @@ impl CallRecord {
         }
         s
     }
+
+    /// (prompt, completion) token counts: the upstream's `usage` when it reported one, else the
+    /// recorded ids (every choice's completion counted).
+    pub fn token_counts(&self) -> (u64, u64) {
+        let usage = |k: &str| {
+            self.usage
+                .as_ref()
+                .and_then(|u| u.get(k))
+                .and_then(Value::as_u64)
+        };
+        match (usage("prompt_tokens"), usage("completion_tokens")) {
+            (Some(p), Some(c)) => (p, c),
+            _ => (
+                self.tokens.prompt.len() as u64,
+                self.tokens
+                    .completions
+                    .iter()
+                    .map(|c| c.ids.len() as u64)
+                    .sum(),
+            ),
+        }
+    }
+
+    /// Milliseconds from the request's arrival to the upstream's complete answer.
+    pub fn duration_ms(&self) -> u64 {
+        self.finished_ms.saturating_sub(self.started_ms)
+    }
 }

@@ -1,2 +1,3 @@
 //! Policies that are not real models.
 pub mod scripted;
+pub mod shell_tool;

@@ -1,9 +1,11 @@
 //! `scripted-oracle`: an OpenAI-compatible endpoint that replays a fixed list
-//! of shell commands per task through whichever protocol the scaffold uses
-//! (a fenced ```bash block, or a `bash` tool call), then submits.
+//! of shell commands per task through whichever protocol the client uses
+//! (a fenced ```bash block, or a call of the client's own shell tool, found
+//! by [`ShellTool`] whatever its name and argument schema), then ends the
+//! episode the way that client ends.
 //!
 //! It is stateless: the task is recognised by the conversation's first user
-//! message and the step by the number of assistant messages so far, so
+//! message quoting it and the step by the number of assistant messages so far, so
 //! retries and resumed runs replay identically. It exists to test and load
 //! the infrastructure; results produced with it say nothing about a model.
 //!
@@ -18,15 +20,19 @@
 //! specific one: with `"Fix a"` and `"Fix a bug"` both registered, a prompt
 //! quoting `"Fix a bug"` gets the latter). Two different instructions of
 //! that same greatest length both contained in the message are ambiguous and
-//! answered with 409 rather than guessed.
+//! answered with 409 rather than guessed. The first user message with a
+//! match decides: some agents (Codex) send context messages before the task.
 //!
 //! # Ending the episode
 //!
 //! After its commands a script ends the episode the way the agent expects
 //! ([`Script::submit_command`]): by default with the word `submit` in a
-//! fenced block (or a `submit` tool call), which arbor's scaffolds read; or
-//! with an ordinary command, for agents that finish when a command prints a
-//! sentinel (mini-swe-agent: `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`).
+//! fenced block, a `submit` tool call when the client offers one (arbor's
+//! scaffolds), or else a final answer with no tool call (agent CLIs such as
+//! Claude Code, Codex and OpenCode stop there); or with an ordinary command,
+//! for agents that finish when a command prints a sentinel. mini-swe-agent's
+//! sentinel (`echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`) and its text-mode
+//! fence are taken from its own prompt when the script names none.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,6 +46,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
+
+use super::shell_tool::ShellTool;
 
 /// Name used in reports.
 pub const NAME: &str = "scripted-oracle";
@@ -181,24 +189,22 @@ async fn complete(State(scripts): State<Scripts>, Json(req): Json<Value>) -> Res
             "`messages` must be an array".into(),
         );
     };
-    let instruction = messages
+    let users: Vec<String> = messages
         .iter()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-        .and_then(|m| m.get("content"))
-        .and_then(content_text);
-    let Some(instruction) = instruction else {
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .filter_map(|m| m.get("content").and_then(content_text))
+        .flat_map(with_unquoted)
+        .collect();
+    if users.is_empty() {
         return error(StatusCode::BAD_REQUEST, "no user message".into());
-    };
+    }
     let step = messages
         .iter()
         .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
         .count();
-    let (command, fence) = match scripts.read() {
-        Ok(s) => match find_script(&s, &instruction) {
-            Lookup::Found(script) => (
-                script.action(step).map(str::to_string),
-                script.fence.clone(),
-            ),
+    let script = match scripts.read() {
+        Ok(s) => match find_script_in(&s, &users) {
+            Lookup::Found(script) => script.clone(),
             Lookup::Missing => {
                 return error(
                     StatusCode::NOT_FOUND,
@@ -209,7 +215,7 @@ async fn complete(State(scripts): State<Scripts>, Json(req): Json<Value>) -> Res
                 return error(
                     StatusCode::CONFLICT,
                     format!(
-                        "scripted-oracle: the first user message contains two registered instructions of equal length ({a:?}, {b:?})"
+                        "scripted-oracle: a user message contains two registered instructions of equal length ({a:?}, {b:?})"
                     ),
                 );
             }
@@ -221,28 +227,13 @@ async fn complete(State(scripts): State<Scripts>, Json(req): Json<Value>) -> Res
             );
         }
     };
-    let with_tools = req
+    let script = adapt_to_client(script, messages);
+    let tools = req
         .get("tools")
         .and_then(Value::as_array)
-        .is_some_and(|t| !t.is_empty());
-    let (message, finish) = if with_tools {
-        let (name, args) = match &command {
-            Some(c) => ("bash", json!({"command": c})),
-            None => ("submit", json!({})),
-        };
-        let call = json!({"id": format!("call_{step}"), "type": "function",
-                          "function": {"name": name, "arguments": args.to_string()}});
-        (
-            json!({"role": "assistant", "content": null, "tool_calls": [call]}),
-            "tool_calls",
-        )
-    } else {
-        let c = command.as_deref().unwrap_or("submit");
-        (
-            json!({"role": "assistant", "content": format!("```{fence}\n{c}\n```")}),
-            "stop",
-        )
-    };
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let (message, finish) = reply(&script, step, tools);
     // Token ids: the byte chat format the embedded policy is served with, so each call's
     // prompt extends the previous prompt + completion exactly as with a real tokenizer and an
     // oracle trajectory is training data for the embedded model; a scripted reply is certain,
@@ -273,6 +264,71 @@ async fn complete(State(scripts): State<Scripts>, Json(req): Json<Value>) -> Res
         "usage": usage,
     }))
     .into_response()
+}
+
+/// mini-swe-agent's end-of-episode sentinel: a command whose output starts
+/// with it ends the episode. Its prompts spell it out.
+const MINI_SENTINEL: &str = "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT";
+/// mini-swe-agent's fence in text mode.
+const MINI_FENCE: &str = "mswea_bash_command";
+
+/// A script registered without a client in mind, adjusted to the
+/// conventions the client's own prompt states: mini-swe-agent ends on its
+/// sentinel command and, in text mode, reads its own fence.
+fn adapt_to_client(mut script: Script, messages: &[Value]) -> Script {
+    let prompt_mentions = |needle: &str| {
+        messages.iter().any(|m| {
+            matches!(
+                m.get("role").and_then(Value::as_str),
+                Some("system" | "user")
+            ) && m
+                .get("content")
+                .and_then(content_text)
+                .is_some_and(|c| c.contains(needle))
+        })
+    };
+    if script.submit_command.is_none() && prompt_mentions(MINI_SENTINEL) {
+        script.submit_command = Some(format!("echo {MINI_SENTINEL}"));
+    }
+    if script.fence == "bash" && prompt_mentions(&format!("```{MINI_FENCE}")) {
+        script.fence = MINI_FENCE.to_string();
+    }
+    script
+}
+
+/// The reply at step `step` and its finish reason. With tools: the command
+/// through the client's shell tool ([`ShellTool`]); at the end a `submit`
+/// call when one is offered (arbor's scaffolds), else a final answer with no
+/// tool call, the way agent CLIs end. Without tools: a fenced block.
+fn reply(script: &Script, step: usize, tools: &[Value]) -> (Value, &'static str) {
+    let command = script.action(step);
+    if tools.is_empty() {
+        let c = command.unwrap_or("submit");
+        let content = format!("```{}\n{c}\n```", script.fence);
+        return (json!({"role": "assistant", "content": content}), "stop");
+    }
+    let offers = |name: &str| {
+        tools
+            .iter()
+            .any(|t| t["function"]["name"].as_str() == Some(name))
+    };
+    let (name, args) = match command {
+        Some(c) => match ShellTool::find(tools) {
+            Some(shell) => (shell.name.clone(), shell.arguments(c)),
+            None => ("bash".to_string(), json!({"command": c})),
+        },
+        None if offers("submit") => ("submit".to_string(), json!({})),
+        None => {
+            let done = "The task is done.";
+            return (json!({"role": "assistant", "content": done}), "stop");
+        }
+    };
+    let call = json!({"id": format!("call_{step}"), "type": "function",
+                      "function": {"name": name, "arguments": args.to_string()}});
+    (
+        json!({"role": "assistant", "content": null, "tool_calls": [call]}),
+        "tool_calls",
+    )
 }
 
 /// Result of looking a conversation's task up.
@@ -311,6 +367,28 @@ fn find_script<'a>(scripts: &'a HashMap<String, Script>, first: &str) -> Lookup<
         (Some((_, s)), None) => Lookup::Found(s),
         (None, _) => Lookup::Missing,
     }
+}
+
+/// A user message, and the string it spells when it is a JSON string
+/// literal (OpenCode quotes the task that way in its title request).
+fn with_unquoted(text: String) -> Vec<String> {
+    let t = text.trim();
+    let unquoted = (t.len() >= 2 && t.starts_with('"') && t.ends_with('"'))
+        .then(|| serde_json::from_str::<String>(t).ok())
+        .flatten();
+    std::iter::once(text).chain(unquoted).collect()
+}
+
+/// The script of a conversation: the first user message with a match
+/// decides (agents such as Codex send context messages before the task).
+fn find_script_in<'a>(scripts: &'a HashMap<String, Script>, users: &[String]) -> Lookup<'a> {
+    for u in users {
+        match find_script(scripts, u) {
+            Lookup::Missing => continue,
+            found => return found,
+        }
+    }
+    Lookup::Missing
 }
 
 /// Token ids and logprobs of one reply.
@@ -418,5 +496,62 @@ mod tests {
         assert_eq!(s.action(1), Some("echo DONE"));
         assert_eq!(s.action(5), Some("echo DONE"));
         assert_eq!(Script::new(vec!["ls".into()]).action(1), None);
+    }
+
+    fn tool(name: &str, params: Value) -> Value {
+        json!({"type": "function", "function": {"name": name, "parameters": params}})
+    }
+
+    #[test]
+    fn agent_clis_get_their_shell_tool_then_a_final_answer() {
+        let s = Script::new(vec!["ls".into()]);
+        let claude = [tool(
+            "Bash",
+            json!({"properties": {"command": {"type": "string"}}, "required": ["command"]}),
+        )];
+        let (m, finish) = reply(&s, 0, &claude);
+        assert_eq!(finish, "tool_calls");
+        let f = &m["tool_calls"][0]["function"];
+        assert_eq!(f["name"], "Bash");
+        assert_eq!(f["arguments"], json!({"command": "ls"}).to_string());
+        // No submit tool offered: the episode ends with text and no tool call.
+        let (m, finish) = reply(&s, 1, &claude);
+        assert_eq!(finish, "stop");
+        assert!(m.get("tool_calls").is_none() && m["content"].is_string());
+        // arbor's tools scaffold offers `submit`, which ends its episodes.
+        let mut arbor = claude.to_vec();
+        arbor.push(tool("submit", json!({"properties": {}})));
+        let (m, _) = reply(&s, 1, &arbor);
+        assert_eq!(m["tool_calls"][0]["function"]["name"], "submit");
+        // Without tools: fenced blocks.
+        let (m, _) = reply(&s, 1, &[]);
+        assert_eq!(m["content"], "```bash\nsubmit\n```");
+    }
+
+    #[test]
+    fn the_task_is_found_in_any_user_message_and_mini_ends_with_its_sentinel() {
+        let t = table(&["Create a.txt"]);
+        let users = vec![
+            "<environment_context>cwd</environment_context>".to_string(),
+            "Create a.txt".to_string(),
+        ];
+        assert!(matches!(find_script_in(&t, &users), Lookup::Found(_)));
+        assert_eq!(
+            with_unquoted("\"say \\\"hi\\\"\"".into()),
+            vec!["\"say \\\"hi\\\"\"".to_string(), "say \"hi\"".to_string()]
+        );
+        let mini = [
+            json!({"role": "system", "content": "When done: `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`"}),
+        ];
+        let s = adapt_to_client(Script::new(vec![]), &mini);
+        assert_eq!(
+            s.action(0),
+            Some("echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT")
+        );
+        let plain = adapt_to_client(
+            Script::new(vec![]),
+            &[json!({"role": "user", "content": "x"})],
+        );
+        assert_eq!(plain.action(0), None);
     }
 }

@@ -4,6 +4,7 @@
 pub mod bash;
 pub mod blackbox;
 mod editor;
+pub mod presets;
 pub mod tools;
 
 use std::time::{Duration, Instant};
@@ -156,6 +157,9 @@ pub struct EpisodeOutcome {
     pub completion_tokens: u64,
     /// Replies that broke the protocol (no command, bad tool call).
     pub format_errors: u32,
+    /// The end of a black-box agent's output (stdout then stderr), to say
+    /// why it stopped; `None` for arbor's own scaffolds.
+    pub output_tail: Option<String>,
 }
 
 /// A loop that works a task in a sandbox through a model endpoint.
@@ -255,6 +259,7 @@ impl Tally {
                 prompt_tokens: 0,
                 completion_tokens: 0,
                 format_errors: 0,
+                output_tail: None,
             },
             started: Instant::now(),
             policy_ms: None,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use arbor_task::verify::{self, GradeOptions};
 use arbor_task::{Task, TaskError};
 use tracing::warn;
 
+use super::blackbox::{self, ResolvedAgent};
 use crate::experiment::{Experiment, ScaffoldSpec};
 use crate::record::{Failure, RolloutKey, RolloutResult, Status, StepTiming};
 use crate::summary::quantile;
@@ -44,6 +46,10 @@ pub(super) struct Ctx {
     /// session prefix (attempts of a killed invocation): new attempts
     /// number after them, so no session mixes two attempts.
     pub(super) used_attempts: HashMap<String, u32>,
+    /// Black-box scaffolds by name, resolved at the start of the run.
+    pub(super) agents: HashMap<String, ResolvedAgent>,
+    /// The run directory (black-box run records go to `agents/`).
+    pub(super) run_dir: PathBuf,
 }
 
 /// The outcome of one attempt.
@@ -74,11 +80,20 @@ fn now_unix() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-fn scaffold_of(spec: &ScaffoldSpec) -> Arc<dyn Scaffold> {
-    match spec {
-        ScaffoldSpec::Bash(c) => Arc::new(BashScaffold { config: c.clone() }),
-        ScaffoldSpec::Tools(c) => Arc::new(ToolsScaffold { config: c.clone() }),
-        ScaffoldSpec::Blackbox(c) => Arc::new(BlackBoxScaffold { config: c.clone() }),
+impl Ctx {
+    fn scaffold_of(&self, spec: &ScaffoldSpec) -> std::result::Result<Arc<dyn Scaffold>, String> {
+        Ok(match spec {
+            ScaffoldSpec::Bash(c) => Arc::new(BashScaffold { config: c.clone() }),
+            ScaffoldSpec::Tools(c) => Arc::new(ToolsScaffold { config: c.clone() }),
+            _ => {
+                let agent = self.agents.get(spec.name()).ok_or_else(|| {
+                    format!("black-box scaffold `{}` was not resolved", spec.name())
+                })?;
+                Arc::new(BlackBoxScaffold {
+                    config: agent.config.clone(),
+                })
+            }
+        })
     }
 }
 
@@ -210,12 +225,37 @@ impl Ctx {
                 return failed(r, start, status, class, msg);
             }
         };
-        self.fill_episode(
-            &mut r,
-            &outcome,
-            !matches!(scaffold_spec, ScaffoldSpec::Blackbox(_)),
-        );
+        self.fill_episode(&mut r, &outcome, !scaffold_spec.is_blackbox());
+        if scaffold_spec.is_blackbox()
+            && let Some(msg) = self.check_agent_run(&r, scaffold_spec.name(), &outcome)
+        {
+            destroy(sb.as_ref(), task).await;
+            // Not retried: the same setup fails the same way.
+            let mut a = failed(r, start, Status::InfraError, blackbox::SETUP_CLASS, msg);
+            a.infra = false;
+            return a;
+        }
         self.grade_and_destroy(task, sb.as_ref(), r, start).await
+    }
+
+    /// Keeps a black-box run's record in the run directory; returns why it
+    /// is a setup failure, if it is one.
+    fn check_agent_run(
+        &self,
+        r: &RolloutResult,
+        scaffold: &str,
+        outcome: &EpisodeOutcome,
+    ) -> Option<String> {
+        let calls = self.store.session_len(&r.session);
+        blackbox::save_record(
+            &self.run_dir,
+            &r.session,
+            scaffold,
+            outcome,
+            calls,
+            r.agent_s,
+        );
+        blackbox::setup_failure(scaffold, outcome, calls)
     }
 
     /// The task's sandbox spec and the scaffold's model endpoint: the
@@ -228,7 +268,10 @@ impl Ctx {
         session: &str,
     ) -> (SandboxSpec, String) {
         let mut spec = sandbox_spec(task);
-        let base_url = if matches!(scaffold_spec, ScaffoldSpec::Blackbox(_)) {
+        let base_url = if scaffold_spec.is_blackbox() {
+            if let Some(agent) = self.agents.get(scaffold_spec.name()) {
+                spec.binds.extend(agent.binds.iter().cloned());
+            }
             spec.network = NetworkSpec {
                 tcp_bridges: vec![TcpBridge {
                     host_addr: self.gateway,
@@ -263,7 +306,9 @@ impl Ctx {
             .agent_timeout_s
             .unwrap_or(self.exp.timeouts.agent_s)
             .clamp(1.0, 7.0 * 86400.0);
-        let scaffold = scaffold_of(scaffold_spec);
+        let scaffold = self
+            .scaffold_of(scaffold_spec)
+            .map_err(|m| (Status::InfraError, "setup", m))?;
         let t_agent = Instant::now();
         let episode = tokio::time::timeout(
             Duration::from_secs_f64(agent_limit),
