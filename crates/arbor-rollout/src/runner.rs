@@ -43,6 +43,7 @@ use crate::summary::{Summary, fill_counts, quantile};
 
 mod attempt;
 mod policy;
+mod usage;
 
 pub use attempt::GATEWAY_BRIDGE_PORT;
 use attempt::{Ctx, used_attempts};
@@ -298,6 +299,7 @@ fn new_ctx(
         steps: Mutex::new(Vec::new()),
         store: gateway.store().clone(),
         used_attempts: used_attempts(gateway.store()),
+        caps: gateway.caps(),
     }
 }
 

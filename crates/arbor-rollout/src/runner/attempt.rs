@@ -21,6 +21,8 @@ use crate::experiment::{Experiment, ScaffoldSpec};
 use crate::record::{Failure, RolloutKey, RolloutResult, Status, StepTiming};
 use crate::summary::quantile;
 
+use super::usage;
+
 /// Port on a black-box agent's sandbox loopback that reaches the gateway.
 pub const GATEWAY_BRIDGE_PORT: u16 = 18000;
 
@@ -44,6 +46,8 @@ pub(super) struct Ctx {
     /// session prefix (attempts of a killed invocation): new attempts
     /// number after them, so no session mixes two attempts.
     pub(super) used_attempts: HashMap<String, u32>,
+    /// The gateway's per-session caps (a capped session is the agent's failure).
+    pub(super) caps: Arc<arbor_gateway::caps::CapTracker>,
 }
 
 /// The outcome of one attempt.
@@ -200,21 +204,21 @@ impl Ctx {
                 );
             }
         };
-        let outcome = match self
+        let episode = self
             .run_scaffold(task, scaffold_spec, sb.as_ref(), base_url, &mut r)
-            .await
-        {
-            Ok(o) => o,
-            Err((status, class, msg)) => {
-                destroy(sb.as_ref(), task).await;
-                return failed(r, start, status, class, msg);
-            }
-        };
-        self.fill_episode(
-            &mut r,
-            &outcome,
-            !matches!(scaffold_spec, ScaffoldSpec::Blackbox(_)),
-        );
+            .await;
+        if let Ok(outcome) = &episode {
+            let white_box = !matches!(scaffold_spec, ScaffoldSpec::Blackbox(_));
+            self.fill_episode(&mut r, outcome, white_box);
+        }
+        // Tokens and model time as the gateway recorded them; a refused call past a session
+        // cap makes the attempt the agent's failure, whatever the agent did next.
+        usage::fill_from_records(&self.store, &mut r).await;
+        let episode = usage::cap_failure(&self.caps, &r.session).map_or(episode, Err);
+        if let Err((status, class, msg)) = episode {
+            destroy(sb.as_ref(), task).await;
+            return failed(r, start, status, class, msg);
+        }
         self.grade_and_destroy(task, sb.as_ref(), r, start).await
     }
 
