@@ -26,6 +26,9 @@
 //!
 //! [policy]
 //! kind = "scripted-oracle"       # or "upstream" with base_url/model
+//!
+//! [gateway]                      # optional: the run's gateway (see `gateway.rs`)
+//! max_calls_per_session = 200
 //! ```
 
 use std::collections::BTreeSet;
@@ -38,6 +41,10 @@ use arbor_task::verify::GradeMode;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RolloutError};
+
+mod gateway;
+
+pub use gateway::GatewaySpec;
 
 /// A whole experiment file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +86,13 @@ pub struct Experiment {
     /// tasks that name an image or a Dockerfile).
     #[serde(default)]
     pub images: ImagesSpec,
+    /// Options of the run's gateway (tool policy, token ids, session caps...).
+    #[serde(default, skip_serializing_if = "is_default_gateway")]
+    pub gateway: GatewaySpec,
+}
+
+fn is_default_gateway(g: &GatewaySpec) -> bool {
+    *g == GatewaySpec::default()
 }
 
 /// `[images]`: the image store and registries of a run.
@@ -366,6 +380,11 @@ impl Experiment {
         for s in &mut exp.scaffolds {
             s.resolve_paths(base);
         }
+        if let Some(t) = &mut exp.gateway.tokenizer
+            && t.is_relative()
+        {
+            *t = base.join(&*t);
+        }
         for d in &mut exp.datasets {
             if let Some(p) = &mut d.path
                 && p.is_relative()
@@ -422,7 +441,7 @@ impl Experiment {
         for (i, d) in self.datasets.iter().enumerate() {
             d.validate().map_err(|m| format!("datasets[{i}]: {m}"))?;
         }
-        Ok(())
+        self.gateway.validate()
     }
 }
 

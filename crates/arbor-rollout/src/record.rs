@@ -29,7 +29,9 @@ impl Status {
 /// Why a rollout was not a clean pass or fail (the failure class in reports).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
-    /// `sandbox`, `upstream`, `verifier`, `setup`, `agent_timeout`, `agent_error`.
+    /// `sandbox`, `upstream`, `verifier`, `setup`, `agent_timeout`, `agent_error`;
+    /// `call_cap` and `token_cap` (agent failures: the gateway refused a call past a
+    /// per-session cap, `[gateway] max_calls_per_session` / `max_tokens_per_session`).
     pub class: String,
     /// Human-readable cause (tail).
     pub message: String,

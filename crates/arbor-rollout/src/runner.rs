@@ -44,6 +44,7 @@ use crate::summary::{Summary, fill_counts, quantile};
 mod attempt;
 pub mod blackbox;
 mod policy;
+mod usage;
 
 pub use attempt::GATEWAY_BRIDGE_PORT;
 use attempt::{Ctx, used_attempts};
@@ -304,6 +305,7 @@ fn new_ctx(
         used_attempts: used_attempts(gateway.store()),
         agents,
         run_dir: dir.to_path_buf(),
+        caps: gateway.caps(),
     }
 }
 

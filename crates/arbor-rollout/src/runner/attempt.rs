@@ -23,6 +23,8 @@ use crate::experiment::{Experiment, ScaffoldSpec};
 use crate::record::{Failure, RolloutKey, RolloutResult, Status, StepTiming};
 use crate::summary::quantile;
 
+use super::usage;
+
 /// Port on a black-box agent's sandbox loopback that reaches the gateway.
 pub const GATEWAY_BRIDGE_PORT: u16 = 18000;
 
@@ -50,6 +52,8 @@ pub(super) struct Ctx {
     pub(super) agents: HashMap<String, ResolvedAgent>,
     /// The run directory (black-box run records go to `agents/`).
     pub(super) run_dir: PathBuf,
+    /// The gateway's per-session caps (a capped session is the agent's failure).
+    pub(super) caps: Arc<arbor_gateway::caps::CapTracker>,
 }
 
 /// The outcome of one attempt.
@@ -215,17 +219,23 @@ impl Ctx {
                 );
             }
         };
-        let outcome = match self
+        let episode = self
             .run_scaffold(task, scaffold_spec, sb.as_ref(), base_url, &mut r)
-            .await
-        {
+            .await;
+        if let Ok(outcome) = &episode {
+            self.fill_episode(&mut r, outcome, !scaffold_spec.is_blackbox());
+        }
+        // Tokens and model time as the gateway recorded them; a refused call past a session
+        // cap makes the attempt the agent's failure, whatever the agent did next.
+        usage::fill_from_records(&self.store, &mut r).await;
+        let episode = usage::cap_failure(&self.caps, &r.session).map_or(episode, Err);
+        let outcome = match episode {
             Ok(o) => o,
             Err((status, class, msg)) => {
                 destroy(sb.as_ref(), task).await;
                 return failed(r, start, status, class, msg);
             }
         };
-        self.fill_episode(&mut r, &outcome, !scaffold_spec.is_blackbox());
         if scaffold_spec.is_blackbox()
             && let Some(msg) = self.check_agent_run(&r, scaffold_spec.name(), &outcome)
         {

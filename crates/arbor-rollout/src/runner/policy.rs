@@ -97,7 +97,7 @@ async fn start_scripted_oracle(tasks: &[Task]) -> Result<(Option<PolicyServer>, 
 }
 
 /// Starts the run's gateway (store in `dir`/`gateway`) in front of
-/// `upstreams`, with the experiment's model settings.
+/// `upstreams`, with the experiment's `[gateway]` options and model settings.
 pub(super) async fn start_gateway(
     exp: &Experiment,
     dir: &Path,
@@ -108,6 +108,7 @@ pub(super) async fn start_gateway(
         upstreams,
         dir.join(crate::store::GATEWAY),
     );
+    exp.gateway.apply(&mut gw_cfg);
     let settings = model_settings(exp, &mut gw_cfg)?;
     gw_cfg.request_timeout = Duration::from_secs_f64(exp.timeouts.model_call_s);
     let gateway = arbor_gateway::start(gw_cfg).await?;
