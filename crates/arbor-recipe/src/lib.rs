@@ -13,6 +13,7 @@
 //!   small pipeline.
 //! - [`results`]: `results.json`, the held-out table the pipeline writes and the report reads.
 //! - [`report`]: the pipeline's Markdown report with learning curves.
+//! - [`rlcheck`]: `arbor train rl-check`, the check that RL through this loop learns.
 //!
 //! The objectives themselves live in `arbor-train`, tree logic in `arbor-tree`, rollouts in
 //! `arbor-rollout`: this crate only sequences them.
@@ -24,6 +25,7 @@ pub mod pipeline;
 pub mod report;
 pub mod results;
 pub mod rl;
+pub mod rlcheck;
 pub mod rollouts;
 
 pub use config::PipelineConfig;

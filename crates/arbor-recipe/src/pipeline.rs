@@ -36,7 +36,7 @@ use serde::Serialize;
 
 use crate::config::PipelineConfig;
 use crate::rl::{IterationLog, RlEvent, RlReport, RlStage};
-use crate::rollouts::{self, PassRate, TaskSet};
+use crate::rollouts::{self, PassRate, SampledRate, TaskSet};
 use crate::{RecipeError, Result};
 
 pub use crate::results::{Cell, PipelineResults, ROWS};
@@ -74,6 +74,12 @@ pub enum PipelineEvent {
         domain: String,
         rate: PassRate,
     },
+    /// A held-out evaluation with several samples per task finished.
+    EvaluatedSampled {
+        row: String,
+        domain: String,
+        rate: SampledRate,
+    },
 }
 
 /// A progress callback.
@@ -84,7 +90,7 @@ fn io(path: &Path, e: std::io::Error) -> RecipeError {
 }
 
 /// Rollout progress of `stage` as pipeline events.
-fn rollout_progress(stage: String, p: PipelineProgress) -> ProgressFn {
+pub(crate) fn rollout_progress(stage: String, p: PipelineProgress) -> ProgressFn {
     Arc::new(move |pr: &Progress| {
         p(PipelineEvent::Rollouts {
             stage: stage.clone(),
@@ -556,7 +562,8 @@ fn changed_started_stage(
         .find(|(_, dir)| dir.exists())
 }
 
-fn rl_progress(stage: String, total: usize, p: PipelineProgress) -> crate::rl::ProgressFn {
+/// RL stage progress as pipeline events.
+pub(crate) fn rl_progress(stage: String, total: usize, p: PipelineProgress) -> crate::rl::ProgressFn {
     Arc::new(move |ev: RlEvent<'_>| match ev {
         RlEvent::Sampling {
             iteration,

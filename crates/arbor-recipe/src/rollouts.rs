@@ -10,6 +10,7 @@ use arbor_rollout::runner::ProgressFn;
 use arbor_rollout::{Experiment, RunOptions, Summary};
 use arbor_trace::RunRollout;
 use arbor_tree::Sequence;
+use serde::{Deserialize, Serialize};
 
 use crate::config::RolloutSpec;
 use crate::{RecipeError, Result};
@@ -264,6 +265,59 @@ impl PassRate {
         }
         let p = self.rate();
         (p * (1.0 - p) / self.n as f64).sqrt()
+    }
+}
+
+/// A pass rate over tasks sampled several times each: the mean over tasks of each task's share
+/// of passed samples, with the standard error of that mean across tasks (samples of one task
+/// are not independent draws of the rate, tasks are).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SampledRate {
+    /// The mean of the per-task pass shares.
+    pub rate: f64,
+    /// Standard error of `rate` across tasks.
+    pub std_err: f64,
+    /// Tasks with at least one scored sample.
+    pub tasks: usize,
+    /// Scored samples.
+    pub samples: usize,
+    /// Of which passed.
+    pub passed: usize,
+    /// Samples lost to infrastructure errors (not scored).
+    pub infra_errors: usize,
+}
+
+impl SampledRate {
+    /// From a run directory's results.
+    pub fn of_run(run: &Path) -> Result<Self> {
+        let loaded = arbor_rollout::store::load_results(&run.join("results.jsonl"), false)
+            .map_err(|e| RecipeError::Rollout(format!("{}: {e}", run.display())))?;
+        let mut by_task: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+        let mut out = SampledRate::default();
+        for r in &loaded.results {
+            if r.status == Status::InfraError {
+                out.infra_errors += 1;
+                continue;
+            }
+            let e = by_task.entry(r.key.task_id.as_str()).or_default();
+            e.0 += 1;
+            out.samples += 1;
+            if r.status == Status::Passed {
+                e.1 += 1;
+                out.passed += 1;
+            }
+        }
+        let shares: Vec<f64> = by_task.values().map(|&(n, p)| p as f64 / n as f64).collect();
+        out.tasks = shares.len();
+        if out.tasks > 0 {
+            let n = out.tasks as f64;
+            out.rate = shares.iter().sum::<f64>() / n;
+            if out.tasks > 1 {
+                let var = shares.iter().map(|s| (s - out.rate).powi(2)).sum::<f64>() / (n - 1.0);
+                out.std_err = (var / n).sqrt();
+            }
+        }
+        Ok(out)
     }
 }
 

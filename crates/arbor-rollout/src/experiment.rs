@@ -175,10 +175,11 @@ impl DatasetSpec {
                 }
             }
             (None, Some(d)) => {
-                if !arbor_task::domains::DOMAINS.contains(&d.as_str()) {
+                if !arbor_task::domains::is_generated(d) {
                     return Err(format!(
-                        "unknown domain `{d}` (one of: {})",
-                        arbor_task::domains::DOMAINS.join(", ")
+                        "unknown domain `{d}` (one of: {}, {})",
+                        arbor_task::domains::DOMAINS.join(", "),
+                        arbor_task::domains::CHECK_FAMILIES.join(", ")
                     ));
                 }
                 match self.n {

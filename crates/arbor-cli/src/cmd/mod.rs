@@ -5,6 +5,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod quickstart;
 pub mod report;
+pub mod rlcheck;
 pub mod run;
 pub mod sandbox;
 pub mod serve;

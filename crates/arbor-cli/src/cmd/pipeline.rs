@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use arbor_recipe::pipeline::{PipelineEvent, PipelineResults, ROWS};
+use arbor_recipe::pipeline::{PipelineEvent, PipelineProgress, PipelineResults, ROWS};
 use arbor_recipe::rl::{RlEvent, RlStage};
 use arbor_recipe::{PipelineConfig, run_pipeline};
 use clap::Args;
@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// The quickstart's pipeline (also the defaults of the single-stage commands).
 pub const QUICKSTART: &str = include_str!("../../../../examples/quickstart.toml");
 
-fn bar() -> ProgressBar {
+pub fn bar() -> ProgressBar {
     let b = ProgressBar::new(0);
     b.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -39,78 +39,88 @@ fn say(b: &ProgressBar, msg: String) {
 /// Why an RL stage stopped early, for the progress line.
 const NO_SIGNAL: &str = "no group had reward variance in the last `stop_without_signal` iterations (every sample passed, or every sample failed), so there is no gradient";
 
+/// The progress display of pipeline events: a bar, with a line per finished stage piece.
+pub fn progress_display(b: &ProgressBar) -> PipelineProgress {
+    let b = b.clone();
+    Arc::new(move |ev: PipelineEvent| match ev {
+        PipelineEvent::Stage { stage, skipped } => {
+            if skipped {
+                say(&b, format!("{stage}: already finished"));
+            } else if b.is_hidden() {
+                eprintln!("{stage}: started");
+            }
+            b.set_position(0);
+            b.set_length(0);
+            b.set_message(stage);
+        }
+        PipelineEvent::Rollouts {
+            stage,
+            done,
+            total,
+            passed,
+        } => {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+            b.set_message(format!("{stage}: rollouts, {passed} passed"));
+        }
+        PipelineEvent::SftStep {
+            stage,
+            step,
+            total,
+            loss,
+        } => {
+            b.set_length(total as u64);
+            b.set_position(step as u64);
+            b.set_message(format!("{stage}: loss {loss:.3}"));
+        }
+        PipelineEvent::Iteration { stage, total, log } => say(
+            &b,
+            format!(
+                "{stage} iteration {}/{total}: train pass rate {:.3}, {} of {} groups with signal, KL to start {}, IW var {:.2e} (MCLA {:.2e}){}, {:.0}s sampling + {:.0}s training",
+                log.iteration + 1,
+                log.pass_rate,
+                log.groups_with_signal,
+                log.groups,
+                log.kl_to_init.map_or("-".into(), |k| format!("{k:.4}")),
+                log.iw_var_single,
+                log.iw_var_mcla,
+                log.reverse_kl_to_teacher
+                    .map_or(String::new(), |k| format!(", reverse KL to expert {k:.4}")),
+                log.sample_seconds,
+                log.train_seconds
+            ),
+        ),
+        PipelineEvent::StoppedWithoutSignal { stage, iteration } => say(
+            &b,
+            format!(
+                "{stage}: stopped before iteration {}: {}",
+                iteration + 1,
+                NO_SIGNAL
+            ),
+        ),
+        PipelineEvent::Evaluated { row, domain, rate } => say(
+            &b,
+            format!(
+                "held-out {domain} / {row}: {}/{} passed ({:.3})",
+                rate.passed,
+                rate.n,
+                rate.rate()
+            ),
+        ),
+        PipelineEvent::EvaluatedSampled { row, domain, rate } => say(
+            &b,
+            format!(
+                "held-out {domain} / {row}: {:.3} +- {:.3} ({} tasks, {}/{} samples passed)",
+                rate.rate, rate.std_err, rate.tasks, rate.passed, rate.samples
+            ),
+        ),
+    })
+}
+
 /// Runs the pipeline with a progress bar, returning its results.
 pub async fn run_with_progress(cfg: &PipelineConfig, out: &Path) -> Result<PipelineResults> {
     let b = bar();
-    let progress = {
-        let b = b.clone();
-        Arc::new(move |ev: PipelineEvent| match ev {
-            PipelineEvent::Stage { stage, skipped } => {
-                if skipped {
-                    say(&b, format!("{stage}: already finished"));
-                } else if b.is_hidden() {
-                    eprintln!("{stage}: started");
-                }
-                b.set_position(0);
-                b.set_length(0);
-                b.set_message(stage);
-            }
-            PipelineEvent::Rollouts {
-                stage,
-                done,
-                total,
-                passed,
-            } => {
-                b.set_length(total as u64);
-                b.set_position(done as u64);
-                b.set_message(format!("{stage}: rollouts, {passed} passed"));
-            }
-            PipelineEvent::SftStep {
-                stage,
-                step,
-                total,
-                loss,
-            } => {
-                b.set_length(total as u64);
-                b.set_position(step as u64);
-                b.set_message(format!("{stage}: loss {loss:.3}"));
-            }
-            PipelineEvent::Iteration { stage, total, log } => say(
-                &b,
-                format!(
-                    "{stage} iteration {}/{total}: train pass rate {:.3}, {} of {} groups with signal, KL to start {}, IW var {:.2e} (MCLA {:.2e}){}, {:.0}s sampling + {:.0}s training",
-                    log.iteration + 1,
-                    log.pass_rate,
-                    log.groups_with_signal,
-                    log.groups,
-                    log.kl_to_init.map_or("-".into(), |k| format!("{k:.4}")),
-                    log.iw_var_single,
-                    log.iw_var_mcla,
-                    log.reverse_kl_to_teacher
-                        .map_or(String::new(), |k| format!(", reverse KL to expert {k:.4}")),
-                    log.sample_seconds,
-                    log.train_seconds
-                ),
-            ),
-            PipelineEvent::StoppedWithoutSignal { stage, iteration } => say(
-                &b,
-                format!(
-                    "{stage}: stopped before iteration {}: {}",
-                    iteration + 1,
-                    NO_SIGNAL
-                ),
-            ),
-            PipelineEvent::Evaluated { row, domain, rate } => say(
-                &b,
-                format!(
-                    "held-out {domain} / {row}: {}/{} passed ({:.3})",
-                    rate.passed,
-                    rate.n,
-                    rate.rate()
-                ),
-            ),
-        })
-    };
+    let progress = progress_display(&b);
     let res = run_pipeline(cfg, out, progress)
         .await
         .with_context(|| format!("pipeline `{}` in {}", cfg.name, out.display()))?;

@@ -34,6 +34,11 @@ pub enum Command {
     /// domain -> on-policy distillation -> held-out evaluation, with a Markdown report.
     /// Resumable: rerun the same command.
     Pipeline(super::pipeline::PipelineArgs),
+    /// The check that RL learns: on the `rlcheck` task family (eight operations, one fixed
+    /// command each), SFT on demonstrations of which a share run the wrong command, then RL
+    /// through the production loop; prints the held-out pass rate of both, sampled at the RL
+    /// temperature several times per task, with standard errors. Resumable.
+    RlCheck(super::rlcheck::RlCheckArgs),
 }
 
 #[derive(Args)]
@@ -121,6 +126,7 @@ pub async fn run(c: Command) -> Result<i32> {
         Command::Distill(a) => super::pipeline::distill(a).await,
         Command::Eval(a) => super::pipeline::eval(a).await,
         Command::Pipeline(a) => super::pipeline::pipeline(a).await,
+        Command::RlCheck(a) => super::rlcheck::rl_check(a).await,
     }
 }
 

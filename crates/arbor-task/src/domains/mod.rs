@@ -14,6 +14,7 @@
 //!   (no site hooks from the agent's files).
 
 mod general;
+pub mod rlcheck;
 mod swe;
 mod terminal;
 mod webcoding;
@@ -34,6 +35,15 @@ use crate::verify::{CommandSpec, VerifierSpec};
 
 /// The built-in domains.
 pub const DOMAINS: [&str; 5] = ["swe", "terminal", "webcoding", "websearch", "general"];
+
+/// Generated task families that are not recipe domains: `rlcheck`, the family of
+/// `arbor train rl-check` ([`rlcheck`]).
+pub const CHECK_FAMILIES: [&str; 1] = ["rlcheck"];
+
+/// Whether [`generate`] knows `name` (a domain or a check family).
+pub fn is_generated(name: &str) -> bool {
+    DOMAINS.contains(&name) || CHECK_FAMILIES.contains(&name)
+}
 
 /// Which split to generate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,10 +106,12 @@ pub fn generate(domain: &str, n: usize, seed: u64, opts: &GenOptions) -> Result<
         "webcoding" => webcoding::generate,
         "websearch" => websearch::generate,
         "general" => general::generate,
+        "rlcheck" => rlcheck::generate,
         other => {
             return Err(TaskError::Other(format!(
-                "unknown domain `{other}` (one of: {})",
-                DOMAINS.join(", ")
+                "unknown domain `{other}` (one of: {}, {})",
+                DOMAINS.join(", "),
+                CHECK_FAMILIES.join(", ")
             )));
         }
     };
