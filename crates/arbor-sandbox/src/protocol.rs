@@ -24,6 +24,9 @@ pub const MAX_FDS: usize = 8;
 pub const INIT_CONTROL_FD: RawFd = 3;
 /// Environment variable that tells a binary it was started as a sandbox init.
 pub const INIT_ENV: &str = "__ARBOR_SANDBOX_INIT";
+/// The value of [`INIT_ENV`] that starts the init program as the spawner
+/// (the process that clones each sandbox's init for the supervisor).
+pub const SPAWNER_ROLE: &str = "spawner";
 
 /// How the init process builds the sandbox. Sent once, first.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +113,25 @@ pub enum FromInit {
     },
     /// A child could not be started at all.
     SpawnFailed { id: u64, error: String },
+}
+
+/// Supervisor to spawner: clone a sandbox init. The message carries one
+/// descriptor, the socket that becomes the new init's descriptor 3.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpawnRequest {
+    /// The init program to execute.
+    pub init: PathBuf,
+    /// Stay in the host's network namespace.
+    pub host_network: bool,
+}
+
+/// Spawner to supervisor, one per [`SpawnRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SpawnReply {
+    /// Started; the message carries the new init's pidfd.
+    Started { pid: i32 },
+    /// `clone3` failed with this `errno` (or the request was malformed).
+    Failed { errno: i32, message: String },
 }
 
 /// Errors of the control channel.

@@ -16,6 +16,7 @@ mod files;
 mod overlay;
 mod rootfs;
 mod seccomp;
+mod spawner;
 mod user;
 
 pub use copy::copy_layer;
@@ -29,7 +30,9 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
-use crate::protocol::{self, ExecKind, FromInit, INIT_CONTROL_FD, INIT_ENV, MAX_MESSAGE, ToInit};
+use crate::protocol::{
+    self, ExecKind, FromInit, INIT_CONTROL_FD, INIT_ENV, MAX_MESSAGE, SPAWNER_ROLE, ToInit,
+};
 use child::{ChildContext, ChildFds};
 
 /// True when this process was started by the supervisor as a sandbox init.
@@ -38,9 +41,16 @@ pub fn is_init_invocation() -> bool {
     std::env::var_os(INIT_ENV).is_some()
 }
 
-/// Run as a sandbox's init. Never returns.
+/// Run as a sandbox's init (or, when started in that role, as the spawner
+/// that clones inits for the supervisor). Never returns.
 pub fn run() -> ! {
-    let code = match serve_sandbox() {
+    let role = std::env::var(INIT_ENV).unwrap_or_default();
+    let served = if role == SPAWNER_ROLE {
+        spawner::serve()
+    } else {
+        serve_sandbox()
+    };
+    let code = match served {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("arbor-sandbox-init: {e}");
@@ -54,6 +64,23 @@ fn control() -> BorrowedFd<'static> {
     // SAFETY: descriptor 3 is the control socket for the life of the process;
     // the supervisor put it there before exec.
     unsafe { BorrowedFd::borrow_raw(INIT_CONTROL_FD) }
+}
+
+/// Stdin/stdout came from the supervisor; init has no use for them, and
+/// holding them would keep the supervisor's pipes open. Stderr stays for
+/// diagnostics.
+fn stdio_to_null() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
 }
 
 fn serve_sandbox() -> Result<(), String> {
@@ -71,21 +98,7 @@ fn serve_sandbox() -> Result<(), String> {
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )
     .map_err(|e| format!("control socket: {e}"))?;
-    // Stdin/stdout came from the supervisor; init has no use for them, and
-    // holding them would keep the supervisor's pipes open. Stderr stays for
-    // diagnostics.
-    if let Ok(null) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    {
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: dup2 onto the standard descriptors, which init owns.
-        unsafe {
-            libc::dup2(null.as_raw_fd(), 0);
-            libc::dup2(null.as_raw_fd(), 1);
-        }
-    }
+    stdio_to_null();
     let mut buf = vec![0u8; MAX_MESSAGE];
     let cfg = match protocol::recv::<ToInit>(sock.as_raw_fd(), &mut buf) {
         Ok((ToInit::Config(cfg), _)) => cfg,

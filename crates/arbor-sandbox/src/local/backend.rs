@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::cgroup::Cgroups;
+use super::spawner::Spawner;
 use crate::error::{Result, SandboxError};
 
 static SELF_IS_INIT: AtomicBool = AtomicBool::new(false);
@@ -79,6 +80,8 @@ pub(super) struct Shared {
     pub(super) state_root: PathBuf,
     pub(super) init_path: PathBuf,
     pub(super) cgroups: Cgroups,
+    /// Clones each sandbox's init (see `spawn.rs`).
+    pub(super) spawner: Spawner,
     /// Bounds sandbox starts and teardowns in flight. They are kernel work
     /// (fork, namespaces, cgroupfs, mounts) that serializes on kernel locks:
     /// beyond a few per core more at once adds no throughput, only hundreds
@@ -125,11 +128,18 @@ impl LocalBackend {
         cgroups
             .prepare()
             .map_err(|e| SandboxError::io("cgroups", e))?;
+        let spawner = Spawner::start(&init_path).map_err(|e| {
+            SandboxError::io(
+                format!("start the sandbox spawner {}", init_path.display()),
+                e,
+            )
+        })?;
         Ok(LocalBackend {
             shared: Arc::new(Shared {
                 state_root: config.state_root,
                 init_path,
                 cgroups,
+                spawner,
                 lifecycle: tokio::sync::Semaphore::new(
                     2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
                 ),

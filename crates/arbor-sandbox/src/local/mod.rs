@@ -12,7 +12,7 @@
 //! `sandbox` (creating a sandbox, the [`LocalSandbox`] handle, teardown),
 //! `control` (the control channel to init), `exec` (running one child of
 //! init: cgroup, pipes, timeout, capped output), `validate` (refusing bad
-//! specs), and the host-side helpers `spawn`, `mask`, [`cgroup`], `bridge`
+//! specs), and the host-side helpers `spawn` and `spawner` (starting inits), `mask`, [`cgroup`], `bridge`
 //! and [`gc`].
 
 mod backend;
@@ -23,7 +23,8 @@ mod exec;
 pub mod gc;
 mod mask;
 mod sandbox;
-mod spawn;
+pub(crate) mod spawn;
+mod spawner;
 mod validate;
 
 pub use backend::{LocalBackend, LocalConfig, allow_self_as_init, find_init};

@@ -200,7 +200,9 @@ fn host_side(
         .create(id, limits)
         .map_err(|e| SandboxError::io("create cgroups", e))?;
     guard.cgroup = Some(cg.clone());
-    let spawned = spawn::spawn_init(&sh.init_path, host_network)
+    let spawned = sh
+        .spawner
+        .spawn_init(host_network)
         .map_err(|e| SandboxError::io(format!("start init {}", sh.init_path.display()), e))?;
     let pid = spawned.pid;
     guard.init = Some(spawned.pidfd);

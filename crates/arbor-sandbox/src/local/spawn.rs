@@ -1,20 +1,31 @@
-//! Starting a sandbox's init in new namespaces.
+//! Starting processes in new namespaces with `clone3`.
 //!
-//! `clone3` creates the child directly in fresh mount, PID, network (unless
-//! the spec shares the host's), UTS and IPC namespaces (so init is PID 1 without an extra process) and returns a
-//! pidfd, which lets the supervisor wait for and signal exactly this process
-//! without pid-reuse races. Between `clone3` and `execve` the child runs only
-//! async-signal-safe system calls: the supervisor is multi-threaded.
+//! A sandbox's init is created directly in fresh mount, PID, network (unless
+//! the spec shares the host's), UTS and IPC namespaces (so init is PID 1
+//! without an extra process), with a pidfd, which lets the supervisor wait
+//! for and signal exactly this process without pid-reuse races.
+//!
+//! The supervisor does not clone inits itself: a fork copies the caller's
+//! descriptor table and page tables, and the child then closes every
+//! inherited descriptor, so the cost of a fork of the supervisor grows with
+//! the number of live sandboxes (two descriptors each) and with its memory.
+//! Instead a small spawner process (the init program in its second role,
+//! see `spawner.rs`) clones each init with `CLONE_PARENT`: the new init is
+//! still the supervisor's child (reaped through its pidfd), but the clone
+//! copies only the spawner's handful of descriptors and pages.
+//!
+//! Between `clone3` and `execve` the child runs only async-signal-safe
+//! system calls: the caller may be multi-threaded.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 
-use crate::protocol::{INIT_CONTROL_FD, INIT_ENV};
+use crate::protocol::{INIT_CONTROL_FD, INIT_ENV, SPAWNER_ROLE};
 
 /// `struct clone_args` (linux/sched.h, version 2).
 #[repr(C)]
@@ -33,44 +44,94 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// A started init.
+/// A started process with its end of a control socket.
 pub struct Spawned {
-    /// Host pid of init.
+    /// Host pid.
     pub pid: i32,
-    /// pidfd of init.
+    /// Its pidfd.
     pub pidfd: OwnedFd,
-    /// Supervisor's end of the control socket (close-on-exec).
+    /// The supervisor's end of its control socket (close-on-exec).
     pub sock: OwnedFd,
 }
 
-/// Start `init_path` as PID 1 of new namespaces with the control socket on fd
-/// 3. With `host_network` it stays in the host's network namespace.
-pub fn spawn_init(init_path: &Path, host_network: bool) -> io::Result<Spawned> {
-    let (parent, child) = socketpair(
+/// The namespaces of a new sandbox init: all fresh, except the network
+/// namespace with `host_network`.
+pub fn init_namespaces(host_network: bool) -> u64 {
+    let netns = if host_network { 0 } else { libc::CLONE_NEWNET };
+    (libc::CLONE_NEWNS | libc::CLONE_NEWPID | netns | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC)
+        as u64
+}
+
+/// A `SOCK_SEQPACKET` pair (both ends close-on-exec): the caller's end and
+/// the end that becomes descriptor 3 of a new process.
+pub fn control_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
         None,
         SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(io::Error::from)?;
-    let path = CString::new(init_path.as_os_str().as_bytes())
+    .map_err(io::Error::from)
+}
+
+/// Start the spawner: the init program in its spawner role, in the
+/// caller's namespaces, with its control socket on descriptor 3.
+pub fn start_spawner(init_path: &Path) -> io::Result<Spawned> {
+    let (parent, child) = control_pair()?;
+    let (pid, pidfd) = clone_exec(init_path, SPAWNER_ROLE, child.as_fd(), 0)?;
+    drop(child);
+    Ok(Spawned {
+        pid,
+        pidfd,
+        sock: parent,
+    })
+}
+
+/// Clone `init_path` as a sandbox init (PID 1 of new namespaces) with
+/// `sock` as its descriptor 3. With `sibling`, the new process becomes a
+/// child of the caller's parent (`CLONE_PARENT`): how the spawner starts
+/// inits for the supervisor.
+pub fn clone_init(
+    init_path: &Path,
+    host_network: bool,
+    sock: BorrowedFd<'_>,
+    sibling: bool,
+) -> io::Result<(i32, OwnedFd)> {
+    let parent = if sibling {
+        libc::CLONE_PARENT as u64
+    } else {
+        0
+    };
+    clone_exec(init_path, "1", sock, init_namespaces(host_network) | parent)
+}
+
+/// `clone3` with `flags` (plus `CLONE_PIDFD`) and exec `path` with only
+/// `INIT_ENV=role` in its environment and `sock` on descriptor 3; every
+/// other descriptor above 2 is closed. Returns the child's pid and pidfd.
+fn clone_exec(
+    path: &Path,
+    role: &str,
+    sock: BorrowedFd<'_>,
+    flags: u64,
+) -> io::Result<(i32, OwnedFd)> {
+    let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let env = CString::new(format!("{INIT_ENV}=1")).map_err(io::Error::other)?;
+    let env = CString::new(format!("{INIT_ENV}={role}")).map_err(io::Error::other)?;
     let argv = [c"arbor-sandbox-init".as_ptr(), std::ptr::null()];
     let envp = [env.as_ptr(), std::ptr::null()];
-    let child_fd = child.as_raw_fd();
+    let child_fd = sock.as_raw_fd();
 
     let mut pidfd: libc::c_int = -1;
-    let netns = if host_network { 0 } else { libc::CLONE_NEWNET };
     let mut args = CloneArgs {
-        flags: (libc::CLONE_NEWNS
-            | libc::CLONE_NEWPID
-            | netns
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_PIDFD) as u64,
+        flags: flags | libc::CLONE_PIDFD as u64,
         pidfd: &mut pidfd as *mut libc::c_int as u64,
-        exit_signal: libc::SIGCHLD as u64,
+        // With CLONE_PARENT the kernel requires 0: the child takes the
+        // caller's own exit signal (SIGCHLD, to the supervisor).
+        exit_signal: if flags & libc::CLONE_PARENT as u64 != 0 {
+            0
+        } else {
+            libc::SIGCHLD as u64
+        },
         ..Default::default()
     };
     // SAFETY: clone3 without CLONE_VM behaves like fork. The child only calls
@@ -84,36 +145,46 @@ pub fn spawn_init(init_path: &Path, host_network: bool) -> io::Result<Spawned> {
     };
     if ret == 0 {
         // SAFETY: see above; never returns.
-        unsafe {
-            if child_fd == INIT_CONTROL_FD {
-                let flags = libc::fcntl(child_fd, libc::F_GETFD);
-                libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            } else {
-                libc::dup2(child_fd, INIT_CONTROL_FD);
-            }
-            // Descriptors the supervisor inherited without close-on-exec
-            // (a build jobserver, a parent's pipes) must not reach the sandbox.
-            libc::syscall(
-                libc::SYS_close_range,
-                INIT_CONTROL_FD as u32 + 1,
-                u32::MAX,
-                0u32,
-            );
-            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            libc::_exit(127);
-        }
+        unsafe { exec_child(child_fd, &path, &argv, &envp) }
     }
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    drop(child);
     // SAFETY: CLONE_PIDFD stored a new descriptor we now own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    Ok(Spawned {
-        pid: ret as i32,
-        pidfd,
-        sock: parent,
-    })
+    Ok((ret as i32, pidfd))
+}
+
+/// The child's side of [`clone_exec`]: socket to descriptor 3, close the
+/// rest, exec.
+///
+/// # Safety
+/// Only in the child of a fork-like clone; never returns.
+unsafe fn exec_child(
+    child_fd: RawFd,
+    path: &CStr,
+    argv: &[*const libc::c_char; 2],
+    envp: &[*const libc::c_char; 2],
+) -> ! {
+    // SAFETY: async-signal-safe calls on valid descriptors and pointers.
+    unsafe {
+        if child_fd == INIT_CONTROL_FD {
+            let flags = libc::fcntl(child_fd, libc::F_GETFD);
+            libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+        } else {
+            libc::dup2(child_fd, INIT_CONTROL_FD);
+        }
+        // Descriptors inherited without close-on-exec (a build jobserver, a
+        // parent's pipes) must not reach the sandbox.
+        libc::syscall(
+            libc::SYS_close_range,
+            INIT_CONTROL_FD as u32 + 1,
+            u32::MAX,
+            0u32,
+        );
+        libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        libc::_exit(127);
+    }
 }
 
 /// Send a signal through a pidfd (no pid-reuse race).
