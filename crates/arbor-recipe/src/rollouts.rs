@@ -70,6 +70,7 @@ pub fn experiment(
         warm_pool: 0,
         allow_default_rootfs: false,
         images: Default::default(),
+        backend: Default::default(),
     }
 }
 

@@ -33,6 +33,7 @@ use arbor_agent::scaffold::blackbox::BlackBoxConfig;
 use arbor_task::verify::GradeMode;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::BackendSpec;
 use crate::error::{Result, RolloutError};
 
 /// A whole experiment file.
@@ -75,6 +76,9 @@ pub struct Experiment {
     /// tasks that name an image or a Dockerfile).
     #[serde(default)]
     pub images: ImagesSpec,
+    /// Where sandboxes live: this host (default) or a cluster of nodes.
+    #[serde(default)]
+    pub backend: BackendSpec,
 }
 
 /// `[images]`: the image store and registries of a run.
@@ -292,6 +296,9 @@ impl Experiment {
         {
             *checkpoint = base.join(&*checkpoint);
         }
+        if let BackendSpec::Cluster(c) = &mut exp.backend {
+            c.resolve_paths(base);
+        }
         for d in &mut exp.datasets {
             if let Some(p) = &mut d.path
                 && p.is_relative()
@@ -347,6 +354,9 @@ impl Experiment {
         }
         for (i, d) in self.datasets.iter().enumerate() {
             d.validate().map_err(|m| format!("datasets[{i}]: {m}"))?;
+        }
+        if let BackendSpec::Cluster(c) = &self.backend {
+            c.validate()?;
         }
         Ok(())
     }

@@ -177,7 +177,7 @@ impl Inner {
             .into_iter()
             .filter_map(|n| n.score(image).map(|s| (s, n)))
             .collect();
-        scored.sort_by(|a, b| b.0.cmp(&a.0));
+        scored.sort_by_key(|s| std::cmp::Reverse(s.0));
         scored.into_iter().map(|(_, n)| n).collect()
     }
 }
