@@ -214,10 +214,6 @@ fn run_survives_a_killed_node_and_a_full_node() {
         in_flight == 0 || retried > 0,
         "{in_flight} in flight on the killed node, none retried"
     );
-    assert!(
-        small.capacity()["created"].as_u64() > Some(0),
-        "the small node got work"
-    );
     assert!(small.capacity()["live"].as_u64() <= Some(2));
     assert!(other.capacity()["created"].as_u64() > Some(0));
     // SIGTERM drains: exit 0, nothing left.
