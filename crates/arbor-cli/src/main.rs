@@ -27,6 +27,9 @@ enum Command {
     Report(cmd::report::ReportArgs),
     /// The env server: external trainers submit rollout batches and stream results over HTTP.
     Serve(cmd::serve::ServeArgs),
+    /// Node agent: serve this host's sandboxes to orchestrators on other machines.
+    #[command(subcommand)]
+    Node(cmd::node::Command),
     /// Isolated sandboxes: run a command, clean up after crashes, benchmark.
     #[command(subcommand)]
     Sandbox(cmd::sandbox::Command),
@@ -83,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Command::Run(a) => cmd::run::run(a).await,
             Command::Serve(a) => cmd::serve::run(a).await,
             Command::Report(a) => cmd::report::run(a),
+            Command::Node(c) => cmd::node::run(c).await,
             Command::Sandbox(c) => cmd::sandbox::run(c).await,
             Command::Image(c) => cmd::image::run(c).await,
             Command::Tree(c) => cmd::tree::run(c),

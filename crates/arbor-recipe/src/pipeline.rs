@@ -563,7 +563,11 @@ fn changed_started_stage(
 }
 
 /// RL stage progress as pipeline events.
-pub(crate) fn rl_progress(stage: String, total: usize, p: PipelineProgress) -> crate::rl::ProgressFn {
+pub(crate) fn rl_progress(
+    stage: String,
+    total: usize,
+    p: PipelineProgress,
+) -> crate::rl::ProgressFn {
     Arc::new(move |ev: RlEvent<'_>| match ev {
         RlEvent::Sampling {
             iteration,

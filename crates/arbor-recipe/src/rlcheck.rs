@@ -215,7 +215,13 @@ pub async fn run_rl_check(
         out: out.join("rl"),
     };
     stage("rl", rl.out.join(crate::rl::REPORT_FILE).is_file());
-    let rl_report = rl.run(rl_progress("rl".into(), cfg.rl.iterations, progress.clone())).await?;
+    let rl_report = rl
+        .run(rl_progress(
+            "rl".into(),
+            cfg.rl.iterations,
+            progress.clone(),
+        ))
+        .await?;
     let rl_rate = evaluate(
         cfg,
         &rl_report.final_checkpoint,
@@ -284,11 +290,8 @@ async fn demonstrations(
     };
     let tasks = arbor_task::domains::generate(FAMILY, cfg.demonstrations, cfg.seed, &opts)
         .map_err(|e| RecipeError::Config(format!("generating {FAMILY} tasks: {e}")))?;
-    let sets = arbor_task::domains::rlcheck::demonstration_sets(
-        tasks,
-        cfg.demo_error_rate,
-        cfg.seed,
-    );
+    let sets =
+        arbor_task::domains::rlcheck::demonstration_sets(tasks, cfg.demo_error_rate, cfg.seed);
     let wrong = sets.iter().skip(1).map(Vec::len).sum();
     let mut runs = Vec::new();
     for (shift, set) in sets.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
@@ -297,7 +300,8 @@ async fn demonstrations(
             let tmp = out.join("demo-tasks").join(format!(".{shift}.tmp"));
             let _ = std::fs::remove_dir_all(&tmp);
             for t in set {
-                arbor_task::dataset::write_task_json(&tmp, t).map_err(|e| io(&tmp, e))?;
+                arbor_task::dataset::write_task_json(&tmp, t)
+                    .map_err(|e| RecipeError::Io(format!("{}: {e}", tmp.display())))?;
             }
             std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
         }

@@ -72,6 +72,7 @@ pub fn experiment(
         allow_default_rootfs: false,
         images: Default::default(),
         gateway: Default::default(),
+        backend: Default::default(),
     }
 }
 
@@ -307,7 +308,10 @@ impl SampledRate {
                 out.passed += 1;
             }
         }
-        let shares: Vec<f64> = by_task.values().map(|&(n, p)| p as f64 / n as f64).collect();
+        let shares: Vec<f64> = by_task
+            .values()
+            .map(|&(n, p)| p as f64 / n as f64)
+            .collect();
         out.tasks = shares.len();
         if out.tasks > 0 {
             let n = out.tasks as f64;

@@ -40,6 +40,7 @@ use arbor_agent::scaffold::presets::{Agent, PresetConfig};
 use arbor_task::verify::GradeMode;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::BackendSpec;
 use crate::error::{Result, RolloutError};
 
 mod gateway;
@@ -86,6 +87,9 @@ pub struct Experiment {
     /// tasks that name an image or a Dockerfile).
     #[serde(default)]
     pub images: ImagesSpec,
+    /// Where sandboxes live: this host (default) or a cluster of nodes.
+    #[serde(default)]
+    pub backend: BackendSpec,
     /// Options of the run's gateway (tool policy, token ids, session caps...).
     #[serde(default, skip_serializing_if = "is_default_gateway")]
     pub gateway: GatewaySpec,
@@ -386,6 +390,9 @@ impl Experiment {
         {
             *t = base.join(&*t);
         }
+        if let BackendSpec::Cluster(c) = &mut exp.backend {
+            c.resolve_paths(base);
+        }
         for d in &mut exp.datasets {
             if let Some(p) = &mut d.path
                 && p.is_relative()
@@ -441,6 +448,9 @@ impl Experiment {
         }
         for (i, d) in self.datasets.iter().enumerate() {
             d.validate().map_err(|m| format!("datasets[{i}]: {m}"))?;
+        }
+        if let BackendSpec::Cluster(c) = &self.backend {
+            c.validate()?;
         }
         self.gateway.validate()
     }

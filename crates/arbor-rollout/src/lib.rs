@@ -4,7 +4,8 @@
 //! become a scored, recorded rollout; thousands run at once; a run survives
 //! crashes; external trainers ask for rollouts over HTTP.
 //!
-//! - [`experiment`]: the experiment file (TOML).
+//! - [`experiment`]: the experiment file (TOML); [`backend`]: where its
+//!   sandboxes live (this host or a cluster of nodes).
 //! - [`runner`]: the orchestrator (`arbor run`): plan, bounded concurrency,
 //!   retries, failure classes, resume.
 //! - [`store`]: the run directory, written crash-safely.
@@ -15,6 +16,7 @@
 //! - [`server`]: the env server (`arbor serve`) for external trainers.
 //! - [`report`]: Markdown reports with plots from a run directory.
 
+pub mod backend;
 pub mod error;
 pub mod experiment;
 pub mod live;

@@ -34,6 +34,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use crate::backend::BackendSpec;
 use crate::error::{Result, RolloutError};
 use crate::experiment::{DatasetSpec, Experiment};
 use crate::live::{CountingBackend, LiveCount};
@@ -234,9 +235,11 @@ struct Sandboxes {
 impl Sandboxes {
     async fn start(exp: &Experiment, opts: &RunOptions, tasks: &[Task]) -> Result<Sandboxes> {
         let needs_images = tasks.iter().any(|t| sandbox_spec(t).image.is_some());
-        let (base, images): (Arc<dyn Backend>, bool) = match opts.backend.clone() {
-            Some(b) => (b, false),
-            None => {
+        let (base, images): (Arc<dyn Backend>, bool) = match (opts.backend.clone(), &exp.backend) {
+            (Some(b), _) => (b, false),
+            // Nodes resolve images themselves (when started with an image store).
+            (None, BackendSpec::Cluster(c)) => (Arc::new(c.connect().await?), true),
+            (None, BackendSpec::Local) => {
                 let local = LocalBackend::new(LocalConfig::default())?;
                 if needs_images {
                     let images = ImageBackend::new(local, &exp.images.config()).map_err(|e| {

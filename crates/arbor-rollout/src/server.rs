@@ -209,6 +209,16 @@ async fn submit(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
     if let Err(m) = exp.validate() {
         return error(StatusCode::BAD_REQUEST, m);
     }
+    // A cluster backend names host files (the node token, a CA) whose contents the run would
+    // send to addresses the client chose: only the operator may configure one.
+    if exp.backend != crate::backend::BackendSpec::Local {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`backend` cannot be set by a submitted batch (it names host files, such as the \
+             node token, that would be sent to the nodes it lists); the server's operator \
+             chooses where sandboxes run",
+        );
+    }
     let exp_for_load = exp.clone();
     let tasks = match tokio::task::spawn_blocking(move || load_tasks(&exp_for_load)).await {
         Ok(Ok(t)) => t,

@@ -1,6 +1,7 @@
 //! One module per command group.
 pub mod image;
 pub mod image_bench;
+pub mod node;
 pub mod pipeline;
 pub mod policy;
 pub mod quickstart;
