@@ -296,4 +296,24 @@ fn env_server_over_http_from_python() {
         .expect("python3");
     let text = String::from_utf8_lossy(&bad.stdout);
     assert!(text.starts_with("400"), "{text}");
+
+    // A batch may not choose the sandbox backend: a cluster backend would send the contents
+    // of a host file it names (the node token) to addresses the client lists.
+    let batch = r#"{"datasets":[{"domain":"terminal","n":1}],"scaffolds":[{"kind":"bash"}],"policy":{"kind":"scripted-oracle"},"backend":{"kind":"cluster","nodes":["127.0.0.1:9"],"token_file":"/etc/hostname"}}"#;
+    let refused = Command::new("python3")
+        .args([
+            "-c",
+            "import sys,urllib.request,urllib.error\n\
+             r=urllib.request.Request(sys.argv[1]+'/v1/batches',data=sys.argv[2].encode(),method='POST')\n\
+             try:\n  urllib.request.urlopen(r)\nexcept urllib.error.HTTPError as e:\n  print(e.code, e.read().decode())",
+        ])
+        .arg(&url)
+        .arg(batch)
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&refused.stdout);
+    assert!(
+        text.starts_with("400") && text.contains("`backend` cannot be set"),
+        "{text}"
+    );
 }
