@@ -184,6 +184,29 @@ fn a_session_past_its_call_cap_is_an_agent_failure() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Without `drop_unsupported_tools` the gateway refuses the agent's web-search tool on its
+/// first call; the agent exits non-zero having made no model call: a setup failure that says
+/// why (the refusal is in the recorded output tail), not a reward-0 sample, and not retried.
+fn a_refused_tool_is_a_setup_failure_with_its_reason() -> Result<(), Failed> {
+    let (_tmp, results) = run_agent("")?;
+    if results.len() != 2 {
+        return Err(format!("{} results", results.len()).into());
+    }
+    for r in &results {
+        let f = r
+            .failure
+            .as_ref()
+            .ok_or_else(|| format!("no failure: {r:?}"))?;
+        if r.status != Status::InfraError || f.class != "agent_setup" || r.attempts != 1 {
+            return Err(format!("expected an agent_setup failure: {r:?}").into());
+        }
+        if !(f.message.contains("web_search") && f.message.contains("no model call")) {
+            return Err(format!("message does not say why: {}", f.message).into());
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     if arbor_sandbox::init::is_init_invocation() {
         arbor_sandbox::init::run();
@@ -198,6 +221,10 @@ fn main() {
         Trial::test(
             "a_session_past_its_call_cap_is_an_agent_failure",
             a_session_past_its_call_cap_is_an_agent_failure,
+        ),
+        Trial::test(
+            "a_refused_tool_is_a_setup_failure_with_its_reason",
+            a_refused_tool_is_a_setup_failure_with_its_reason,
         ),
     ];
     libtest_mimic::run(&args, tests).exit();

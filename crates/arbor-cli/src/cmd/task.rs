@@ -11,7 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Generate tasks of a built-in domain (swe, terminal, webcoding, websearch, general).
+    /// Generate tasks of a built-in domain (swe, terminal, webcoding, websearch, general) or of
+    /// the `rlcheck` family (the tasks of `arbor train rl-check`).
     Gen(GenArgs),
     /// List the tasks of a source (native folder/JSONL, SWE-bench JSONL, Harbor folders).
     List(ListArgs),
