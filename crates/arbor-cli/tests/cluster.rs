@@ -15,7 +15,7 @@ use arbor_rollout::record::{RolloutResult, Status};
 use serde_json::Value;
 
 mod common;
-use common::{ReclaimOnPanic, arbor, reclaim_after_kill};
+use common::{ReclaimOnPanic, arbor, assert_nothing_left, reclaim_after_kill};
 
 const TOKEN: &str = "cluster-test-token-5f1c2a9e";
 
@@ -331,13 +331,5 @@ fn three_nodes_in_network_namespaces_take_300_rollouts() {
     for node in &mut nodes {
         assert!(node.terminate().success());
     }
-    let check = arbor()
-        .args(["sandbox", "gc", "--check"])
-        .output()
-        .expect("gc --check");
-    assert!(
-        check.status.success(),
-        "left behind: {}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert_nothing_left();
 }

@@ -33,6 +33,11 @@ pub fn reclaim_after_kill(killed_at: Instant) {
     std::thread::sleep(Duration::from_secs(32).saturating_sub(killed_at.elapsed()));
     let gc = arbor().args(["sandbox", "gc"]).output().expect("gc");
     assert!(gc.status.success());
+    assert_nothing_left();
+}
+
+/// `arbor sandbox gc --check` finds no sandbox process, mount, cgroup or state directory.
+pub fn assert_nothing_left() {
     let check = arbor()
         .args(["sandbox", "gc", "--check"])
         .output()
