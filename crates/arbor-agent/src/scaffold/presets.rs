@@ -222,13 +222,13 @@ fn claude_code(bin: &str, env: &mut BTreeMap<String, String>) -> String {
 
 /// Codex's configuration: the gateway as a Responses provider, no retries
 /// (the gateway already retries its upstream), no approvals, no sandbox of
-/// its own (arbor's sandbox is the boundary), no hosted web search (no
-/// network in the sandbox, and a Chat Completions upstream cannot serve it).
+/// its own (arbor's sandbox is the boundary). Codex's default tools stay on:
+/// its hosted web search is a tool no Chat Completions upstream can serve, so
+/// a run with Codex sets the gateway's `drop_unsupported_tools` (docs/agents.md).
 const CODEX_CONFIG: &str = r#"model = "{model}"
 model_provider = "arbor"
 approval_policy = "never"
 sandbox_mode = "danger-full-access"
-web_search = "disabled"
 
 [model_providers.arbor]
 name = "arbor gateway"
