@@ -1,6 +1,7 @@
 //! `arbor run` and `arbor serve` end to end, as separate processes: the
 //! shipped oracle experiment, kill -9 and --resume, and the env server
-//! driven over HTTP by a Python client. Real sandboxes (needs root).
+//! driven over HTTP by a Python client, with its token, allowed directories
+//! and the operator's backend. Real sandboxes (needs root).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
@@ -499,4 +500,52 @@ fn env_server_token_and_allowed_dirs() {
         !o.status.success() && err.contains("without a token"),
         "{err}"
     );
+}
+
+/// `arbor serve --backend-file`: every batch runs on the operator's backend, here a cluster
+/// of one `arbor node serve` on loopback, which creates the batch's sandboxes.
+#[test]
+fn env_server_runs_batches_on_the_operators_backend() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join("node-token"), "node-secret\n").expect("token");
+    let node_log = std::fs::File::create(tmp.path().join("node.log")).expect("log");
+    let mut node = arbor()
+        .args(["node", "serve", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(tmp.path().join("node-token"))
+        .env("ARBOR_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(node_log)
+        .spawn()
+        .expect("arbor node serve");
+    let stdout = node.stdout.take().expect("stdout");
+    let _node = Guard(Some(node));
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("line");
+    let node_url = line.trim().strip_prefix("listening on ").expect("node URL");
+    // Relative paths in the file are taken from its folder.
+    let backend =
+        format!("kind = \"cluster\"\nnodes = [\"{node_url}\"]\ntoken_file = \"node-token\"\n");
+    std::fs::write(tmp.path().join("backend.toml"), backend).expect("backend file");
+    let backend_file = tmp.path().join("backend.toml");
+    let (_g, url) = start_server(
+        &tmp.path().join("runs"),
+        &["--backend-file".as_ref(), backend_file.as_ref()],
+    );
+    let batch = r#"{"datasets":[{"domain":"terminal","n":2,"seed":4}],"scaffolds":[{"kind":"bash"}],"policy":{"kind":"scripted-oracle"}}"#;
+    let (code, body) = http(&url, "POST", "/v1/batches", None, batch);
+    assert_eq!(code, 201, "{body}");
+    let status = format!("/v1/batches/{}", body["id"].as_str().expect("id"));
+    let until = Instant::now() + Duration::from_secs(180);
+    let done = loop {
+        let (_, s) = http(&url, "GET", &status, None, "");
+        if s["state"] != "running" || Instant::now() > until {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["passed"], 2, "{done}");
+    let log = std::fs::read_to_string(tmp.path().join("node.log")).expect("node log");
+    let created = log.lines().filter(|l| l.contains("created")).count();
+    assert!(created >= 2, "the node created the sandboxes: {log}");
 }
