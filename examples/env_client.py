@@ -7,12 +7,16 @@ trajectory and prefix tree, and prints one JSON summary line.
     arbor serve --listen 127.0.0.1:8700 &
     python3 examples/env_client.py http://127.0.0.1:8700 [batch.json]
 
+If the server has a token (`arbor serve --token-file F`), set ARBOR_TOKEN to it:
+every request then carries `Authorization: Bearer $ARBOR_TOKEN`.
+
 Without a batch file it asks for the scripted-oracle policy on four terminal
 tasks, two samples each. A real trainer passes its own policy endpoint:
     "policy": {"kind": "upstream", "base_urls": ["http://127.0.0.1:8000/v1"], "model": "my-model"}
 """
 
 import json
+import os
 import sys
 import urllib.request
 
@@ -25,10 +29,18 @@ DEFAULT_BATCH = {
 }
 
 
+def headers():
+    """JSON, plus the server's bearer token when ARBOR_TOKEN is set."""
+    h = {"content-type": "application/json"}
+    token = os.environ.get("ARBOR_TOKEN", "").strip()
+    if token:
+        h["authorization"] = f"Bearer {token}"
+    return h
+
+
 def request(method, url, body=None, timeout=120):
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"content-type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method, headers=headers())
     return urllib.request.urlopen(req, timeout=timeout)
 
 

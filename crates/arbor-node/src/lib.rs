@@ -26,6 +26,7 @@ pub mod protocol;
 pub mod remote;
 pub mod server;
 mod tls;
+pub mod token;
 
 pub use cluster::{ClusterBackend, ClusterConfig, NodeStatus};
 pub use remote::{ClientOptions, RemoteBackend, RemoteSandbox};

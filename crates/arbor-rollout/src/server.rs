@@ -13,6 +13,10 @@
 //! | `GET /v1/batches/{id}/rollouts/{session}/trajectory` | the session's recorded calls |
 //! | `GET /v1/batches/{id}/rollouts/{session}/tree` | the session's trajectory tree |
 //!
+//! `GET /health` answers `ok` to anyone (for probes); every other route needs
+//! `Authorization: Bearer <token>` when the server has a token ([`auth`]).
+//! A batch may name host paths only inside the allowed directories ([`allow`]).
+//!
 //! See `docs/env-server.md` for request and response examples.
 
 use std::collections::BTreeMap;
@@ -26,6 +30,7 @@ use arbor_sandbox::Backend;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -33,10 +38,17 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::experiment::Experiment;
+use crate::backend::BackendSpec;
+use crate::experiment::{Experiment, PolicySpec};
 use crate::record::{RolloutResult, Status};
 use crate::runner::{RunOptions, load_tasks};
 use crate::summary::Summary;
+
+mod allow;
+mod auth;
+
+pub use allow::AllowedDirs;
+pub use auth::TOKEN_ENV;
 
 /// Configuration of the env server.
 #[derive(Clone)]
@@ -45,8 +57,29 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Where batch run directories go (`ROOT/<batch id>`).
     pub root: PathBuf,
-    /// Sandbox backend (default: the local namespace backend).
+    /// Sandbox backend object (tests); overrides `backend_spec`.
     pub backend: Option<Arc<dyn Backend>>,
+    /// Where every batch's sandboxes live, as the operator configured it
+    /// (`arbor serve --backend-file`); a batch cannot choose.
+    pub backend_spec: BackendSpec,
+    /// The bearer token every API route requires (`None`: no token, loopback only).
+    pub token: Option<String>,
+    /// Directories a batch may name host paths in.
+    pub allowed: AllowedDirs,
+}
+
+impl ServerConfig {
+    /// Listening on `listen`, batches under `root`, local sandboxes, no token, no host paths.
+    pub fn new(listen: SocketAddr, root: PathBuf) -> Self {
+        ServerConfig {
+            listen,
+            root,
+            backend: None,
+            backend_spec: BackendSpec::Local,
+            token: None,
+            allowed: AllowedDirs::default(),
+        }
+    }
 }
 
 /// A running env server.
@@ -128,6 +161,7 @@ struct AppState {
 
 /// Start serving.
 pub async fn start(config: ServerConfig) -> std::io::Result<EnvServer> {
+    auth::check_listen(config.listen, config.token.as_deref())?;
     std::fs::create_dir_all(&config.root)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -149,7 +183,7 @@ pub async fn start(config: ServerConfig) -> std::io::Result<EnvServer> {
         batches: Mutex::new(BTreeMap::new()),
         next_id: AtomicU64::new(first_id),
     });
-    let app = Router::new()
+    let api = Router::new()
         .route("/v1/batches", post(submit).get(list))
         .route("/v1/batches/{id}", get(status).delete(cancel))
         .route("/v1/batches/{id}/results", get(results))
@@ -158,7 +192,13 @@ pub async fn start(config: ServerConfig) -> std::io::Result<EnvServer> {
             get(trajectory),
         )
         .route("/v1/batches/{id}/rollouts/{session}/tree", get(tree))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    let app = Router::new()
         .route("/health", get(|| async { "ok" }))
+        .merge(api)
         .with_state(state);
     let task = tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(EnvServer { addr, task })
@@ -202,29 +242,26 @@ async fn submit(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
     if v.get("name").is_none() {
         v["name"] = json!(id);
     }
-    let exp: Experiment = match serde_json::from_value(v) {
+    let mut exp: Experiment = match serde_json::from_value(v) {
         Ok(e) => e,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a valid batch: {e}")),
     };
-    if let Err(m) = exp.validate() {
+    if let Err(m) = exp
+        .validate()
+        .and_then(|()| check_submitted(&state.config, &exp))
+    {
         return error(StatusCode::BAD_REQUEST, m);
     }
-    // A cluster backend names host files (the node token, a CA) whose contents the run would
-    // send to addresses the client chose: only the operator may configure one.
-    if exp.backend != crate::backend::BackendSpec::Local {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "`backend` cannot be set by a submitted batch (it names host files, such as the \
-             node token, that would be sent to the nodes it lists); the server's operator \
-             chooses where sandboxes run",
-        );
-    }
+    exp.backend = state.config.backend_spec.clone();
     let exp_for_load = exp.clone();
     let tasks = match tokio::task::spawn_blocking(move || load_tasks(&exp_for_load)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("loading tasks: {e}")),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
+    if let Err(m) = state.config.allowed.check_tasks(&tasks) {
+        return error(StatusCode::BAD_REQUEST, m);
+    }
     let requested = tasks.len() * exp.scaffolds.len() * exp.samples as usize;
     let text = match toml::to_string(&exp) {
         Ok(t) => t,
@@ -293,6 +330,32 @@ async fn submit(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
         })),
     )
         .into_response()
+}
+
+/// What a client may not ask for, though an experiment file may: a backend (it names host
+/// files, such as the node token, whose contents would go to the nodes it lists), host paths
+/// outside the allowed directories, and an upstream API key read from the server's own tokens.
+fn check_submitted(config: &ServerConfig, exp: &Experiment) -> Result<(), String> {
+    if exp.backend != BackendSpec::Local {
+        return Err(
+            "`backend` cannot be set by a submitted batch (it names host files, such as the \
+             node token, that would be sent to the nodes it lists); the server's operator \
+             chooses where sandboxes run"
+                .into(),
+        );
+    }
+    if let PolicySpec::Upstream {
+        api_key_env: Some(var),
+        ..
+    } = &exp.policy
+        && [TOKEN_ENV, crate::backend::TOKEN_ENV].contains(&var.as_str())
+    {
+        return Err(format!(
+            "policy.api_key_env: `{var}` holds one of this server's own tokens, which would be \
+             sent to the batch's upstream"
+        ));
+    }
+    config.allowed.check_experiment(exp)
 }
 
 async fn list(State(state): State<Arc<AppState>>) -> Response {

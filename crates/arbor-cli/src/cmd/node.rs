@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use arbor_image::backend::{ImageBackend, ImagesConfig};
 use arbor_node::NodeConfig;
 use arbor_sandbox::Backend;
@@ -63,17 +63,9 @@ pub struct ServeArgs {
 }
 
 fn read_token(file: Option<&PathBuf>) -> Result<String> {
-    let token = match file {
-        Some(f) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading the token file {}", f.display()))?,
-        None => std::env::var("ARBOR_NODE_TOKEN")
-            .context("no token: give --token-file or set ARBOR_NODE_TOKEN")?,
-    };
-    let token = token.trim().to_string();
-    if token.is_empty() {
-        bail!("the node token is empty");
-    }
-    Ok(token)
+    arbor_node::token::read(file.map(PathBuf::as_path), "ARBOR_NODE_TOKEN")
+        .map_err(anyhow::Error::msg)?
+        .context("no token: give --token-file or set ARBOR_NODE_TOKEN")
 }
 
 fn seconds(s: f64, what: &str) -> Result<Duration> {

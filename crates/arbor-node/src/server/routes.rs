@@ -13,7 +13,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 
 use super::state::State;
@@ -80,17 +79,9 @@ async fn auth(Shared(st): St, req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Constant time: the comparison does not reveal how much of a guess matched.
-    let ok = given.is_some_and(|t| bool::from(t.as_bytes().ct_eq(st.token.as_bytes())));
-    if !ok {
+        .and_then(|v| v.to_str().ok());
+    if let Some(msg) = crate::token::refusal(given, &st.token) {
         warn!(path = %req.uri().path(), "refused a request without the node's token");
-        let msg = if given.is_some() {
-            "wrong bearer token"
-        } else {
-            "a bearer token is required (Authorization: Bearer ...)"
-        };
         return ApiError(ErrorBody::new(ErrorKind::Unauthorized, msg)).into_response();
     }
     next.run(req).await
