@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use arbor_agent::ScaffoldConfig;
 use arbor_model::Qwen3Config;
-use arbor_train::{IcePop, Mcla, RlConfig, SftConfig};
+use arbor_train::{IcePop, LengthNorm, Mcla, RlConfig, SftConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::{RecipeError, Result};
@@ -255,6 +255,35 @@ pub struct RlSpec {
     /// the greedy answer (a small model passes more of them) but also more alike within a
     /// group, so fewer groups carry a reward signal.
     pub temperature: f32,
+    /// How GSPO divides a turn's log-ratios and a path's turns: `"mean"` (GSPO as published:
+    /// the turn's token count and the path's turn count) or `"constant"` (the rollout's
+    /// `max_tokens` and `max_steps` for every turn and path, as Dr. GRPO does). The mean pushes
+    /// each token of a long failing reply down less than a short one's, a bias toward replies
+    /// that run to the limit (docs/recipe.md §3).
+    pub length_norm: LengthNormSpec,
+    /// Replies cut at the rollout's `max_tokens` (overlong): `"keep"` trains them like any
+    /// other; `"filter"` leaves the episodes that have one out of the update, as DAPO's
+    /// overlong filtering does (they still count in their group's mean reward), so a
+    /// truncated reply is neither rewarded nor pushed down for its length alone.
+    pub overlong: Overlong,
+}
+
+/// [`RlSpec::length_norm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LengthNormSpec {
+    #[default]
+    Mean,
+    Constant,
+}
+
+/// [`RlSpec::overlong`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlong {
+    #[default]
+    Keep,
+    Filter,
 }
 
 impl Default for RlSpec {
@@ -278,6 +307,8 @@ impl Default for RlSpec {
             max_tokens_per_pack: 16_384,
             stop_without_signal: 0,
             temperature: 1.0,
+            length_norm: LengthNormSpec::Mean,
+            overlong: Overlong::Keep,
         }
     }
 }
@@ -319,8 +350,17 @@ impl DistillSpec {
 
 impl RlSpec {
     /// The loss settings of one update (`step` varies MCLA's routing draws).
-    pub fn rl_config(&self, step: u64) -> RlConfig {
+    /// The loss settings of an update; `rollout` gives the constant normalizer's divisors.
+    pub fn rl_config(&self, step: u64, rollout: &RolloutSpec) -> RlConfig {
+        let length_norm = match self.length_norm {
+            LengthNormSpec::Mean => LengthNorm::Mean,
+            LengthNormSpec::Constant => LengthNorm::Constant {
+                tokens: rollout.max_tokens,
+                turns: rollout.max_steps,
+            },
+        };
         RlConfig {
+            length_norm,
             clip_eps: self.clip_eps,
             icepop: self.icepop,
             distill_coef: self.distill_coef,
@@ -494,7 +534,7 @@ mod tests {
         let e = PipelineConfig::parse(&format!("{MIN}[distill]\ntemperature = 0\n")).unwrap_err();
         assert!(e.contains("distill.temperature"), "{e}");
         let cfg = PipelineConfig::parse(&format!("{MIN}[rl]\ntemperature = 0.5\n")).unwrap();
-        assert_eq!(cfg.rl.rl_config(0).temperature, 0.5);
+        assert_eq!(cfg.rl.rl_config(0, &cfg.rollout).temperature, 0.5);
         assert_eq!(cfg.distill.temperature, 1.0);
         let e = PipelineConfig::parse(&format!("{MIN}[pretrain]\nsteps = 0\n")).unwrap_err();
         assert!(e.contains("pretrain"), "{e}");

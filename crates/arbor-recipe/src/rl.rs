@@ -43,7 +43,7 @@ use arbor_rollout::runner::ProgressFn as RolloutProgressFn;
 use serde::{Deserialize, Serialize};
 
 use crate::advantage::group_advantages;
-use crate::config::{RlSpec, RolloutSpec};
+use crate::config::{Overlong, RlSpec, RolloutSpec};
 use crate::rollouts::{self, Episode, TaskSet};
 use crate::{RecipeError, Result};
 
@@ -331,9 +331,19 @@ impl RlStage {
             let (episodes, mut entry) = self.sample(it, policy, progress).await?;
             self.keep_best(it, &entry, run)?;
             // Score.
-            let (adv, gstats) = group_advantages(&episodes, self.spec.normalize_std);
+            let (mut adv, gstats) = group_advantages(&episodes, self.spec.normalize_std);
             entry.groups = gstats.groups;
             entry.groups_with_signal = gstats.groups_with_signal;
+            let max_tokens = self.rollout.max_tokens as usize;
+            for (e, a) in episodes.iter().zip(adv.iter_mut()) {
+                if a.is_some() && e.longest_reply() >= max_tokens {
+                    entry.overlong += 1;
+                    if self.spec.overlong == Overlong::Filter && !run.distilling() {
+                        *a = None;
+                        entry.overlong_filtered += 1;
+                    }
+                }
+            }
             let set = TrainingSet::new(episodes, adv, run.distilling());
             let t_train = Instant::now();
             let trained = self.update(it, set, run).await?;
@@ -401,10 +411,11 @@ impl RlStage {
 
     /// Step 3 on a blocking thread: the trainer moves there and back.
     async fn update(&self, it: usize, set: TrainingSet, run: &mut Running) -> Result<Trained> {
-        let (spec, targets) = (self.spec.clone(), run.targets.clone());
+        let (spec, rollout, targets) =
+            (self.spec.clone(), self.rollout.clone(), run.targets.clone());
         let mut tr = run.trainer.take().ok_or_else(lost)?;
         let (tr, trained) = tokio::task::spawn_blocking(move || {
-            let r = train::update(&spec, it, set, &targets, &mut tr);
+            let r = train::update(&spec, &rollout, it, set, &targets, &mut tr);
             (tr, r)
         })
         .await

@@ -192,6 +192,21 @@ pub struct Episode {
     pub sequences: Vec<Sequence>,
 }
 
+impl Episode {
+    /// Generated tokens of the longest reply (model call) of the episode: a reply as long as
+    /// the rollout's `max_tokens` was cut there.
+    pub fn longest_reply(&self) -> usize {
+        self.sequences
+            .iter()
+            .map(|s| match s.loss_mask.is_empty() {
+                true => s.tokens.len(),
+                false => s.loss_mask.iter().filter(|&&m| m).count(),
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// Reads a run directory's results and calls (`arbor_trace::read_run`, results sorted by
 /// session id). Episodes whose session recorded no call keep an empty `sequences` (they still
 /// count in the group statistics).

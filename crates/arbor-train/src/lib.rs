@@ -94,8 +94,9 @@ pub mod sft;
 pub mod update;
 
 pub use loss::{
-    DistillStats, ExpertDistribution, ExpertTarget, GspoConfig, GspoStats, IcePop, RlPath, RlTerms,
-    distill_full_loss, distill_loss, gspo_loss, k3, kl_penalty, rl_objective, rl_objective_with,
+    DistillStats, ExpertDistribution, ExpertTarget, GspoConfig, GspoStats, IcePop, LengthNorm,
+    RlPath, RlTerms, distill_full_loss, distill_loss, gspo_loss, k3, kl_penalty, rl_objective,
+    rl_objective_with,
 };
 pub use mcla::{ImportanceStats, McLogprobs, Mcla, mcla_logprobs};
 pub use rl::{RlBatch, RlConfig, RlOutput, RlStats, rl_loss, sft_loss_on, sft_weights};

@@ -91,6 +91,27 @@ impl IcePop {
     }
 }
 
+/// How [`gspo_loss`] divides a turn's log-ratio sum and a path's turn sum.
+///
+/// With [`LengthNorm::Mean`] the gradient of a token is `A_k c_k / (N_k |T_n|)`: the longer
+/// its turn (and the more turns its path has), the less each token of a failing reply is
+/// pushed down. That is the length bias Dr. GRPO (Liu et al. 2025) points out in per-sequence
+/// normalization: long wrong replies are penalized least, and a policy drifts toward replies
+/// that run to the token limit. [`LengthNorm::Constant`] divides by the same numbers for every
+/// turn and path, so every token of every reply weighs the same.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LengthNorm {
+    /// GSPO as published: the turn ratio is the geometric mean over the turn's kept tokens and
+    /// a path's loss is the mean over its turns.
+    #[default]
+    Mean,
+    /// `s_n = exp(sum_{i in T_n, kept} (logp_theta_i - logp_old_i) / tokens)` and
+    /// `L_k = -(1/turns) sum_n ...`: `tokens` is the longest a reply can be, `turns` the most
+    /// calls a path can make (the rollout's limits).
+    Constant { tokens: u32, turns: u32 },
+}
+
 /// Options of [`gspo_loss`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GspoConfig {
@@ -98,6 +119,9 @@ pub struct GspoConfig {
     pub clip_eps: f32,
     /// Token masking; `None` keeps every loss token.
     pub icepop: Option<IcePop>,
+    /// Divisors of the turn and path sums.
+    #[serde(default)]
+    pub length_norm: LengthNorm,
 }
 
 impl Default for GspoConfig {
@@ -105,6 +129,7 @@ impl Default for GspoConfig {
         Self {
             clip_eps: 0.2,
             icepop: Some(IcePop::default()),
+            length_norm: LengthNorm::Mean,
         }
     }
 }
@@ -248,6 +273,9 @@ fn zero_like_loss(logprobs: &Tensor) -> Result<Tensor> {
 /// L   = sum_k c_k * L_k        (c_k = RlPath::weight, 1/K for the mean over paths)
 /// ```
 ///
+/// That is [`LengthNorm::Mean`]; [`LengthNorm::Constant`] replaces the turn mean's `|T_n|` and
+/// the path's `N_k` by constants.
+///
 /// IcePop (when configured) decides per token, from the current values, whether the token is
 /// *kept*: a masked token is left out of its turn's mean (the mean is over the kept tokens only),
 /// so it has no gradient and does not move `s_n`. A turn whose tokens are all masked contributes
@@ -277,17 +305,26 @@ fn gspo_from_selection(
     }
     let dev = logprobs.device();
     let (n, slots) = (sel.idx.len(), sel.slot_len.len());
-    // Per kept token: 1/|T_n kept|, so index_add forms the turn mean.
+    // Per kept token: 1/|T_n kept| (or the constant), so index_add forms the turn's log-ratio.
     let scale: Vec<f32> = sel
         .slot
         .iter()
-        .map(|&s| 1.0 / sel.slot_len[s as usize] as f32)
+        .map(|&s| match cfg.length_norm {
+            LengthNorm::Mean => 1.0 / sel.slot_len[s as usize] as f32,
+            LengthNorm::Constant { tokens, .. } => 1.0 / tokens.max(1) as f32,
+        })
         .collect();
     let adv: Vec<f32> = sel.slot_path.iter().map(|&k| paths[k].advantage).collect();
     let coef: Vec<f32> = sel
         .slot_path
         .iter()
-        .map(|&k| paths[k].weight / sel.path_turns[k] as f32)
+        .map(|&k| {
+            let turns = match cfg.length_norm {
+                LengthNorm::Mean => sel.path_turns[k] as f32,
+                LengthNorm::Constant { turns, .. } => turns.max(1) as f32,
+            };
+            paths[k].weight / turns
+        })
         .collect();
     // Plain-number turn ratios, for the statistics only.
     let mut mean = vec![0f64; slots];

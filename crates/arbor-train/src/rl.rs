@@ -9,8 +9,8 @@ use candle::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::loss::{
-    DistillStats, ExpertDistribution, ExpertTarget, GspoConfig, GspoStats, IcePop, RlPath,
-    rl_objective_with,
+    DistillStats, ExpertDistribution, ExpertTarget, GspoConfig, GspoStats, IcePop, LengthNorm,
+    RlPath, rl_objective_with,
 };
 use crate::mcla::{ImportanceStats, Mcla, mcla_logprobs};
 use crate::{Result, TrainError};
@@ -34,6 +34,9 @@ pub struct RlConfig {
     /// ([`crate::loss::kl_penalty`]; used when the batch carries them, 0 = off).
     #[serde(default)]
     pub kl_coef: f32,
+    /// Divisors of GSPO's turn and path sums ([`LengthNorm`]).
+    #[serde(default)]
+    pub length_norm: LengthNorm,
 }
 
 fn one() -> f32 {
@@ -50,6 +53,7 @@ impl Default for RlConfig {
             mcla: Mcla::default(),
             temperature: 1.0,
             kl_coef: 0.0,
+            length_norm: LengthNorm::Mean,
         }
     }
 }
@@ -281,6 +285,7 @@ pub fn rl_loss(model: &Qwen3Model, batch: &RlBatch, cfg: &RlConfig) -> Result<Rl
     let gcfg = GspoConfig {
         clip_eps: cfg.clip_eps,
         icepop: cfg.icepop,
+        length_norm: cfg.length_norm,
     };
     let student_rows = match &batch.expert_distribution {
         Some(d) if cfg.distill_coef != 0.0 => {

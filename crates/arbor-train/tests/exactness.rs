@@ -136,6 +136,7 @@ fn per_path_loss(
     let gcfg = GspoConfig {
         clip_eps: c.clip_eps,
         icepop: c.icepop,
+        length_norm: c.length_norm,
     };
     let mut total = None;
     let mut aux = AuxStats::default();

@@ -118,6 +118,7 @@ fn pack_case(pack: &Pack, file: &str) -> Value {
     let cfg = GspoConfig {
         clip_eps: CLIP_EPS,
         icepop: Some(IcePop::default()),
+        ..GspoConfig::default()
     };
     let weights = pack.loss_weight.clone();
     json!({

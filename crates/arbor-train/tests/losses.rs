@@ -6,8 +6,8 @@
 #![allow(clippy::excessive_precision)]
 
 use arbor_train::{
-    ExpertDistribution, ExpertTarget, GspoConfig, IcePop, RlPath, distill_full_loss, distill_loss,
-    gspo_loss, kl_penalty, rl_objective, rl_objective_with,
+    ExpertDistribution, ExpertTarget, GspoConfig, IcePop, LengthNorm, RlPath, distill_full_loss,
+    distill_loss, gspo_loss, kl_penalty, rl_objective, rl_objective_with,
 };
 use candle::{Device, Tensor, Var};
 
@@ -50,6 +50,42 @@ fn path(
         advantage: adv,
         weight,
     }
+}
+
+/// The length bias of the turn mean, and the constant normalizer that removes it. Two failing
+/// replies (A = -1, weight 1 each, on policy: d = 0 so every s_n = 1, no clipping), one of 1
+/// token and one of 4 tokens, each the only turn of its path.
+///
+/// Mean: each token's gradient is -w * A * s / |T| = 1/|T|: the short reply's token gets 1, the
+/// long reply's tokens 0.25 each (a long wrong reply is pushed down 4x less per token).
+/// Constant {tokens: 8, turns: 2}: every token gets -w * A * s / (8 * 2) = 1/16, whatever the
+/// length. The value is -sum_k w_k A_k s / 2 = 1 in both (s = exp(0 / 8) = 1).
+#[test]
+fn constant_length_norm_weighs_every_token_the_same() {
+    let lp = var(&[-1.0, -1.0, -1.0, -1.0, -1.0]);
+    let short = path(&[0], &[true], &[-1.0], &[1], -1.0, 1.0);
+    let long = RlPath {
+        id: "long".into(),
+        ..path(&[1, 2, 3, 4], &[true; 4], &[-1.0; 4], &[1; 4], -1.0, 1.0)
+    };
+    let grad = |norm: LengthNorm| {
+        let cfg = GspoConfig {
+            icepop: None,
+            length_norm: norm,
+            ..GspoConfig::default()
+        };
+        let (loss, _) = gspo_loss(lp.as_tensor(), &[short.clone(), long.clone()], &cfg).unwrap();
+        (loss.to_scalar::<f32>().unwrap(), grad_of(&loss, &lp))
+    };
+    let (value, g) = grad(LengthNorm::Mean);
+    close(value, 2.0, "mean: value");
+    close_all(&g, &[1.0, 0.25, 0.25, 0.25, 0.25], "mean: grad");
+    let (value, g) = grad(LengthNorm::Constant {
+        tokens: 8,
+        turns: 2,
+    });
+    close(value, 1.0, "constant: value");
+    close_all(&g, &[0.0625; 5], "constant: grad");
 }
 
 /// Two paths sharing tokens 0..=2 of a 7-token tree, eps = 0.2, no IcePop, weights 1/2.
@@ -97,6 +133,7 @@ fn turn_level_gspo_by_hand() {
     let cfg = GspoConfig {
         clip_eps: 0.2,
         icepop: None,
+        ..GspoConfig::default()
     };
     let (loss, stats) = gspo_loss(lp.as_tensor(), &[a.clone(), b.clone()], &cfg).unwrap();
     close(loss.to_scalar::<f32>().unwrap(), -0.2851320, "loss");

@@ -76,11 +76,12 @@ pub fn progress_display(b: &ProgressBar) -> PipelineProgress {
         PipelineEvent::Iteration { stage, total, log } => say(
             &b,
             format!(
-                "{stage} iteration {}/{total}: train pass rate {:.3}, {} of {} groups with signal, KL to start {}, IW var {:.2e} (MCLA {:.2e}){}, {:.0}s sampling + {:.0}s training",
+                "{stage} iteration {}/{total}: train pass rate {:.3}, {} of {} groups with signal, {} cut at max_tokens, KL to start {}, IW var {:.2e} (MCLA {:.2e}){}, {:.0}s sampling + {:.0}s training",
                 log.iteration + 1,
                 log.pass_rate,
                 log.groups_with_signal,
                 log.groups,
+                log.overlong,
                 log.kl_to_init.map_or("-".into(), |k| format!("{k:.4}")),
                 log.iw_var_single,
                 log.iw_var_mcla,

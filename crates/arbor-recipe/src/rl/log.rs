@@ -28,6 +28,13 @@ pub struct IterationLog {
     /// Groups and groups whose rewards differ.
     pub groups: usize,
     pub groups_with_signal: usize,
+    /// Scored rollouts with a reply cut at the rollout's `max_tokens` (the drift toward
+    /// replies that never stop shows here first), and how many of them `overlong = "filter"`
+    /// left out of the update.
+    #[serde(default)]
+    pub overlong: usize,
+    #[serde(default)]
+    pub overlong_filtered: usize,
     /// Paths (model calls) trained and their tree sizes.
     pub paths: usize,
     pub unique_tokens: u64,

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::config::DistillEstimator;
+use crate::config::{DistillEstimator, RolloutSpec};
 use arbor_model::{ForwardOptions, Qwen3Config, TreeBatch};
 use arbor_train::RlStats;
 use arbor_tree::Sequence;
@@ -182,7 +182,7 @@ fn update(
         reference,
         teachers,
     };
-    let trained = train::update(&spec, 0, set, &targets, &mut t).unwrap();
+    let trained = train::update(&spec, &RolloutSpec::default(), 0, set, &targets, &mut t).unwrap();
     let st = UpdateStats {
         paths: trained.paths,
         unique_tokens: trained.unique_tokens,

@@ -11,7 +11,7 @@ use arbor_train::{RlUpdate, UpdatePack, UpdateStats, rl_update};
 use arbor_tree::{PackOptions, Sequence, TrajectoryTree, pack_tree};
 
 use crate::Result;
-use crate::config::RlSpec;
+use crate::config::{RlSpec, RolloutSpec};
 use crate::rollouts::Episode;
 
 /// The trained model and its optimizer (moved to a blocking thread for each update).
@@ -90,6 +90,7 @@ pub(super) struct Targets {
 /// teacher), packed once, then [`rl_update`].
 pub(super) fn update(
     spec: &RlSpec,
+    rollout: &RolloutSpec,
     iteration: usize,
     set: TrainingSet,
     targets: &Targets,
@@ -121,7 +122,7 @@ pub(super) fn update(
         weights: set.weights,
         reference: targets.reference.clone(),
         // Step s of iteration i draws MCLA routing from seed (1024 i + s) * 1000.
-        config: spec.rl_config((iteration * 1024) as u64),
+        config: spec.rl_config((iteration * 1024) as u64, rollout),
         estimator: spec.distill_estimator,
         passes: spec.updates_per_iteration,
         minibatches: spec.minibatches,
