@@ -61,6 +61,7 @@ group_size = 2
 
 [eval]
 heldout_tasks = 3
+samples = 2
 "#,
         out = dir.join("out").display()
     );
@@ -126,6 +127,13 @@ fn pipeline_runs_end_to_end_and_continues_after_kill_9() {
             let p = cell["pass_rate"].as_f64().expect("pass_rate");
             assert!((0.0..=1.0).contains(&p));
             assert_eq!(cell["infra_errors"], 0, "{d}/{row}: {cell}");
+            // The same tasks sampled twice each at the RL temperature.
+            let s = &cell["sampled"];
+            assert_eq!(s["tasks"], 3, "{d}/{row}: {cell}");
+            assert_eq!(s["samples"], 6, "{d}/{row}: {cell}");
+            assert_eq!(s["temperature"], 1.0, "{d}/{row}: {cell}");
+            let p = s["pass_rate"].as_f64().expect("sampled pass_rate");
+            assert!((0.0..=1.0).contains(&p) && s["std_err"].as_f64().unwrap() >= 0.0);
         }
     }
 
@@ -203,6 +211,7 @@ fn pipeline_runs_end_to_end_and_continues_after_kill_9() {
         assert!(svg.starts_with("<svg"), "{path}");
     }
     assert!(report.contains("| terminal |"));
+    assert!(report.contains("sampled 2 times each at temperature 1"), "{report}");
 
     reclaim_after_kill(killed_at);
 }

@@ -416,6 +416,11 @@ pub struct EvalSpec {
     /// the RL and distillation stages' `temperature`, which is what they train at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
+    /// Samples per held-out task at the RL temperature (`[rl] temperature`): the sampled
+    /// pass@1 (mean over tasks of each task's passing share, with its standard error across
+    /// tasks) reported beside the evaluation above. RL sharpens the distribution it samples
+    /// from, which a greedy evaluation can hide. 0 = off.
+    pub samples: u32,
 }
 
 impl Default for EvalSpec {
@@ -424,6 +429,7 @@ impl Default for EvalSpec {
             heldout_tasks: 100,
             seed: 1_000_003,
             temperature: None,
+            samples: 4,
         }
     }
 }

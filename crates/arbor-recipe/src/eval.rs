@@ -8,7 +8,7 @@ use arbor_rollout::runner::ProgressFn;
 
 use crate::Result;
 use crate::config::{EvalSpec, RolloutSpec};
-use crate::rollouts::{self, PassRate, TaskSet};
+use crate::rollouts::{self, PassRate, SampledRate, TaskSet};
 
 /// The held-out tasks of `domain`.
 pub fn heldout(domain: &str, eval: &EvalSpec, difficulty: u32) -> TaskSet {
@@ -42,4 +42,28 @@ pub async fn evaluate(
     );
     rollouts::run(&exp, out, on_progress).await?;
     PassRate::of_run(out)
+}
+
+/// Evaluates `checkpoint` on the same held-out tasks with `eval.samples` samples per task at
+/// `temperature` into `out` (resumable).
+pub async fn evaluate_sampled(
+    checkpoint: &Path,
+    domain: &str,
+    eval: &EvalSpec,
+    difficulty: u32,
+    spec: &RolloutSpec,
+    temperature: f32,
+    out: &Path,
+    on_progress: Option<ProgressFn>,
+) -> Result<SampledRate> {
+    let exp = rollouts::experiment(
+        &format!("eval-sampled-{domain}"),
+        out,
+        vec![heldout(domain, eval, difficulty).dataset()],
+        eval.samples.max(1),
+        rollouts::embedded(checkpoint, spec, Some(temperature)),
+        spec,
+    );
+    rollouts::run(&exp, out, on_progress).await?;
+    SampledRate::of_run(out)
 }

@@ -39,7 +39,7 @@ use crate::rl::{IterationLog, RlEvent, RlReport, RlStage};
 use crate::rollouts::{self, PassRate, SampledRate, TaskSet};
 use crate::{RecipeError, Result};
 
-pub use crate::results::{Cell, PipelineResults, ROWS};
+pub use crate::results::{Cell, PipelineResults, ROWS, SampledCell};
 
 /// Progress of a pipeline, for a display.
 #[derive(Debug, Clone)]
@@ -445,17 +445,19 @@ impl Run<'_> {
     ) -> Result<BTreeMap<String, Cell>> {
         let cfg = self.cfg;
         let mut cells = BTreeMap::new();
-        let mut evaluated: Vec<(&str, PathBuf, PassRate)> = Vec::new();
+        let mut evaluated: Vec<(&str, PathBuf, Cell)> = Vec::new();
         for (row, ckpt) in rows {
             let dir = self.out.join("eval").join(row).join(d);
             let shared = evaluated
                 .iter()
                 .find(|(_, c, _)| same_weights(c, &ckpt))
                 .cloned();
-            let rate = if let Some((same, _, rate)) = &shared {
+            if let Some((same, _, cell)) = shared {
                 self.stage(&format!("eval/{row}/{d} (the weights of `{same}`)"), true);
-                *rate
-            } else {
+                cells.insert(row.to_string(), cell);
+                continue;
+            }
+            let rate = {
                 self.stage(&format!("eval/{row}/{d}"), false);
                 crate::eval::evaluate(
                     &ckpt,
@@ -476,12 +478,40 @@ impl Run<'_> {
                 domain: d.to_string(),
                 rate,
             });
-            cells.insert(row.to_string(), Cell::from(rate));
-            if shared.is_none() {
-                evaluated.push((row, ckpt, rate));
-            }
+            let mut cell = Cell::from(rate);
+            cell.sampled = self.evaluate_sampled(d, row, &ckpt).await?;
+            cells.insert(row.to_string(), cell);
+            evaluated.push((row, ckpt, cell));
         }
         Ok(cells)
+    }
+
+    /// The sampled evaluation of one row (`[eval] samples` per task at the RL temperature),
+    /// `None` when it is off.
+    async fn evaluate_sampled(&self, d: &str, row: &str, ckpt: &Path) -> Result<Option<SampledCell>> {
+        let cfg = self.cfg;
+        if cfg.eval.samples == 0 {
+            return Ok(None);
+        }
+        let label = format!("eval-sampled/{row}/{d}");
+        self.stage(&label, false);
+        let rate = crate::eval::evaluate_sampled(
+            ckpt,
+            d,
+            &cfg.eval,
+            cfg.difficulty,
+            &cfg.rollout,
+            cfg.rl.temperature,
+            &self.out.join("eval-sampled").join(row).join(d),
+            Some(rollout_progress(label, self.progress.clone())),
+        )
+        .await?;
+        (self.progress)(PipelineEvent::EvaluatedSampled {
+            row: row.into(),
+            domain: d.to_string(),
+            rate: rate.clone(),
+        });
+        Ok(Some(SampledCell::new(&rate, cfg.rl.temperature)))
     }
 }
 

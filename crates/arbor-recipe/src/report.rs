@@ -49,8 +49,18 @@ fn curves(
 
 /// `(rl - sft) / sqrt(se_rl^2 + se_sft^2)`: how many standard errors RL is above SFT.
 pub fn z_score(rl: &Cell, sft: &Cell) -> f64 {
-    let se = (rl.std_err.powi(2) + sft.std_err.powi(2)).sqrt();
-    let diff = rl.pass_rate - sft.pass_rate;
+    z_of(rl.pass_rate, rl.std_err, sft.pass_rate, sft.std_err)
+}
+
+/// [`z_score`] of the sampled pass rates (`None` without a sampled evaluation).
+pub fn sampled_z_score(rl: &Cell, sft: &Cell) -> Option<f64> {
+    let (r, s) = (rl.sampled?, sft.sampled?);
+    Some(z_of(r.pass_rate, r.std_err, s.pass_rate, s.std_err))
+}
+
+fn z_of(a: f64, se_a: f64, b: f64, se_b: f64) -> f64 {
+    let se = (se_a.powi(2) + se_b.powi(2)).sqrt();
+    let diff = a - b;
     if se == 0.0 {
         if diff == 0.0 {
             0.0
@@ -142,6 +152,35 @@ fn intro(md: &mut String, cfg: &PipelineConfig, res: &PipelineResults) {
     );
 }
 
+/// The sampled pass@1 table (when the evaluation sampled).
+fn sampled_table(md: &mut String, res: &PipelineResults) {
+    let first = res.domains.values().flat_map(|c| c.values()).find_map(|c| c.sampled);
+    let Some(first) = first else {
+        return;
+    };
+    let k = first.samples / first.tasks.max(1);
+    let _ = writeln!(
+        md,
+        "\nThe same tasks sampled {k} times each at temperature {} (the RL temperature): \
+         pass@1 as the mean over tasks of each task's passing share, ± its standard error \
+         across tasks.\n",
+        first.temperature
+    );
+    let _ = writeln!(md, "| domain | {} |", ROWS.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(ROWS.len()));
+    for (d, cells) in &res.domains {
+        let row: Vec<String> = ROWS
+            .iter()
+            .map(|r| {
+                cells.get(*r).and_then(|c| c.sampled).map_or("-".into(), |s| {
+                    format!("{:.3} ± {:.3} (n={})", s.pass_rate, s.std_err, s.tasks)
+                })
+            })
+            .collect();
+        let _ = writeln!(md, "| {d} | {} |", row.join(" | "));
+    }
+}
+
 /// The held-out table, the acceptance comparisons per domain, and the bar chart.
 fn heldout(md: &mut String, out: &Path, res: &PipelineResults, plots: &Path) -> Result<()> {
     let _ = writeln!(md, "## Held-out pass rates\n");
@@ -158,6 +197,7 @@ fn heldout(md: &mut String, out: &Path, res: &PipelineResults, plots: &Path) -> 
             .collect();
         let _ = writeln!(md, "| {d} | {} |", row.join(" | "));
     }
+    sampled_table(md, res);
     let _ = writeln!(
         md,
         "\n`rl` is the last RL checkpoint, `expert` the RL checkpoint whose samples had the \
@@ -168,9 +208,9 @@ fn heldout(md: &mut String, out: &Path, res: &PipelineResults, plots: &Path) -> 
     );
     let _ = writeln!(
         md,
-        "| domain | RL - SFT in standard errors | unified / expert | RL groups with reward variance |"
+        "| domain | RL - SFT in standard errors | sampled: RL - SFT in standard errors | unified / expert | RL groups with reward variance |"
     );
-    let _ = writeln!(md, "|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|");
     for (d, cells) in &res.domains {
         let log = read_log(&out.join("rl").join(d).join(crate::rl::LOG_FILE));
         let signal = format!(
@@ -182,11 +222,15 @@ fn heldout(md: &mut String, out: &Path, res: &PipelineResults, plots: &Path) -> 
             (Some(r), Some(s)) => format!("{:.2}", z_score(r, s)),
             _ => "-".into(),
         };
+        let zs = match (cells.get("rl"), cells.get("sft")) {
+            (Some(r), Some(s)) => sampled_z_score(r, s).map_or("-".into(), |z| format!("{z:.2}")),
+            _ => "-".into(),
+        };
         let u = match (cells.get("unified"), cells.get("expert")) {
             (Some(u), Some(e)) if e.pass_rate > 0.0 => format!("{:.2}", u.pass_rate / e.pass_rate),
             _ => "- (expert at 0)".into(),
         };
-        let _ = writeln!(md, "| {d} | {z} | {u} | {signal} |");
+        let _ = writeln!(md, "| {d} | {z} | {zs} | {u} | {signal} |");
     }
     let bars = BarChart {
         title: "Held-out pass rate".into(),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rollouts::PassRate;
+use crate::rollouts::{PassRate, SampledRate};
 
 /// The rows of the results table, in order.
 pub const ROWS: [&str; 5] = ["base", "sft", "rl", "expert", "unified"];
@@ -22,6 +22,35 @@ pub struct Cell {
     /// Binomial standard error of `pass_rate`.
     pub std_err: f64,
     pub infra_errors: usize,
+    /// The same tasks sampled `[eval] samples` times each at the RL temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampled: Option<SampledCell>,
+}
+
+/// The sampled pass@1 of a cell: per task the share of passing samples, averaged over tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SampledCell {
+    pub pass_rate: f64,
+    /// Standard error across tasks.
+    pub std_err: f64,
+    pub tasks: usize,
+    /// Scored samples, of which passed.
+    pub samples: usize,
+    pub passed: usize,
+    pub temperature: f32,
+}
+
+impl SampledCell {
+    pub fn new(r: &SampledRate, temperature: f32) -> Self {
+        SampledCell {
+            pass_rate: r.rate,
+            std_err: r.std_err,
+            tasks: r.tasks,
+            samples: r.samples,
+            passed: r.passed,
+            temperature,
+        }
+    }
 }
 
 impl From<PassRate> for Cell {
@@ -32,6 +61,7 @@ impl From<PassRate> for Cell {
             passed: r.passed,
             std_err: r.std_err(),
             infra_errors: r.infra_errors,
+            sampled: None,
         }
     }
 }

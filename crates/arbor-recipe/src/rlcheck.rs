@@ -163,6 +163,12 @@ pub struct RlCheckReport {
     pub iterations: usize,
     /// Training pass rate per RL iteration.
     pub train_pass_rates: Vec<f64>,
+    /// Mean over iterations of the importance-weight variance of the first update with one
+    /// forward pass and with the MCLA mean of `mcla_passes` passes (they differ for an MoE
+    /// student with router noise), and `mcla_passes`.
+    pub iw_var_single: f64,
+    pub iw_var_mcla: f64,
+    pub mcla_passes: usize,
     /// Demonstrations, and how many ran a wrong command.
     pub demonstrations: usize,
     pub demonstrations_wrong: usize,
@@ -248,6 +254,9 @@ pub async fn run_rl_check(
         temperature: cfg.rl.temperature,
         iterations: rl_report.iterations,
         train_pass_rates: log.iter().map(|l| l.pass_rate).collect(),
+        iw_var_single: mean(log.iter().map(|l| l.iw_var_single)),
+        iw_var_mcla: mean(log.iter().map(|l| l.iw_var_mcla)),
+        mcla_passes: cfg.rl.mcla_passes.max(1),
         demonstrations: cfg.demonstrations,
         demonstrations_wrong: wrong,
         params,
@@ -256,6 +265,11 @@ pub async fn run_rl_check(
     let text = serde_json::to_string_pretty(&report).map_err(|e| RecipeError::Io(e.to_string()))?;
     arbor_train::checkpoint::write_atomic(&out.join(REPORT_FILE), text.as_bytes())?;
     Ok(report)
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { 0.0 } else { sum / n as f64 }
 }
 
 fn io(path: &Path, e: std::io::Error) -> RecipeError {

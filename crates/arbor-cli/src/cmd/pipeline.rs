@@ -147,6 +147,25 @@ pub fn print_table(res: &PipelineResults) {
         }
         println!();
     }
+    let Some(first) = res.domains.values().flat_map(|c| c.values()).find_map(|c| c.sampled)
+    else {
+        return;
+    };
+    println!(
+        "sampled pass@1 at temperature {} ({} samples per task, +- standard error):",
+        first.temperature,
+        first.samples / first.tasks.max(1)
+    );
+    for (d, cells) in &res.domains {
+        print!("{d:<10}");
+        for r in ROWS {
+            match cells.get(r).and_then(|c| c.sampled) {
+                Some(s) => print!(" {:>14}", format!("{:.3}+-{:.3}", s.pass_rate, s.std_err)),
+                None => print!(" {:>14}", "-"),
+            }
+        }
+        println!();
+    }
 }
 
 /// The end of a pipeline command: one JSON object with `json`, else the table and the report.
@@ -168,13 +187,18 @@ pub fn results_json(res: &PipelineResults) -> serde_json::Value {
             let rows: BTreeMap<_, _> = cells
                 .iter()
                 .map(|(r, c)| {
-                    (
-                        r.clone(),
-                        serde_json::json!({
-                            "pass_rate": c.pass_rate, "n": c.n, "passed": c.passed,
-                            "std_err": c.std_err, "infra_errors": c.infra_errors,
-                        }),
-                    )
+                    let mut v = serde_json::json!({
+                        "pass_rate": c.pass_rate, "n": c.n, "passed": c.passed,
+                        "std_err": c.std_err, "infra_errors": c.infra_errors,
+                    });
+                    if let Some(s) = c.sampled {
+                        v["sampled"] = serde_json::json!({
+                            "pass_rate": s.pass_rate, "std_err": s.std_err, "tasks": s.tasks,
+                            "samples": s.samples, "passed": s.passed,
+                            "temperature": s.temperature,
+                        });
+                    }
+                    (r.clone(), v)
                 })
                 .collect();
             (d.clone(), rows)
