@@ -46,7 +46,8 @@ pub struct ServeArgs {
     /// reach (the test suite's network namespaces); the token travels in clear otherwise.
     #[arg(long)]
     insecure_plaintext: bool,
-    /// Most sandboxes alive at once.
+    /// Most sandboxes created and alive at once. A sandbox's first fork (a rollout's grading
+    /// copy) is admitted past it, so a full node can still finish the rollouts it holds.
     #[arg(long, default_value_t = 1000)]
     capacity: usize,
     /// Destroy a sandbox after this many seconds without any operation (0: never), so one
