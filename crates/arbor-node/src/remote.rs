@@ -77,8 +77,6 @@ pub(crate) struct NodeClient {
     auth: String,
     up: AtomicBool,
     held: AtomicUsize,
-    /// Sandboxes this process destroyed there since the last capacity report.
-    released: AtomicUsize,
 }
 
 impl NodeClient {
@@ -129,7 +127,6 @@ impl NodeClient {
             auth: format!("Bearer {}", opts.token),
             up: AtomicBool::new(true),
             held: AtomicUsize::new(0),
-            released: AtomicUsize::new(0),
         })
     }
 
@@ -145,27 +142,6 @@ impl NodeClient {
     /// Sandboxes this process created on the node and has not destroyed.
     pub(crate) fn held(&self) -> usize {
         self.held.load(Ordering::SeqCst)
-    }
-
-    /// Sandboxes this process destroyed on the node that its last capacity
-    /// report may not show yet.
-    pub(crate) fn released(&self) -> usize {
-        self.released.load(Ordering::SeqCst)
-    }
-
-    /// A capacity report asked for after `n` of [`NodeClient::released`]
-    /// came in: those are in it.
-    pub(crate) fn take_released_upto(&self, n: usize) {
-        let _ = self
-            .released
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| {
-                Some(r.saturating_sub(n))
-            });
-    }
-
-    fn release(&self) {
-        self.held.fetch_sub(1, Ordering::SeqCst);
-        self.released.fetch_add(1, Ordering::SeqCst);
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
@@ -444,7 +420,7 @@ impl Sandbox for RemoteSandbox {
         if self.destroyed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        self.node.release();
+        self.node.held.fetch_sub(1, Ordering::SeqCst);
         Self::delete(&self.node, &self.id)
             .await
             .map_err(|f| self.err(f))
@@ -456,7 +432,7 @@ impl Drop for RemoteSandbox {
         if self.destroyed.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.node.release();
+        self.node.held.fetch_sub(1, Ordering::SeqCst);
         // Best effort; the node's idle lease reclaims it otherwise.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let (node, id) = (self.node.clone(), std::mem::take(&mut self.id));

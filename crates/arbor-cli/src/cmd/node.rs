@@ -26,6 +26,11 @@ pub enum Command {
     /// destroyed and the process exits 0. Prints `listening on URL` as its first line.
     /// See docs/cluster.md.
     Serve(ServeArgs),
+    /// Measure a cluster: remote minus local exec round trip, then a run of
+    /// scripted-oracle rollouts over the nodes, optionally SIGKILLing one node
+    /// (by pid) mid-run. Prints one JSON object; scripts/cluster-bench.sh
+    /// builds the nodes in network namespaces and calls it.
+    Bench(super::node_bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -82,7 +87,16 @@ fn seconds(s: f64, what: &str) -> Result<Duration> {
 }
 
 pub async fn run(c: Command) -> Result<i32> {
-    let Command::Serve(a) = c;
+    match c {
+        Command::Serve(a) => serve(a).await,
+        Command::Bench(a) => {
+            let token = read_token(a.token_file.as_ref())?;
+            super::node_bench::run(a, token).await
+        }
+    }
+}
+
+async fn serve(a: ServeArgs) -> Result<i32> {
     let token = read_token(a.token_file.as_ref())?;
     let local = LocalBackend::new(LocalConfig::default()).context("the local sandbox backend")?;
     let (backend, images): (Arc<dyn Backend>, Option<arbor_node::server::ImagesFn>) =

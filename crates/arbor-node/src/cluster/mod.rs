@@ -98,11 +98,7 @@ impl Node {
         if !self.client.is_up() || r.draining {
             return None;
         }
-        // The report is up to a refresh old: room this process freed since
-        // counts at once (a full node takes the next sandbox without
-        // waiting for its next report).
-        let reported = r.live.saturating_sub(self.client.released());
-        let live = reported.max(self.client.held()) + self.pending.load(Ordering::SeqCst);
+        let live = r.live.max(self.client.held()) + self.pending.load(Ordering::SeqCst);
         let free = r.capacity.saturating_sub(live);
         let cached = image.is_some_and(|i| r.images.iter().any(|c| c == i));
         (free > 0).then_some((cached, free))
@@ -110,7 +106,6 @@ impl Node {
 
     /// Refused for capacity: full until its next report.
     fn mark_full(&self) {
-        self.client.take_released_upto(usize::MAX);
         let mut g = self.report.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = g.as_mut() {
             r.live = r.capacity;
@@ -119,12 +114,8 @@ impl Node {
 
     async fn poll(&self, timeout: Duration) {
         let was_up = self.client.is_up() && self.report().is_some();
-        // Destroys after this point may or may not be in the report; counting
-        // them as not (a stale, higher live count) can only delay a create.
-        let released = self.client.released();
         match self.client.capacity(timeout).await {
             Ok(c) => {
-                self.client.take_released_upto(released);
                 self.client.set_up(true);
                 if !was_up {
                     info!(node = %self.key, live = c.live, capacity = c.capacity, "node up");
