@@ -143,6 +143,19 @@ impl Drop for NodeProc {
     }
 }
 
+/// Declared before a test's nodes, so dropped after them: when the test
+/// fails, the nodes are SIGKILLed (their drop) first, then this waits out
+/// `gc`'s grace for sandboxes being created and collects what they left.
+struct ReclaimKilledNodes;
+
+impl Drop for ReclaimKilledNodes {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            drop(ReclaimOnPanic(Instant::now()));
+        }
+    }
+}
+
 fn token_file(dir: &Path) -> PathBuf {
     let f = dir.join("token");
     std::fs::write(&f, format!("{TOKEN}\n")).expect("token file");
@@ -168,7 +181,7 @@ impl Shape {
 fn experiment(dir: &Path, shape: &Shape, nodes: &[&str], token: &Path) -> PathBuf {
     let mut text = format!(
         "name = \"cluster\"\noutput = \"{out}\"\nconcurrency = {c}\ninfra_retries = 4\n\
-         backend = {{ kind = \"cluster\", nodes = {nodes:?}, token_file = \"{token}\", placement_wait_s = 30 }}\n\
+         backend = {{ kind = \"cluster\", nodes = {nodes:?}, token_file = \"{token}\", placement_wait_s = 120 }}\n\
          [policy]\nkind = \"scripted-oracle\"\n[timeouts]\nagent_s = 120\n\
          [[scaffolds]]\nkind = \"bash\"\nmax_steps = 40\n[[scaffolds]]\nkind = \"tools\"\nmax_steps = 40\n",
         out = dir.join("run").display(),
@@ -278,6 +291,7 @@ fn count(v: &Value, field: &str) -> u64 {
 #[test]
 fn run_survives_a_killed_node() {
     let _serial = one_at_a_time();
+    let _reclaim = ReclaimKilledNodes;
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = token_file(tmp.path());
     let lo = "127.0.0.1:0";
@@ -301,7 +315,6 @@ fn run_survives_a_killed_node() {
     }
     let in_flight = count(&nodes[1].capacity(), "live");
     nodes[1].kill9();
-    let _reclaim = ReclaimOnPanic(Instant::now());
     let killed_at = Instant::now();
     let before: Vec<u64> = [0, 2]
         .map(|i| count(&nodes[i].capacity(), "created"))
@@ -336,6 +349,7 @@ fn run_survives_a_killed_node() {
 /// sandbox, whether grading forks or starts fresh.
 fn run_completes_on_a_node_past_capacity(fork_grading: bool) {
     let _serial = one_at_a_time();
+    let _reclaim = ReclaimKilledNodes;
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = token_file(tmp.path());
     let mut node = NodeProc::start(None, "127.0.0.1:0", &token, &["--capacity", "3"]);
@@ -364,7 +378,7 @@ fn run_completes_on_a_node_past_capacity(fork_grading: bool) {
         node.destroy(id);
     }
     for (run, child) in runs {
-        let summary = child.finish(Duration::from_secs(150));
+        let summary = child.finish(Duration::from_secs(300));
         assert_exactly_once(&run, shape.requested(), &summary);
     }
     let cap = node.capacity();
@@ -455,6 +469,7 @@ impl Drop for Netns {
 #[test]
 fn three_nodes_in_network_namespaces_take_300_rollouts() {
     let _serial = one_at_a_time();
+    let _reclaim = ReclaimKilledNodes;
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = token_file(tmp.path());
     let net = Netns::create(3);
