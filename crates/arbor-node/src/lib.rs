@@ -21,6 +21,7 @@
 //!
 //! The wire format is in [`protocol`].
 
+pub mod bench;
 pub mod cluster;
 pub mod protocol;
 pub mod remote;

@@ -150,6 +150,9 @@ pub struct Capacity {
     pub draining: bool,
     /// Sandboxes created since the node started (forks included).
     pub created: u64,
+    /// Creates and forks refused for capacity since the node started.
+    #[serde(default)]
+    pub refused: u64,
     /// Image references the node has cached (placement prefers these nodes).
     #[serde(default)]
     pub images: Vec<String>,

@@ -196,6 +196,26 @@ fn capacity_refusal_and_cluster_places_elsewhere() -> Result<(), Failed> {
         check(e.is_infrastructure(), "a capacity refusal is retryable")?;
         let h = http.get(format!("{}/health", small.url())).send().await?;
         check(h.status() == 200, "healthy at capacity")?;
+        // A full node still admits a sandbox's first fork (its grading copy),
+        // not a second one nor a fork of the fork; the room comes back.
+        let f = a.fork().await?;
+        check(
+            small.live() == 2,
+            format!("live {} after a first fork", small.live()),
+        )?;
+        let again = a.fork().await.err().ok_or("a second fork past capacity")?;
+        check(again.is_infrastructure(), format!("{again}"))?;
+        check(f.fork().await.is_err(), "a fork of a fork past capacity")?;
+        f.destroy().await?;
+        a.fork().await?.destroy().await?;
+        let cap: serde_json::Value = http
+            .get(format!("{}/v1/capacity", small.url()))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        check(cap["refused"] == 4, format!("{cap}"))?;
         // The cluster puts the rest on the node with room.
         let cfg = ClusterConfig::new(vec![small.addr.to_string(), big.addr.to_string()], opts());
         let cluster = ClusterBackend::new(cfg).await?;

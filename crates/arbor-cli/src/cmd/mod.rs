@@ -2,6 +2,7 @@
 pub mod image;
 pub mod image_bench;
 pub mod node;
+pub mod node_bench;
 pub mod pipeline;
 pub mod policy;
 pub mod quickstart;

@@ -26,6 +26,11 @@ pub enum Command {
     /// destroyed and the process exits 0. Prints `listening on URL` as its first line.
     /// See docs/cluster.md.
     Serve(ServeArgs),
+    /// Measure a cluster: remote minus local exec round trip, then a run of
+    /// scripted-oracle rollouts over the nodes, optionally SIGKILLing one node
+    /// (by pid) mid-run. Prints one JSON object; scripts/cluster-bench.sh
+    /// builds the nodes in network namespaces and calls it.
+    Bench(super::node_bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -46,7 +51,8 @@ pub struct ServeArgs {
     /// reach (the test suite's network namespaces); the token travels in clear otherwise.
     #[arg(long)]
     insecure_plaintext: bool,
-    /// Most sandboxes alive at once.
+    /// Most sandboxes created and alive at once. A sandbox's first fork (a rollout's grading
+    /// copy) is admitted past it, so a full node can still finish the rollouts it holds.
     #[arg(long, default_value_t = 1000)]
     capacity: usize,
     /// Destroy a sandbox after this many seconds without any operation (0: never), so one
@@ -73,7 +79,16 @@ fn seconds(s: f64, what: &str) -> Result<Duration> {
 }
 
 pub async fn run(c: Command) -> Result<i32> {
-    let Command::Serve(a) = c;
+    match c {
+        Command::Serve(a) => serve(a).await,
+        Command::Bench(a) => {
+            let token = read_token(a.token_file.as_ref())?;
+            super::node_bench::run(a, token).await
+        }
+    }
+}
+
+async fn serve(a: ServeArgs) -> Result<i32> {
     let token = read_token(a.token_file.as_ref())?;
     let local = LocalBackend::new(LocalConfig::default()).context("the local sandbox backend")?;
     let (backend, images): (Arc<dyn Backend>, Option<arbor_node::server::ImagesFn>) =

@@ -106,7 +106,7 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> ApiResult<T> 
 
 async fn create(Shared(st): St, body: Bytes) -> ApiResult<Response> {
     let spec: SandboxSpec = parse(&body, "the sandbox spec")?;
-    let slot = st.reserve(false)?;
+    let slot = st.reserve(None)?;
     let every = st.heartbeat;
     Ok(streamed(every, async move {
         match st.backend.create(&spec).await {
@@ -132,7 +132,7 @@ fn created(st: &Arc<State>, id: String) -> Reply {
 
 async fn fork(Shared(st): St, Path(id): Path<String>) -> ApiResult<Response> {
     let busy = st.checkout(&id)?;
-    let slot = st.reserve(true)?;
+    let slot = st.reserve(Some(&id))?;
     let every = st.heartbeat;
     Ok(streamed(every, async move {
         match busy.sb.fork().await {

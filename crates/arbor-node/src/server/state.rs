@@ -3,8 +3,12 @@
 //!
 //! A create reserves a slot before any work starts, so concurrent creates
 //! can never overshoot `capacity`; the slot becomes the sandbox or is
-//! released when dropped. An operation checks a sandbox out for its
-//! duration (busy sandboxes are never reaped) and touches its lease.
+//! released when dropped. A created sandbox's first fork (a rollout's
+//! grading copy) is admitted even past `capacity`: a node full of rollouts
+//! that each need one fork to finish would otherwise refuse every one of
+//! them, and no rollout could free its room (at most twice `capacity`
+//! live). An operation checks a sandbox out for its duration (busy
+//! sandboxes are never reaped) and touches its lease.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,12 +26,39 @@ struct Entry {
     sb: Arc<dyn Sandbox>,
     last_used: Instant,
     busy: usize,
+    /// The sandbox it is a fork of.
+    parent: Option<String>,
+    /// Its forks, alive or being made.
+    forks: usize,
 }
 
 #[derive(Default)]
 struct Registry {
     sandboxes: HashMap<String, Entry>,
     reserved: usize,
+}
+
+impl Registry {
+    /// Whether a fork of `parent` is admitted past capacity: the first
+    /// fork of a sandbox that is not itself a fork.
+    fn first_fork(&self, parent: &str) -> bool {
+        self.sandboxes
+            .get(parent)
+            .is_some_and(|e| e.parent.is_none() && e.forks == 0)
+    }
+
+    fn add_fork(&mut self, parent: Option<&str>, delta: isize) {
+        if let Some(e) = parent.and_then(|p| self.sandboxes.get_mut(p)) {
+            e.forks = e.forks.saturating_add_signed(delta);
+        }
+    }
+
+    /// Takes `id` out, releasing its place among its parent's forks.
+    fn take(&mut self, id: &str) -> Option<Arc<dyn Sandbox>> {
+        let e = self.sandboxes.remove(id)?;
+        self.add_fork(e.parent.as_deref(), -1);
+        Some(e.sb)
+    }
 }
 
 /// Everything the routes share.
@@ -40,6 +71,7 @@ pub(crate) struct State {
     registry: Mutex<Registry>,
     draining: AtomicBool,
     created: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl State {
@@ -59,6 +91,7 @@ impl State {
             registry: Mutex::new(Registry::default()),
             draining: AtomicBool::new(false),
             created: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -68,10 +101,11 @@ impl State {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reserves room for one more sandbox. A fork (`for_fork`) is allowed
-    /// while draining so rollouts already running can still be graded.
-    pub(crate) fn reserve(self: &Arc<Self>, for_fork: bool) -> Result<Slot, ErrorBody> {
-        if !for_fork && self.draining.load(Ordering::SeqCst) {
+    /// Reserves room for one more sandbox, a fork of `fork_of` if given. A
+    /// fork is allowed while draining so rollouts already running can still
+    /// be graded, and past capacity if it is its parent's first (module docs).
+    pub(crate) fn reserve(self: &Arc<Self>, fork_of: Option<&str>) -> Result<Slot, ErrorBody> {
+        if fork_of.is_none() && self.draining.load(Ordering::SeqCst) {
             return Err(ErrorBody::new(
                 ErrorKind::Draining,
                 "the node is draining (shutting down) and takes no new sandboxes",
@@ -79,7 +113,8 @@ impl State {
         }
         let mut r = self.registry();
         let live = r.sandboxes.len() + r.reserved;
-        if live >= self.capacity {
+        if live >= self.capacity && !fork_of.is_some_and(|p| r.first_fork(p)) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
             return Err(ErrorBody::new(
                 ErrorKind::Capacity,
                 format!(
@@ -89,8 +124,10 @@ impl State {
             ));
         }
         r.reserved += 1;
+        r.add_fork(fork_of, 1);
         Ok(Slot {
             state: self.clone(),
+            parent: fork_of.map(str::to_string),
             used: false,
         })
     }
@@ -114,7 +151,7 @@ impl State {
 
     /// Takes a sandbox out of the registry (to destroy it).
     pub(crate) fn remove(&self, id: &str) -> Option<Arc<dyn Sandbox>> {
-        self.registry().sandboxes.remove(id).map(|e| e.sb)
+        self.registry().take(id)
     }
 
     /// Takes out every sandbox idle (and not busy) for longer than `ttl`.
@@ -126,9 +163,7 @@ impl State {
             .filter(|(_, e)| e.busy == 0 && e.last_used.elapsed() > ttl)
             .map(|(id, _)| id.clone())
             .collect();
-        idle.iter()
-            .filter_map(|id| r.sandboxes.remove(id).map(|e| e.sb))
-            .collect()
+        idle.iter().filter_map(|id| r.take(id)).collect()
     }
 
     /// Takes out every sandbox.
@@ -161,6 +196,7 @@ impl State {
             capacity: self.capacity,
             draining: self.draining(),
             created: self.created.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
             images: self.images.as_ref().map(|f| f()).unwrap_or_default(),
         }
     }
@@ -169,6 +205,8 @@ impl State {
 /// Room for one sandbox; released unless [`Slot::fill`]ed.
 pub(crate) struct Slot {
     state: Arc<State>,
+    /// The sandbox this slot is a fork of.
+    parent: Option<String>,
     used: bool,
 }
 
@@ -184,6 +222,8 @@ impl Slot {
                 sb: Arc::from(sb),
                 last_used: Instant::now(),
                 busy: 0,
+                parent: self.parent.clone(),
+                forks: 0,
             },
         );
         self.used = true;
@@ -195,7 +235,9 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if !self.used {
-            self.state.registry().reserved -= 1;
+            let mut r = self.state.registry();
+            r.reserved -= 1;
+            r.add_fork(self.parent.as_deref(), -1);
         }
     }
 }

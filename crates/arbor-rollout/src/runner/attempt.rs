@@ -14,7 +14,7 @@ use arbor_agent::scaffold::tools::ToolsScaffold;
 use arbor_agent::{AgentError, ChatClient, EpisodeOutcome, Scaffold};
 use arbor_sandbox::{Backend, NetworkSpec, Sandbox, SandboxSpec, TcpBridge};
 use arbor_task::run::{PrepareOptions, prepare_with_spec, sandbox_spec};
-use arbor_task::verify::{self, GradeOptions};
+use arbor_task::verify::{self, GradeMode, GradeOptions, VerifierResult};
 use arbor_task::{Task, TaskError};
 use tracing::warn;
 
@@ -349,9 +349,9 @@ impl Ctx {
         mut r: RolloutResult,
         start: Instant,
     ) -> Attempt {
-        let graded = verify::grade(task, sb, Some(self.backend.as_ref()), &self.grade).await;
-        destroy(sb, task).await;
-        r.verify_s = graded.seconds;
+        let t_grade = Instant::now();
+        let graded = self.grade_then_destroy(task, sb).await;
+        r.verify_s = t_grade.elapsed().as_secs_f64();
         r.verifier = graded.details.clone();
         if let Some(msg) = &graded.infra_error {
             return failed(r, start, Status::InfraError, "verifier", msg.clone());
@@ -368,6 +368,26 @@ impl Ctx {
         Attempt {
             infra: false,
             result: r,
+        }
+    }
+
+    /// The verdict on `sb`'s final state; `sb` is destroyed on the way. For
+    /// a fresh grading sandbox, `sb` goes before the new one is asked for:
+    /// holding one sandbox while waiting for another deadlocks a backend
+    /// with bounded room (a full cluster) once every rollout does it.
+    async fn grade_then_destroy(&self, task: &Task, sb: &dyn Sandbox) -> VerifierResult {
+        if verify::mode_of(task, &self.grade) == GradeMode::Fork {
+            let graded = verify::grade(task, sb, Some(self.backend.as_ref()), &self.grade).await;
+            destroy(sb, task).await;
+            return graded;
+        }
+        let captured = verify::capture_workdir(task, sb).await;
+        destroy(sb, task).await;
+        match captured {
+            Ok(archive) => {
+                verify::grade_workdir(task, archive, self.backend.as_ref(), &self.grade).await
+            }
+            Err(e) => VerifierResult::infra(format!("creating the grading sandbox: {e}")),
         }
     }
 

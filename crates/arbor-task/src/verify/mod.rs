@@ -52,8 +52,59 @@ pub async fn grade(
     opts: &GradeOptions,
 ) -> VerifierResult {
     let start = Instant::now();
-    let mode = opts.mode.or(task.grade_mode).unwrap_or_default();
-    let sb = match grading_sandbox(task, final_state, backend, mode).await {
+    let sb = match mode_of(task, opts) {
+        GradeMode::Fork => final_state.fork().await.map_err(|e| e.to_string()),
+        GradeMode::Fresh => match backend {
+            None => Err("fresh grading needs a backend".to_string()),
+            Some(b) => match capture_workdir(task, final_state).await {
+                Ok(archive) => fresh_sandbox(task, archive, b).await,
+                Err(e) => Err(e),
+            },
+        },
+    };
+    graded_in(task, sb, opts, start).await
+}
+
+/// The grading mode `grade` uses for `task`.
+pub fn mode_of(task: &Task, opts: &GradeOptions) -> GradeMode {
+    opts.mode.or(task.grade_mode).unwrap_or_default()
+}
+
+/// What [`GradeMode::Fresh`] keeps of the final state: its workdir, as a tar
+/// archive. With it captured, the caller can destroy the agent's sandbox
+/// before [`grade_workdir`] asks for the grading one, so a rollout never
+/// holds a sandbox while it waits for another (on a cluster with no free
+/// room, rollouts that all did would wait for each other forever).
+pub async fn capture_workdir(task: &Task, final_state: &dyn Sandbox) -> Result<Vec<u8>, String> {
+    let workdir = &task.environment.workdir;
+    final_state
+        .read_tar(workdir)
+        .await
+        .map_err(|e| format!("reading {workdir}: {e}"))
+}
+
+/// Grades a workdir captured by [`capture_workdir`] in a fresh sandbox made
+/// from the task's spec (destroyed after).
+pub async fn grade_workdir(
+    task: &Task,
+    archive: Vec<u8>,
+    backend: &dyn Backend,
+    opts: &GradeOptions,
+) -> VerifierResult {
+    let start = Instant::now();
+    let sb = fresh_sandbox(task, archive, backend).await;
+    graded_in(task, sb, opts, start).await
+}
+
+/// Runs the verifier in the grading sandbox `sb` (or reports why there is
+/// none), then destroys it.
+async fn graded_in(
+    task: &Task,
+    sb: Result<Box<dyn Sandbox>, String>,
+    opts: &GradeOptions,
+    start: Instant,
+) -> VerifierResult {
+    let sb = match sb {
         Ok(sb) => sb,
         Err(e) => {
             let mut r = VerifierResult::infra(format!("creating the grading sandbox: {e}"));
@@ -70,30 +121,21 @@ pub async fn grade(
     r
 }
 
-async fn grading_sandbox(
+async fn fresh_sandbox(
     task: &Task,
-    final_state: &dyn Sandbox,
-    backend: Option<&dyn Backend>,
-    mode: GradeMode,
+    archive: Vec<u8>,
+    backend: &dyn Backend,
 ) -> Result<Box<dyn Sandbox>, String> {
-    match mode {
-        GradeMode::Fork => final_state.fork().await.map_err(|e| e.to_string()),
-        GradeMode::Fresh => {
-            let backend = backend.ok_or("fresh grading needs a backend")?;
-            let workdir = &task.environment.workdir;
-            let archive = final_state
-                .read_tar(workdir)
-                .await
-                .map_err(|e| format!("reading {workdir}: {e}"))?;
-            let spec = sandbox_spec(task);
-            let sb = backend.create(&spec).await.map_err(|e| e.to_string())?;
-            if let Err(e) = sb.write_tar(workdir, archive).await {
-                let _ = sb.destroy().await;
-                return Err(format!("copying {workdir}: {e}"));
-            }
-            Ok(sb)
-        }
+    let workdir = &task.environment.workdir;
+    let sb = backend
+        .create(&sandbox_spec(task))
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = sb.write_tar(workdir, archive).await {
+        let _ = sb.destroy().await;
+        return Err(format!("copying {workdir}: {e}"));
     }
+    Ok(sb)
 }
 
 /// The hardening step: whatever the agent left in `/tests` or
