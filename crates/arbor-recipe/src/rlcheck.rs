@@ -72,32 +72,37 @@ impl Default for RlCheckConfig {
         Self {
             seed: 1,
             model: ModelSpec::default(),
+            // The longest demonstration reply is 70 bytes; a cap below it cuts the right
+            // answer short.
             rollout: RolloutSpec {
                 max_steps: 3,
-                max_tokens: 64,
+                max_tokens: 96,
                 observation_chars: 100,
                 concurrency: 16,
                 ..RolloutSpec::default()
             },
             demonstrations: 256,
             demo_error_rate: 0.6,
+            // Long enough that sampled replies are well formed (at 300 steps a third of the
+            // samples at temperature 1 were garbled, and RL spent itself on the format): what
+            // is left to learn is which command, the mapping RL must sharpen.
             sft: SftConfig {
-                steps: Some(300),
+                steps: Some(1500),
                 lr: 3e-3,
                 max_tokens_per_pack: 2048,
                 statuses: vec!["passed".into(), "failed".into()],
                 eval_fraction: 0.05,
                 max_eval_sessions: 4,
-                save_every: 100,
+                save_every: 500,
                 ..SftConfig::default()
             },
             rl: RlSpec {
-                iterations: 12,
+                iterations: 16,
                 tasks_per_iteration: 16,
                 group_size: 8,
                 updates_per_iteration: 1,
                 minibatches: 2,
-                lr: 1e-4,
+                lr: 3e-4,
                 ..RlSpec::default()
             },
             eval_tasks: 100,
@@ -112,12 +117,16 @@ impl RlCheckConfig {
         let d = Self::default();
         Self {
             demonstrations: 128,
+            sft: SftConfig {
+                steps: Some(800),
+                save_every: 400,
+                ..d.sft.clone()
+            },
             rl: RlSpec {
-                iterations: 5,
-                tasks_per_iteration: 8,
+                iterations: 8,
                 ..d.rl.clone()
             },
-            eval_tasks: 32,
+            eval_tasks: 48,
             ..d
         }
     }
