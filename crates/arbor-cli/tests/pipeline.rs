@@ -211,7 +211,10 @@ fn pipeline_runs_end_to_end_and_continues_after_kill_9() {
         assert!(svg.starts_with("<svg"), "{path}");
     }
     assert!(report.contains("| terminal |"));
-    assert!(report.contains("sampled 2 times each at temperature 1"), "{report}");
+    assert!(
+        report.contains("sampled 2 times each at temperature 1"),
+        "{report}"
+    );
 
     reclaim_after_kill(killed_at);
 }

@@ -488,7 +488,12 @@ impl Run<'_> {
 
     /// The sampled evaluation of one row (`[eval] samples` per task at the RL temperature),
     /// `None` when it is off.
-    async fn evaluate_sampled(&self, d: &str, row: &str, ckpt: &Path) -> Result<Option<SampledCell>> {
+    async fn evaluate_sampled(
+        &self,
+        d: &str,
+        row: &str,
+        ckpt: &Path,
+    ) -> Result<Option<SampledCell>> {
         let cfg = self.cfg;
         if cfg.eval.samples == 0 {
             return Ok(None);

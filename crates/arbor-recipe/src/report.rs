@@ -154,7 +154,11 @@ fn intro(md: &mut String, cfg: &PipelineConfig, res: &PipelineResults) {
 
 /// The sampled pass@1 table (when the evaluation sampled).
 fn sampled_table(md: &mut String, res: &PipelineResults) {
-    let first = res.domains.values().flat_map(|c| c.values()).find_map(|c| c.sampled);
+    let first = res
+        .domains
+        .values()
+        .flat_map(|c| c.values())
+        .find_map(|c| c.sampled);
     let Some(first) = first else {
         return;
     };
@@ -172,9 +176,12 @@ fn sampled_table(md: &mut String, res: &PipelineResults) {
         let row: Vec<String> = ROWS
             .iter()
             .map(|r| {
-                cells.get(*r).and_then(|c| c.sampled).map_or("-".into(), |s| {
-                    format!("{:.3} ± {:.3} (n={})", s.pass_rate, s.std_err, s.tasks)
-                })
+                cells
+                    .get(*r)
+                    .and_then(|c| c.sampled)
+                    .map_or("-".into(), |s| {
+                        format!("{:.3} ± {:.3} (n={})", s.pass_rate, s.std_err, s.tasks)
+                    })
             })
             .collect();
         let _ = writeln!(md, "| {d} | {} |", row.join(" | "));

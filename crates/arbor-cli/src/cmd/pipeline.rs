@@ -147,7 +147,11 @@ pub fn print_table(res: &PipelineResults) {
         }
         println!();
     }
-    let Some(first) = res.domains.values().flat_map(|c| c.values()).find_map(|c| c.sampled)
+    let Some(first) = res
+        .domains
+        .values()
+        .flat_map(|c| c.values())
+        .find_map(|c| c.sampled)
     else {
         return;
     };
