@@ -44,23 +44,22 @@ pub async fn evaluate(
     PassRate::of_run(out)
 }
 
-/// Evaluates `checkpoint` on the same held-out tasks with `eval.samples` samples per task at
+/// Evaluates `checkpoint` on `tasks` (e.g. [`heldout`]) with `samples` samples per task at
 /// `temperature` into `out` (resumable).
 pub async fn evaluate_sampled(
     checkpoint: &Path,
-    domain: &str,
-    eval: &EvalSpec,
-    difficulty: u32,
-    spec: &RolloutSpec,
+    tasks: TaskSet,
+    samples: u32,
     temperature: f32,
+    spec: &RolloutSpec,
     out: &Path,
     on_progress: Option<ProgressFn>,
 ) -> Result<SampledRate> {
     let exp = rollouts::experiment(
-        &format!("eval-sampled-{domain}"),
+        &format!("eval-sampled-{}", tasks.domain),
         out,
-        vec![heldout(domain, eval, difficulty).dataset()],
-        eval.samples.max(1),
+        vec![tasks.dataset()],
+        samples.max(1),
         rollouts::embedded(checkpoint, spec, Some(temperature)),
         spec,
     );

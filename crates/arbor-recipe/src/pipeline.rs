@@ -502,11 +502,10 @@ impl Run<'_> {
         self.stage(&label, false);
         let rate = crate::eval::evaluate_sampled(
             ckpt,
-            d,
-            &cfg.eval,
-            cfg.difficulty,
-            &cfg.rollout,
+            crate::eval::heldout(d, &cfg.eval, cfg.difficulty),
+            cfg.eval.samples,
             cfg.rl.temperature,
+            &cfg.rollout,
             &self.out.join("eval-sampled").join(row).join(d),
             Some(rollout_progress(label, self.progress.clone())),
         )

@@ -400,21 +400,21 @@ async fn evaluate(
         split: "heldout",
         difficulty: 1,
     };
-    let exp = rollouts::experiment(
-        &format!("eval-{row}"),
-        out,
-        vec![tasks.dataset()],
-        cfg.eval_samples,
-        rollouts::embedded(checkpoint, &cfg.rollout, Some(cfg.rl.temperature)),
-        &cfg.rollout,
-    );
     let label = format!("eval/{row}");
     progress(PipelineEvent::Stage {
         stage: label.clone(),
         skipped: false,
     });
-    rollouts::run(&exp, out, Some(rollout_progress(label, progress.clone()))).await?;
-    let rate = SampledRate::of_run(out)?;
+    let rate = crate::eval::evaluate_sampled(
+        checkpoint,
+        tasks,
+        cfg.eval_samples,
+        cfg.rl.temperature,
+        &cfg.rollout,
+        out,
+        Some(rollout_progress(label, progress.clone())),
+    )
+    .await?;
     progress(PipelineEvent::EvaluatedSampled {
         row: row.into(),
         domain: FAMILY.into(),
