@@ -346,6 +346,19 @@ fn path_batch(dataset: &Path, extra: &str) -> String {
     )
 }
 
+/// The one variable `env_server_token_and_allowed_dirs` allows (`--allow-env`), never set.
+const ALLOWED_VAR: &str = "ARBOR_TEST_UPSTREAM_KEY_UNSET";
+
+/// A batch of the tasks in `dataset` against an upstream whose key is read from `$var`.
+fn upstream_batch(dataset: &Path, var: &str) -> String {
+    path_batch(dataset, "").replace(
+        r#""policy":{"kind":"scripted-oracle"}"#,
+        &format!(
+            r#""policy":{{"kind":"upstream","base_urls":["http://127.0.0.1:9/v1"],"model":"m","api_key_env":"{var}"}}"#
+        ),
+    )
+}
+
 /// Generates `n` terminal tasks into `dir` with `arbor task gen`.
 fn gen_tasks(dir: &Path, seed: &str) {
     let o = arbor()
@@ -362,8 +375,9 @@ fn gen_tasks(dir: &Path, seed: &str) {
 /// The env server's token and allowed directories: missing and wrong tokens get a JSON 401
 /// on every API route (health stays open); host paths outside `--allow-dir`, directly, by
 /// `..`, through a symlink or in a loaded task's binds, get a 400 naming the path and the
-/// allowed directories before anything runs; a path inside runs; a non-loopback listen
-/// without a token is refused at start.
+/// allowed directories before anything runs; a path inside runs; an upstream key from a
+/// variable not allowed with `--allow-env` gets a 400 naming it, an allowed one is accepted;
+/// a non-loopback listen without a token is refused at start.
 #[test]
 fn env_server_token_and_allowed_dirs() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -396,6 +410,8 @@ fn env_server_token_and_allowed_dirs() {
             token_file.as_ref(),
             "--allow-dir".as_ref(),
             allowed.as_ref(),
+            "--allow-env".as_ref(),
+            ALLOWED_VAR.as_ref(),
         ],
     );
     let inside = path_batch(&allowed.join("tasks"), "");
@@ -460,6 +476,29 @@ fn env_server_token_and_allowed_dirs() {
         msg.contains(&outside_c.display().to_string()),
         "names the target: {msg}"
     );
+    // An upstream key from any variable but the allowed ones: refused, naming it.
+    for var in ["AWS_SECRET_ACCESS_KEY", "ARBOR_NODE_TOKEN"] {
+        let batch = upstream_batch(&allowed.join("tasks"), var);
+        let (code, body) = http(&url, "POST", "/v1/batches", token, &batch);
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert_eq!(code, 400, "{var}: {body}");
+        assert!(
+            msg.contains("policy.api_key_env") && msg.contains(&format!("`{var}`")),
+            "{msg}"
+        );
+    }
+    let (_, body) = http(
+        &url,
+        "POST",
+        "/v1/batches",
+        token,
+        &upstream_batch(&allowed.join("tasks"), "AWS_SECRET_ACCESS_KEY"),
+    );
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(ALLOWED_VAR) && msg.contains("arbor serve --allow-env VAR"),
+        "names the allowed variables and how to allow one: {msg}"
+    );
     // Nothing ran: no batch, no run directory.
     let (_, body) = http(&url, "GET", "/v1/batches", token, "");
     assert_eq!(body["batches"], serde_json::json!([]), "{body}");
@@ -479,6 +518,27 @@ fn env_server_token_and_allowed_dirs() {
     };
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["passed"], 1, "{done}");
+
+    // The allowed variable passes the check: the batch is accepted and reads it from the
+    // server's environment (unset there, so the run stops before any rollout, naming it).
+    let batch = upstream_batch(&allowed.join("tasks"), ALLOWED_VAR);
+    let (code, body) = http(&url, "POST", "/v1/batches", token, &batch);
+    assert_eq!(code, 201, "{body}");
+    let status = format!("/v1/batches/{}", body["id"].as_str().expect("id"));
+    let until = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let (_, s) = http(&url, "GET", &status, token, "");
+        if s["state"] != "running" || Instant::now() > until {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(ended["state"], "failed", "{ended}");
+    let err = ended["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains(&format!("${ALLOWED_VAR} is not set")),
+        "{ended}"
+    );
 
     // Off loopback without a token: refused at start, with the reason.
     let mut child = arbor()

@@ -1,7 +1,10 @@
 //! `arbor sandbox exec` end to end, as a separate process: `--net` reaches
-//! the sandbox's spec, and `--help` explains its values. Real sandboxes (needs root).
+//! the sandbox's spec, and `--help` explains its values; `arbor sandbox bench`
+//! at a host limit. Real sandboxes (needs root).
 
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
 
 mod common;
 use common::arbor;
@@ -88,4 +91,86 @@ fn help_explains_net_values() {
         net.contains("host:") && net.contains("NO network isolation"),
         "{help}"
     );
+}
+
+/// Runs `arbor sandbox bench --json --n 1 ARGS` through `wrapper` (a command prefix) and
+/// returns its pid and JSON report.
+fn bench(wrapper: &[&str], args: &[&str]) -> (u32, Value) {
+    let exe = env!("CARGO_BIN_EXE_arbor");
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let child = cmd
+        .args(["sandbox", "bench", "--json", "--n", "1"])
+        .args(args)
+        .env("ARBOR_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run arbor sandbox bench");
+    let pid = child.id();
+    let o = child.wait_with_output().expect("bench output");
+    assert!(o.status.success(), "bench {args:?}: {}", describe(&o));
+    let report = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("bench JSON ({e}): {}", describe(&o)));
+    (pid, report)
+}
+
+/// Nothing of the supervisor `pid` is left (`gc --check --supervisor`: other
+/// supervisors may run sandboxes on this host at the same time).
+fn assert_nothing_left_by(pid: u32) {
+    let o = arbor()
+        .args(["sandbox", "gc", "--check", "--supervisor", &pid.to_string()])
+        .output()
+        .expect("gc --check");
+    assert!(o.status.success(), "left behind: {}", describe(&o));
+}
+
+/// At its open-file limit a node refuses the next sandbox before starting it: the bench,
+/// run with RLIMIT_NOFILE lowered to 256 and without CAP_SYS_RESOURCE (so it cannot raise
+/// the limit back), stops its live phase with a refusal naming the limit and the numbers,
+/// after creating what fit, and leaves nothing behind.
+#[test]
+fn bench_at_the_open_file_limit_is_refused_and_leaves_nothing() {
+    let drop_resource = [
+        "setpriv",
+        "--inh-caps=-sys_resource",
+        "--bounding-set=-sys_resource",
+        "prlimit",
+        "--nofile=256:256",
+        "--",
+    ];
+    let (pid, r) = bench(&drop_resource, &["--live", "400", "--concurrency", "4"]);
+    let err = r["live_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("open files limit") && err.contains("RLIMIT_NOFILE is 256"),
+        "{r}"
+    );
+    assert!(err.contains("refused before starting"), "{r}");
+    let live = r["live_sandboxes"].as_u64().unwrap_or(0);
+    assert!(
+        (10..256).contains(&live),
+        "what fit under the limit ran: {r}"
+    );
+    assert_eq!(r["leaked"], 0, "{r}");
+    assert_nothing_left_by(pid);
+}
+
+/// The backend's own maximum is checked the same way: the 9th of 12 is refused.
+#[test]
+fn bench_at_max_live_is_refused_and_leaves_nothing() {
+    let (pid, r) = bench(&[], &["--live", "12", "--max-live", "8"]);
+    let err = r["live_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("max live limit") && err.contains("the backend's maximum is 8"),
+        "{r}"
+    );
+    assert_eq!(r["live_sandboxes"], 8, "{r}");
+    assert_eq!(r["leaked"], 0, "{r}");
+    assert_nothing_left_by(pid);
 }

@@ -110,7 +110,12 @@ pub async fn run(
     .await;
     drop(lease);
     let (build_s, build_cached_s, build_steps) = builds(&backend, scratch).await?;
-    let leaks = gc::leaks(local.state_root(), local.cgroups());
+    // Only what this process left: other supervisors may share the host.
+    let leaks = gc::leaks_of(
+        local.state_root(),
+        local.cgroups(),
+        std::process::id() as i32,
+    );
     Ok(ImageBenchReport {
         create_exec_destroy_ms: percentiles(image_ms),
         host_view_create_exec_destroy_ms: percentiles(host_ms),

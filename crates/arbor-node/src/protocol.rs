@@ -92,6 +92,8 @@ impl ErrorBody {
                 (b.kind, b.message) = (ErrorKind::Unsupported, m.clone());
             }
             SandboxError::Setup(m) => (b.kind, b.message) = (ErrorKind::Setup, m.clone()),
+            // The host's own limits: like the node's capacity, another node may take it.
+            SandboxError::AtLimit { .. } => b.kind = ErrorKind::Capacity,
             SandboxError::Gone { id, reason } => {
                 (b.kind, b.message, b.id) = (ErrorKind::Gone, reason.clone(), Some(id.clone()));
             }
@@ -355,6 +357,10 @@ mod tests {
                 reason: "init died".into(),
             },
             SandboxError::Setup("mount".into()),
+            SandboxError::AtLimit {
+                limit: "pids",
+                detail: "32700 of 32768".into(),
+            },
         ];
         for e in cases {
             let back = ErrorBody::from_sandbox(&e).into_sandbox_error("n1");

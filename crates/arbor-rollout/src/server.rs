@@ -15,7 +15,8 @@
 //!
 //! `GET /health` answers `ok` to anyone (for probes); every other route needs
 //! `Authorization: Bearer <token>` when the server has a token ([`auth`]).
-//! A batch may name host paths only inside the allowed directories ([`allow`]).
+//! A batch may name host paths only inside the allowed directories ([`allow`]),
+//! and variables of the server's environment only among the allowed ones ([`allow_env`]).
 //!
 //! See `docs/env-server.md` for request and response examples.
 
@@ -39,15 +40,17 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::backend::BackendSpec;
-use crate::experiment::{Experiment, PolicySpec};
+use crate::experiment::Experiment;
 use crate::record::{RolloutResult, Status};
 use crate::runner::{RunOptions, load_tasks};
 use crate::summary::Summary;
 
 mod allow;
+mod allow_env;
 mod auth;
 
 pub use allow::AllowedDirs;
+pub use allow_env::AllowedEnv;
 pub use auth::TOKEN_ENV;
 
 /// Configuration of the env server.
@@ -66,10 +69,13 @@ pub struct ServerConfig {
     pub token: Option<String>,
     /// Directories a batch may name host paths in.
     pub allowed: AllowedDirs,
+    /// Variables of the server's environment a batch may name (sent to its endpoints).
+    pub allowed_env: AllowedEnv,
 }
 
 impl ServerConfig {
-    /// Listening on `listen`, batches under `root`, local sandboxes, no token, no host paths.
+    /// Listening on `listen`, batches under `root`, local sandboxes, no token, no host paths,
+    /// no environment variables.
     pub fn new(listen: SocketAddr, root: PathBuf) -> Self {
         ServerConfig {
             listen,
@@ -78,6 +84,7 @@ impl ServerConfig {
             backend_spec: BackendSpec::Local,
             token: None,
             allowed: AllowedDirs::default(),
+            allowed_env: AllowedEnv::default(),
         }
     }
 }
@@ -259,7 +266,9 @@ async fn submit(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("loading tasks: {e}")),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    if let Err(m) = state.config.allowed.check_tasks(&tasks) {
+    if let Err(m) = (state.config.allowed.check_tasks(&tasks))
+        .and_then(|()| state.config.allowed_env.check_tasks(&tasks))
+    {
         return error(StatusCode::BAD_REQUEST, m);
     }
     let requested = tasks.len() * exp.scaffolds.len() * exp.samples as usize;
@@ -334,7 +343,8 @@ async fn submit(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
 
 /// What a client may not ask for, though an experiment file may: a backend (it names host
 /// files, such as the node token, whose contents would go to the nodes it lists), host paths
-/// outside the allowed directories, and an upstream API key read from the server's own tokens.
+/// outside the allowed directories, and an upstream API key read from a variable of the
+/// server's environment the operator did not allow.
 fn check_submitted(config: &ServerConfig, exp: &Experiment) -> Result<(), String> {
     if exp.backend != BackendSpec::Local {
         return Err(
@@ -344,17 +354,7 @@ fn check_submitted(config: &ServerConfig, exp: &Experiment) -> Result<(), String
                 .into(),
         );
     }
-    if let PolicySpec::Upstream {
-        api_key_env: Some(var),
-        ..
-    } = &exp.policy
-        && [TOKEN_ENV, crate::backend::TOKEN_ENV].contains(&var.as_str())
-    {
-        return Err(format!(
-            "policy.api_key_env: `{var}` holds one of this server's own tokens, which would be \
-             sent to the batch's upstream"
-        ));
-    }
+    config.allowed_env.check_experiment(exp)?;
     config.allowed.check_experiment(exp)
 }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::local::limits::open_fds;
 use crate::local::{LocalBackend, LocalSandbox, gc};
 use crate::pool::Pool;
 use crate::{Backend, ExecRequest, Result, Sandbox, SandboxError, SandboxSpec};
@@ -69,6 +70,15 @@ pub struct BenchReport {
     pub live_sandboxes: usize,
     pub live_requested: usize,
     pub live_create_s: f64,
+    /// Creations per second in each successive tenth of the live phase: a
+    /// rate that falls as the count grows shows a per-create cost that grows
+    /// with the number of live sandboxes.
+    pub live_create_per_s_by_tenth: Vec<f64>,
+    /// Descriptors this process held per live sandbox, at the peak.
+    pub fds_per_live_sandbox: f64,
+    /// Why the live phase stopped short of `live_requested`, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_error: Option<String>,
     pub rss_mb_per_live_sandbox: f64,
     pub host_mb_per_live_sandbox: f64,
     pub leaked: usize,
@@ -99,7 +109,12 @@ pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchRep
     let (forks, state_kb) = forks(sb.as_ref(), n).await?;
     sb.destroy().await?;
     let live = live_phase(backend, &spec, opts).await;
-    let leaks = gc::leaks(backend.state_root(), backend.cgroups());
+    // Only what this process left: other supervisors may share the host.
+    let leaks = gc::leaks_of(
+        backend.state_root(),
+        backend.cgroups(),
+        std::process::id() as i32,
+    );
     let count = live.held.max(1) as f64;
     Ok(BenchReport {
         create_exec_destroy_ms: percentiles(cold),
@@ -110,6 +125,9 @@ pub async fn run(backend: &LocalBackend, opts: &BenchOptions) -> Result<BenchRep
         live_sandboxes: live.alive,
         live_requested: opts.live,
         live_create_s: live.create_s,
+        live_create_per_s_by_tenth: live.rate_by_tenth(),
+        fds_per_live_sandbox: live.fds_per_sandbox(),
+        live_error: live.error.clone(),
         rss_mb_per_live_sandbox: live.rss_kb as f64 / 1024.0 / count,
         host_mb_per_live_sandbox: live.host_mb_per_sandbox(),
         leaked: leaks.total(),
@@ -217,6 +235,13 @@ pub struct LivePhase {
     pub alive: usize,
     /// Seconds to create them all.
     pub create_s: f64,
+    /// Seconds from the start of the phase at which each was created, in order.
+    pub created_at_s: Vec<f64>,
+    /// Descriptors open in this process before creating them and with all alive.
+    pub fds_before: usize,
+    pub fds_after: usize,
+    /// The first error (a refusal at a limit, a failed start), if any.
+    pub error: Option<String>,
     /// Resident memory of their processes, KiB.
     pub rss_kb: u64,
     /// Host `MemAvailable` before creating them, KiB.
@@ -231,6 +256,29 @@ impl LivePhase {
         self.mem_before_kb.saturating_sub(self.mem_after_kb) as f64
             / 1024.0
             / self.held.max(1) as f64
+    }
+
+    /// Descriptors per live sandbox.
+    pub fn fds_per_sandbox(&self) -> f64 {
+        self.fds_after.saturating_sub(self.fds_before) as f64 / self.held.max(1) as f64
+    }
+
+    /// Creations per second in each tenth of the sandboxes created.
+    pub fn rate_by_tenth(&self) -> Vec<f64> {
+        let n = self.created_at_s.len();
+        if n < 10 {
+            return Vec::new();
+        }
+        let mut start = 0.0;
+        (1..=10)
+            .map(|k| {
+                let (from, to) = ((k - 1) * n / 10, k * n / 10);
+                let end = self.created_at_s[to - 1];
+                let rate = (to - from) as f64 / (end - start).max(1e-9);
+                start = end;
+                (rate * 10.0).round() / 10.0
+            })
+            .collect()
     }
 }
 
@@ -250,71 +298,115 @@ pub async fn live_phase(
     let live = opts.live;
     eprintln!("bench: holding {live} live sandboxes");
     let mem_before_kb = mem_available_kb();
+    let fds_before = open_fds().unwrap_or(0);
     let t = Instant::now();
-    let (sandboxes, mut first_err) = create_live(backend, spec, live, opts.concurrency).await;
+    let (sandboxes, created_at_s, mut first_err) =
+        create_live(backend, spec, live, opts.concurrency).await;
     let create_s = t.elapsed().as_secs_f64();
-    // Every one must still have its process running.
-    let mut alive = 0;
-    let mut rss_kb = 0u64;
-    for sb in &sandboxes {
-        if let Ok(r) = sb.exec(ExecRequest::shell(SLEEPER_ALIVE)).await
-            && r.exit_code == 0
-        {
-            alive += 1;
-        }
-        rss_kb += tree_rss_kb(sb.cgroup().dirs());
+    let fds_after = open_fds().unwrap_or(0);
+    if let Some(e) = &first_err {
+        eprintln!("bench: error during live phase: {e}");
     }
+    eprintln!(
+        "bench: {} created in {create_s:.1} s; checking each",
+        sandboxes.len()
+    );
+    let (alive, rss_kb) = check_alive(&sandboxes, opts.concurrency).await;
     let mem_after_kb = mem_available_kb();
     eprintln!("bench: {alive}/{live} alive; destroying");
     let held = sandboxes.len();
     if let Some(e) = destroy_all(sandboxes, opts.concurrency).await {
+        eprintln!("bench: error destroying: {e}");
         first_err.get_or_insert(e);
-    }
-    if let Some(e) = first_err {
-        eprintln!("bench: error during live phase: {e}");
     }
     LivePhase {
         held,
         alive,
         create_s,
+        created_at_s,
+        fds_before,
+        fds_after,
+        error: first_err.map(|e| e.to_string()),
         rss_kb,
         mem_before_kb,
         mem_after_kb,
     }
 }
 
+/// How many sandboxes still run their sleeper, and the resident memory of
+/// all their processes (KiB); `concurrency` checks at a time.
+async fn check_alive(sandboxes: &[LocalSandbox], concurrency: usize) -> (usize, u64) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut handles = Vec::with_capacity(sandboxes.len());
+    for sb in sandboxes {
+        let (sb, sem) = (sb.clone(), sem.clone());
+        handles.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let ok = matches!(sb.exec(ExecRequest::shell(SLEEPER_ALIVE)).await, Ok(r) if r.exit_code == 0);
+            (ok, tree_rss_kb(sb.cgroup().dirs()))
+        }));
+    }
+    let (mut alive, mut rss_kb) = (0, 0);
+    for h in handles {
+        if let Ok((ok, rss)) = h.await {
+            alive += usize::from(ok);
+            rss_kb += rss;
+        }
+    }
+    (alive, rss_kb)
+}
+
 /// Create `live` sandboxes, `concurrency` at a time, each left running a
-/// sleeper; returns those created and the first error.
+/// sleeper; returns those created, when each was (seconds from the start,
+/// sorted), and the first error. After an error no more are started: a
+/// refusal at a host limit would only repeat.
 async fn create_live(
     backend: &LocalBackend,
     spec: &SandboxSpec,
     live: usize,
     concurrency: usize,
-) -> (Vec<LocalSandbox>, Option<SandboxError>) {
+) -> (Vec<LocalSandbox>, Vec<f64>, Option<SandboxError>) {
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
     let mut handles = Vec::with_capacity(live);
     for _ in 0..live {
         let backend = backend.clone();
         let spec = spec.clone();
-        let sem = sem.clone();
+        let (sem, failed) = (sem.clone(), failed.clone());
         handles.push(tokio::spawn(async move {
             let _permit = sem
                 .acquire_owned()
                 .await
                 .map_err(|e| SandboxError::Setup(e.to_string()))?;
-            let sb = backend.create_local(&spec).await?;
-            let r = sb
-                .exec(ExecRequest::shell("sleep 3600 >/dev/null 2>&1 &"))
-                .await?;
-            check(&r, "start sleeper")?;
-            Ok::<_, SandboxError>(sb)
+            if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let started = async {
+                let sb = backend.create_local(&spec).await?;
+                let r = sb
+                    .exec(ExecRequest::shell("sleep 3600 >/dev/null 2>&1 &"))
+                    .await?;
+                check(&r, "start sleeper")?;
+                Ok::<_, SandboxError>(sb)
+            }
+            .await;
+            if started.is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            started.map(|sb| Some((sb, t0.elapsed().as_secs_f64())))
         }));
     }
     let mut sandboxes = Vec::with_capacity(live);
+    let mut created_at = Vec::with_capacity(live);
     let mut first_err = None;
     for h in handles {
         match h.await {
-            Ok(Ok(sb)) => sandboxes.push(sb),
+            Ok(Ok(Some((sb, at)))) => {
+                sandboxes.push(sb);
+                created_at.push(at);
+            }
+            Ok(Ok(None)) => {}
             Ok(Err(e)) => {
                 first_err.get_or_insert(e);
             }
@@ -323,7 +415,8 @@ async fn create_live(
             }
         }
     }
-    (sandboxes, first_err)
+    created_at.sort_by(f64::total_cmp);
+    (sandboxes, created_at, first_err)
 }
 
 /// Destroy sandboxes, `concurrency` at a time; returns the first error.
@@ -347,14 +440,7 @@ async fn destroy_all(sandboxes: Vec<LocalSandbox>, concurrency: usize) -> Option
 }
 
 fn mem_available_kb() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    crate::local::limits::meminfo_kb("MemAvailable").unwrap_or(0)
 }
 
 /// Resident memory of the processes in a sandbox's groups (deduplicated).
@@ -371,4 +457,48 @@ fn tree_rss_kb(dirs: &[std::path::PathBuf]) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_by_tenth_shows_a_slowing_creation_rate() {
+        let phase = |created_at_s: Vec<f64>| LivePhase {
+            held: created_at_s.len(),
+            alive: created_at_s.len(),
+            create_s: created_at_s.last().copied().unwrap_or(0.0),
+            created_at_s,
+            fds_before: 10,
+            fds_after: 30,
+            error: None,
+            rss_kb: 0,
+            mem_before_kb: 0,
+            mem_after_kb: 0,
+        };
+        // 100 creations, one every 10 ms: 100 per second in every tenth.
+        let steady = phase((1..=100).map(|i| i as f64 * 0.01).collect());
+        assert!(
+            steady
+                .rate_by_tenth()
+                .iter()
+                .all(|r| (*r - 100.0).abs() < 0.5)
+        );
+        assert_eq!(steady.fds_per_sandbox(), 0.2);
+        // Each creation takes longer than the one before: the rate falls.
+        let mut t = 0.0;
+        let slowing = phase(
+            (1..=100)
+                .map(|i| {
+                    t += i as f64 * 0.001;
+                    t
+                })
+                .collect(),
+        );
+        let r = slowing.rate_by_tenth();
+        assert_eq!(r.len(), 10);
+        assert!(r[0] > 5.0 * r[9], "{r:?}");
+        assert!(phase(vec![1.0; 5]).rate_by_tenth().is_empty());
+    }
 }

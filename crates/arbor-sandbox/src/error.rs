@@ -18,6 +18,16 @@ pub enum SandboxError {
     /// Building the sandbox failed.
     #[error("sandbox setup failed: {0}")]
     Setup(String),
+    /// The host is at one of its limits (open descriptors, processes, memory,
+    /// the backend's maximum of live sandboxes): the sandbox was refused
+    /// before anything was started. Retry later or on another host.
+    #[error("host at its {limit} limit, sandbox refused before starting: {detail}")]
+    AtLimit {
+        /// Which limit: `open files`, `pids`, `threads`, `cgroup pids`, `memory`, `max live`.
+        limit: &'static str,
+        /// The numbers: what is in use, the limit, and what raises it.
+        detail: String,
+    },
     /// The sandbox no longer exists (destroyed, or its init died).
     #[error("sandbox {id} is gone: {reason}")]
     Gone { id: String, reason: String },

@@ -89,7 +89,7 @@ fn main() {
     }
     let leaks = arbor_sandbox::local::gc::leaks(backend.state_root(), backend.cgroups());
     let out = serde_json::json!({
-        "leaked": leaks.total() + leaks.state_dirs,
+        "leaked": leaks.total(),
         "tasks": tasks_t,
         "oracle_pass": oracle_t,
         "null_fail": null_t,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use arbor_sandbox::bench::{self, BenchOptions};
-use arbor_sandbox::local::{LocalBackend, gc};
+use arbor_sandbox::local::{LocalBackend, LocalConfig, gc};
 use arbor_sandbox::{Backend, ExecRequest, ImageSource, NetworkSpec, SandboxSpec};
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -90,9 +90,14 @@ pub struct GcArgs {
     /// Also remove sandboxes whose supervisor is still running.
     #[arg(long)]
     all: bool,
-    /// Only report what is left (processes, mounts, cgroups); exit 1 if anything is.
+    /// Only report what is left (processes, mounts, cgroups, state directories); exit 1 if
+    /// anything is.
     #[arg(long)]
     check: bool,
+    /// With --check: only what the supervisor with this pid left (its state directories,
+    /// their cgroups and processes), for a host where other supervisors run sandboxes.
+    #[arg(long, value_name = "PID", requires = "check")]
+    supervisor: Option<i32>,
 }
 
 #[derive(Args)]
@@ -106,6 +111,9 @@ pub struct BenchArgs {
     /// Parallel creations in the density phase.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Most sandboxes the backend holds at once; the next is refused like at a host limit.
+    #[arg(long, value_name = "N")]
+    max_live: Option<usize>,
     /// Print JSON (the only output format; accepted for clarity).
     #[arg(long)]
     json: bool,
@@ -185,7 +193,10 @@ async fn exec(a: ExecArgs) -> Result<i32> {
 fn gc_cmd(a: GcArgs) -> Result<i32> {
     let backend = LocalBackend::with_defaults().context("starting the local sandbox backend")?;
     if a.check {
-        let l = gc::leaks(backend.state_root(), backend.cgroups());
+        let l = match a.supervisor {
+            Some(pid) => gc::leaks_of(backend.state_root(), backend.cgroups(), pid),
+            None => gc::leaks(backend.state_root(), backend.cgroups()),
+        };
         println!("{}", serde_json::to_string(&l)?);
         return Ok(if l.is_clean() { 0 } else { 1 });
     }
@@ -199,7 +210,11 @@ fn gc_cmd(a: GcArgs) -> Result<i32> {
 
 async fn bench_cmd(a: BenchArgs) -> Result<i32> {
     let _ = a.json;
-    let backend = LocalBackend::with_defaults().context("starting the local sandbox backend")?;
+    let backend = LocalBackend::new(LocalConfig {
+        max_live: a.max_live,
+        ..Default::default()
+    })
+    .context("starting the local sandbox backend")?;
     let opts = BenchOptions {
         n: a.n,
         live: a.live,

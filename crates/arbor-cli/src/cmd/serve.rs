@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use arbor_rollout::backend::BackendSpec;
-use arbor_rollout::server::{AllowedDirs, ServerConfig, TOKEN_ENV};
+use arbor_rollout::server::{AllowedDirs, AllowedEnv, ServerConfig, TOKEN_ENV};
 use clap::Args;
 
 #[derive(Args)]
@@ -26,6 +26,11 @@ pub struct ServeArgs {
     /// batches may name no host path (built-in task generators need none).
     #[arg(long = "allow-dir", value_name = "DIR")]
     allow_dirs: Vec<PathBuf>,
+    /// A variable of this server's environment that submitted batches may name as an API key
+    /// (`policy.api_key_env`, a task's LLM judge `api_key_env`); its value is sent to the
+    /// endpoint the batch names. Repeatable. Without any, batches may name none.
+    #[arg(long = "allow-env", value_name = "VAR")]
+    allow_env: Vec<String>,
     /// TOML file with where every batch's sandboxes live, the schema of an experiment's
     /// `backend = {...}` table (e.g. kind = "cluster", nodes = [...], token_file = ...;
     /// relative paths from the file's folder). Default: this host (kind = "local").
@@ -52,9 +57,13 @@ pub async fn run(a: ServeArgs) -> Result<i32> {
     let token =
         arbor_node::token::read(a.token_file.as_deref(), TOKEN_ENV).map_err(anyhow::Error::msg)?;
     let allowed = AllowedDirs::new(&a.allow_dirs).context("--allow-dir")?;
+    let allowed_env = AllowedEnv::new(&a.allow_env)
+        .map_err(anyhow::Error::msg)
+        .context("--allow-env")?;
     let mut config = ServerConfig::new(a.listen, a.root.clone());
     config.token = token;
     config.allowed = allowed;
+    config.allowed_env = allowed_env;
     if let Some(f) = &a.backend_file {
         config.backend_spec = read_backend(f)?;
     }
@@ -65,14 +74,16 @@ pub async fn run(a: ServeArgs) -> Result<i32> {
         .iter()
         .map(|d| d.display().to_string())
         .collect();
+    let vars = config.allowed_env.vars().join(", ");
     let server = arbor_rollout::server::start(config)
         .await
         .with_context(|| format!("starting the env server on {}", a.listen))?;
     // The first stdout line names the address (useful with port 0).
     println!("listening on http://{}", server.addr);
     eprintln!(
-        "arbor env server: batches in {}; token {}; host paths allowed in: {}; API: POST \
-         /v1/batches, GET /v1/batches/{{id}}/results (see docs/env-server.md)",
+        "arbor env server: batches in {}; token {}; host paths allowed in: {}; environment \
+         variables allowed: {}; API: POST /v1/batches, GET /v1/batches/{{id}}/results (see \
+         docs/env-server.md)",
         a.root.display(),
         if with_token {
             "required"
@@ -84,6 +95,7 @@ pub async fn run(a: ServeArgs) -> Result<i32> {
         } else {
             dirs.join(", ")
         },
+        if vars.is_empty() { "none" } else { &vars },
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();

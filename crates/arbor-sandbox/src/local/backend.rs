@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::cgroup::Cgroups;
+use super::limits::{self, HostLimits};
 use super::spawner::Spawner;
 use crate::error::{Result, SandboxError};
 
@@ -26,6 +27,12 @@ pub struct LocalConfig {
     pub state_root: PathBuf,
     /// The init program; found automatically when `None` (see [`find_init`]).
     pub init_program: Option<PathBuf>,
+    /// Most sandboxes alive at once; the next is refused with
+    /// [`SandboxError::AtLimit`]. `None`: only the host's limits apply.
+    pub max_live: Option<usize>,
+    /// Refuse a new sandbox while the host's `MemAvailable` is below this
+    /// (MiB; 0: no floor). Default 256, or `$ARBOR_SANDBOX_MIN_AVAILABLE_MB`.
+    pub min_available_mb: u64,
 }
 
 impl Default for LocalConfig {
@@ -35,6 +42,11 @@ impl Default for LocalConfig {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/run/arbor")),
             init_program: None,
+            max_live: None,
+            min_available_mb: std::env::var("ARBOR_SANDBOX_MIN_AVAILABLE_MB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(256),
         }
     }
 }
@@ -87,23 +99,8 @@ pub(super) struct Shared {
     /// beyond a few per core more at once adds no throughput, only hundreds
     /// of blocked threads that starve everything else in the process.
     pub(super) lifecycle: tokio::sync::Semaphore,
-}
-
-/// Raise this process's soft open-file limit to its hard limit: each live
-/// sandbox holds a few descriptors (pidfd, control socket, bridges), and the
-/// common default soft limit of 1024 would cap density far below what the
-/// host can run. Commands inside get their own limit from the spec.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::debug!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::debug!("reading RLIMIT_NOFILE: {e}"),
-    }
+    /// Refuses a start at the host's limits; counts live sandboxes.
+    pub(super) limits: HostLimits,
 }
 
 /// Creates sandboxes on this machine.
@@ -122,7 +119,15 @@ impl LocalBackend {
             ));
         }
         let init_path = find_init(config.init_program.as_deref())?;
-        raise_fd_limit();
+        match limits::raise_nofile() {
+            Ok((soft, hard)) if soft < limits::WANT_NOFILE / 4 => tracing::warn!(
+                "RLIMIT_NOFILE is {soft} (hard {hard}; raising the hard limit needs \
+                 CAP_SYS_RESOURCE and fs.nr_open): each live sandbox holds a descriptor, so \
+                 sandboxes are refused once about {soft} descriptors are open"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("RLIMIT_NOFILE: {e}"),
+        }
         prepare_state_root(&config.state_root)?;
         let cgroups = Cgroups::detect().map_err(|e| SandboxError::io("cgroups", e))?;
         cgroups
@@ -134,8 +139,10 @@ impl LocalBackend {
                 e,
             )
         })?;
+        let limits = HostLimits::new(config.max_live, config.min_available_mb, &cgroups);
         Ok(LocalBackend {
             shared: Arc::new(Shared {
+                limits,
                 state_root: config.state_root,
                 init_path,
                 cgroups,
@@ -160,6 +167,11 @@ impl LocalBackend {
     /// The state directory.
     pub fn state_root(&self) -> &Path {
         &self.shared.state_root
+    }
+
+    /// Sandboxes of this backend alive now (and being started).
+    pub fn live(&self) -> usize {
+        self.shared.limits.live()
     }
 }
 

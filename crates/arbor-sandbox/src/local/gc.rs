@@ -62,14 +62,15 @@ pub struct Leaks {
 }
 
 impl Leaks {
-    /// Processes + mounts + cgroups (the benchmark's `leaked`).
+    /// Everything left: processes + mounts + cgroups + state directories
+    /// (the benchmark's `leaked`).
     pub fn total(&self) -> usize {
-        self.processes + self.mounts + self.cgroups
+        self.processes + self.mounts + self.cgroups + self.state_dirs
     }
 
-    /// Nothing at all is left, state directories included.
+    /// Nothing at all is left.
     pub fn is_clean(&self) -> bool {
-        self.total() + self.state_dirs == 0
+        self.total() == 0
     }
 }
 
@@ -231,6 +232,62 @@ pub fn leaks(state_root: &Path, cgroups: &Cgroups) -> Leaks {
             .count();
     }
     l.state_dirs = fs::read_dir(&sb).map(|d| d.count()).unwrap_or(0);
+    l
+}
+
+/// What one supervisor (by pid) left on this host, for when other
+/// supervisors' sandboxes live beside it (a shared machine): the state
+/// directories that name it, their cgroups, the processes in those and the
+/// mounts below them. A directory without a readable `state.json`, or a
+/// cgroup under `arbor/` without a state directory, cannot be told apart:
+/// it counts once older than the grace period that `gc` gives it too
+/// (younger, it is presumed another supervisor's start or teardown in
+/// progress; a start of this version writes `state.json` right after
+/// creating the directory).
+pub fn leaks_of(state_root: &Path, cgroups: &Cgroups, supervisor_pid: i32) -> Leaks {
+    let mut l = Leaks::default();
+    let sb = state_root.join("sb");
+    let mut all_ids = std::collections::HashSet::new();
+    let mut ours = std::collections::HashSet::new();
+    for entry in fs::read_dir(&sb).into_iter().flatten().flatten() {
+        let id = entry.file_name().to_string_lossy().into_owned();
+        let state: Option<StateFile> = fs::read(entry.path().join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let of_it = match state {
+            Some(s) => s.supervisor_pid == supervisor_pid,
+            None => !young(&entry.path()),
+        };
+        if of_it {
+            ours.insert(id.clone());
+        }
+        all_ids.insert(id);
+    }
+    l.state_dirs = ours.len();
+    let mut pids = std::collections::HashSet::new();
+    for subtree in cgroups.subtrees() {
+        for entry in fs::read_dir(&subtree).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            let orphan = !all_ids.contains(&name) && !young(&entry.path());
+            if is_dir && (ours.contains(&name) || orphan) {
+                l.cgroups += 1 + count_dirs(&entry.path());
+                collect_procs(&entry.path(), &mut pids);
+            }
+        }
+    }
+    l.processes = pids.len();
+    if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
+        let under: Vec<String> = ours
+            .iter()
+            .map(|id| sb.join(id).to_string_lossy().into_owned())
+            .collect();
+        l.mounts = info
+            .lines()
+            .filter_map(|line| line.split(' ').nth(4))
+            .filter(|m| under.iter().any(|u| m.starts_with(u.as_str())))
+            .count();
+    }
     l
 }
 

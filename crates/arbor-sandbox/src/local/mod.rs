@@ -12,7 +12,7 @@
 //! `sandbox` (creating a sandbox, the [`LocalSandbox`] handle, teardown),
 //! `control` (the control channel to init), `exec` (running one child of
 //! init: cgroup, pipes, timeout, capped output), `validate` (refusing bad
-//! specs), and the host-side helpers `spawn` and `spawner` (starting inits), `mask`, [`cgroup`], `bridge`
+//! specs), [`limits`] (refusing a start at the host's limits), and the host-side helpers `spawn` and `spawner` (starting inits), `mask`, [`cgroup`], `bridge`
 //! and [`gc`].
 
 mod backend;
@@ -21,6 +21,7 @@ pub mod cgroup;
 mod control;
 mod exec;
 pub mod gc;
+pub mod limits;
 mod mask;
 mod sandbox;
 pub(crate) mod spawn;

@@ -22,6 +22,7 @@ use super::cgroup::{Cgroups, SandboxCgroup};
 use super::control::{self, Control};
 use super::exec::{self, ChildOutcome, ExecTarget};
 use super::gc::StateFile;
+use super::limits::HostLimits;
 use super::validate::validate;
 use super::{bridge, mask, spawn};
 use crate::error::{Result, SandboxError};
@@ -46,8 +47,8 @@ struct Inner {
     id: String,
     spec: SandboxSpec,
     backend: LocalBackend,
+    /// Init, this process's unreaped child (see `spawn::kill_child`).
     pid: i32,
-    pidfd: Arc<OwnedFd>,
     fs_fd: i32,
     control: Arc<Control>,
     cgroup: SandboxCgroup,
@@ -75,6 +76,10 @@ impl LocalBackend {
     async fn start(&self, spec: &SandboxSpec, fork_from: Option<PathBuf>) -> Result<LocalSandbox> {
         validate(spec)?;
         let lower = lower_layers(&self.shared, spec)?;
+        // Before anything of it exists: a start that ran into a limit part-way
+        // could fail to clean up for the same reason.
+        self.shared.limits.admit()?;
+        let admitted = Admitted(&self.shared.limits);
         let id = new_id();
         let dir = self.shared.state_root.join("sb").join(&id);
         let private_dir = dir.join("fs");
@@ -106,18 +111,14 @@ impl LocalBackend {
             }
         };
         tasks.push(reader);
-        let pidfd = guard
-            .init
-            .take()
-            .ok_or_else(|| SandboxError::Setup("lost init pidfd".into()))?;
         guard.disarm();
+        std::mem::forget(admitted);
         Ok(LocalSandbox {
             inner: Arc::new(Inner {
                 id,
                 spec: spec.clone(),
                 backend: self.clone(),
                 pid,
-                pidfd: Arc::new(pidfd),
                 fs_fd,
                 control,
                 cgroup,
@@ -195,6 +196,21 @@ fn host_side(
         cgroup: None,
         init: None,
     };
+    let supervisor_pid = std::process::id() as i32;
+    let mut state = StateFile {
+        id: id.to_string(),
+        supervisor_pid,
+        supervisor_start: spawn::process_start_time(supervisor_pid).unwrap_or(0),
+        init_pid: 0,
+        init_start: 0,
+        cgroups: sh.cgroups.subtrees().iter().map(|s| s.join(id)).collect(),
+    };
+    // Written first, so even a start that fails before init exists (and
+    // then fails to remove its directory) leaves a directory that names its
+    // supervisor, for gc and for counting one supervisor's leaks.
+    state
+        .write(&dir)
+        .map_err(|e| SandboxError::io("write state file", e))?;
     let cg = sh
         .cgroups
         .create(id, limits)
@@ -205,18 +221,15 @@ fn host_side(
         .spawn_init(host_network)
         .map_err(|e| SandboxError::io(format!("start init {}", sh.init_path.display()), e))?;
     let pid = spawned.pid;
-    guard.init = Some(spawned.pidfd);
+    // Init is our unreaped child: its pid is enough (see `spawn::kill_child`).
+    drop(spawned.pidfd);
+    guard.init = Some(pid);
     // Attach before init receives its config: it forks nothing until then.
     cg.attach(pid)
         .map_err(|e| SandboxError::io("attach init to cgroups", e))?;
-    let state = StateFile {
-        id: id.to_string(),
-        supervisor_pid: std::process::id() as i32,
-        supervisor_start: spawn::process_start_time(std::process::id() as i32).unwrap_or(0),
-        init_pid: pid,
-        init_start: spawn::process_start_time(pid).unwrap_or(0),
-        cgroups: cg.dirs().to_vec(),
-    };
+    state.init_pid = pid;
+    state.init_start = spawn::process_start_time(pid).unwrap_or(0);
+    state.cgroups = cg.dirs().to_vec();
     state
         .write(&dir)
         .map_err(|e| SandboxError::io("write state file", e))?;
@@ -325,16 +338,28 @@ fn start_bridges(pid: i32, spec: &SandboxSpec) -> Result<Vec<JoinHandle<()>>> {
     Ok(bridges)
 }
 
+/// A start admitted by the host's limits: counted live until the start
+/// fails (dropped) or the sandbox is torn down (forgotten on success).
+struct Admitted<'a>(&'a HostLimits);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 /// Undo a half-built sandbox if `start` fails part-way.
 struct StartGuard {
     dir: PathBuf,
     cgroup: Option<SandboxCgroup>,
-    init: Option<OwnedFd>,
+    /// Init's pid, our unreaped child.
+    init: Option<i32>,
 }
 
 impl StartGuard {
     /// The start succeeded: the sandbox's handle owns what is left.
     fn disarm(&mut self) {
+        self.init = None;
         self.cgroup = None;
         self.dir = PathBuf::new();
     }
@@ -342,9 +367,9 @@ impl StartGuard {
 
 impl Drop for StartGuard {
     fn drop(&mut self) {
-        if let Some(pidfd) = self.init.take() {
-            let _ = spawn::pidfd_kill(&pidfd, libc::SIGKILL);
-            let _ = spawn::pidfd_reap(&pidfd, true);
+        if let Some(pid) = self.init.take() {
+            let _ = spawn::kill_child(pid, libc::SIGKILL);
+            let _ = spawn::reap_child(pid, true);
         }
         if let Some(cg) = self.cgroup.take() {
             let _ = cg.remove();
@@ -463,16 +488,17 @@ impl Inner {
         Ok(())
     }
 
-    /// Kill, reap, remove cgroups and state. Blocking; idempotent.
+    /// Kill, reap, remove cgroups and state. Blocking; called once (the
+    /// `destroyed` flag guards it).
     fn teardown(&self) -> Result<()> {
+        self.backend.shared.limits.release();
         if let Ok(mut tasks) = self.tasks.lock() {
             for t in tasks.drain(..) {
                 t.abort();
             }
         }
-        spawn::pidfd_kill(&self.pidfd, libc::SIGKILL)
-            .map_err(|e| SandboxError::io("kill init", e))?;
-        spawn::pidfd_reap(&self.pidfd, true).map_err(|e| SandboxError::io("reap init", e))?;
+        spawn::kill_child(self.pid, libc::SIGKILL).map_err(|e| SandboxError::io("kill init", e))?;
+        spawn::reap_child(self.pid, true).map_err(|e| SandboxError::io("reap init", e))?;
         self.cgroup
             .remove()
             .map_err(|e| SandboxError::io("remove cgroups", e))?;
