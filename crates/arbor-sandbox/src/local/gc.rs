@@ -237,42 +237,32 @@ pub fn leaks(state_root: &Path, cgroups: &Cgroups) -> Leaks {
 
 /// What one supervisor (by pid) left on this host, for when other
 /// supervisors' sandboxes live beside it (a shared machine): the state
-/// directories that name it, their cgroups, the processes in those and the
-/// mounts below them. A directory without a readable `state.json`, or a
-/// cgroup under `arbor/` without a state directory, cannot be told apart:
-/// it counts once older than the grace period that `gc` gives it too
-/// (younger, it is presumed another supervisor's start or teardown in
-/// progress; a start of this version writes `state.json` right after
-/// creating the directory).
+/// directories whose `state.json` names it, their cgroups, the processes in
+/// those and the mounts below them. A start writes `state.json` right after
+/// creating the directory, before anything else, so what it leaves names
+/// it; a directory without one, or a cgroup without a directory, cannot be
+/// attributed and is left to [`leaks`] (another supervisor's start in
+/// progress, or one killed midway by an older version that wrote the file last).
 pub fn leaks_of(state_root: &Path, cgroups: &Cgroups, supervisor_pid: i32) -> Leaks {
     let mut l = Leaks::default();
     let sb = state_root.join("sb");
-    let mut all_ids = std::collections::HashSet::new();
     let mut ours = std::collections::HashSet::new();
     for entry in fs::read_dir(&sb).into_iter().flatten().flatten() {
-        let id = entry.file_name().to_string_lossy().into_owned();
         let state: Option<StateFile> = fs::read(entry.path().join("state.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let of_it = match state {
-            Some(s) => s.supervisor_pid == supervisor_pid,
-            None => !young(&entry.path()),
-        };
-        if of_it {
-            ours.insert(id.clone());
+        if state.is_some_and(|s| s.supervisor_pid == supervisor_pid) {
+            ours.insert(entry.file_name().to_string_lossy().into_owned());
         }
-        all_ids.insert(id);
     }
     l.state_dirs = ours.len();
     let mut pids = std::collections::HashSet::new();
     for subtree in cgroups.subtrees() {
-        for entry in fs::read_dir(&subtree).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            let orphan = !all_ids.contains(&name) && !young(&entry.path());
-            if is_dir && (ours.contains(&name) || orphan) {
-                l.cgroups += 1 + count_dirs(&entry.path());
-                collect_procs(&entry.path(), &mut pids);
+        for id in &ours {
+            let dir = subtree.join(id);
+            if dir.is_dir() {
+                l.cgroups += 1 + count_dirs(&dir);
+                collect_procs(&dir, &mut pids);
             }
         }
     }
