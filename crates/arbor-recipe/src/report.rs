@@ -170,19 +170,20 @@ fn sampled_table(md: &mut String, res: &PipelineResults) {
          across tasks.\n",
         first.temperature
     );
+    rows_table(md, res, |c| {
+        c.sampled
+            .map(|s| format!("{:.3} ± {:.3} (n={})", s.pass_rate, s.std_err, s.tasks))
+    });
+}
+
+/// A domain x row table of `cell`'s text (`-` where a cell or its value is missing).
+fn rows_table(md: &mut String, res: &PipelineResults, cell: impl Fn(&Cell) -> Option<String>) {
     let _ = writeln!(md, "| domain | {} |", ROWS.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(ROWS.len()));
     for (d, cells) in &res.domains {
         let row: Vec<String> = ROWS
             .iter()
-            .map(|r| {
-                cells
-                    .get(*r)
-                    .and_then(|c| c.sampled)
-                    .map_or("-".into(), |s| {
-                        format!("{:.3} ± {:.3} (n={})", s.pass_rate, s.std_err, s.tasks)
-                    })
-            })
+            .map(|r| cells.get(*r).and_then(&cell).unwrap_or_else(|| "-".into()))
             .collect();
         let _ = writeln!(md, "| {d} | {} |", row.join(" | "));
     }
@@ -191,19 +192,9 @@ fn sampled_table(md: &mut String, res: &PipelineResults) {
 /// The held-out table, the acceptance comparisons per domain, and the bar chart.
 fn heldout(md: &mut String, out: &Path, res: &PipelineResults, plots: &Path) -> Result<()> {
     let _ = writeln!(md, "## Held-out pass rates\n");
-    let _ = writeln!(md, "| domain | {} |", ROWS.join(" | "));
-    let _ = writeln!(md, "|---|{}", "---|".repeat(ROWS.len()));
-    for (d, cells) in &res.domains {
-        let row: Vec<String> = ROWS
-            .iter()
-            .map(|r| {
-                cells.get(*r).map_or("-".into(), |c| {
-                    format!("{:.3} ± {:.3} (n={})", c.pass_rate, c.std_err, c.n)
-                })
-            })
-            .collect();
-        let _ = writeln!(md, "| {d} | {} |", row.join(" | "));
-    }
+    rows_table(md, res, |c| {
+        Some(format!("{:.3} ± {:.3} (n={})", c.pass_rate, c.std_err, c.n))
+    });
     sampled_table(md, res);
     let _ = writeln!(
         md,

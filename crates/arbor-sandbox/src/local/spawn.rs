@@ -215,19 +215,18 @@ pub fn pidfd_kill(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
 /// Reap the process behind a pidfd; `block` waits for it to exit.
 /// Returns true once reaped (or already gone).
 pub fn pidfd_reap(pidfd: &OwnedFd, block: bool) -> io::Result<bool> {
+    reap(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, block)
+}
+
+/// `waitid(2)` for exit on one process (`idtype` `P_PID` or `P_PIDFD`), retried on EINTR.
+/// Returns true once reaped (or already gone).
+fn reap(idtype: libc::idtype_t, id: libc::id_t, block: bool) -> io::Result<bool> {
     // SAFETY: zeroed siginfo is a valid out-parameter.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     let flags = libc::WEXITED | if block { 0 } else { libc::WNOHANG };
     loop {
-        // SAFETY: valid pidfd and out-parameter.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                flags,
-            )
-        };
+        // SAFETY: a pid or pidfd the caller owns, and a valid out-parameter.
+        let r = unsafe { libc::waitid(idtype, id, &mut info, flags) };
         if r == 0 {
             // With WNOHANG and no state change, si_pid stays 0.
             // SAFETY: reading the pid field of a filled siginfo.
@@ -262,24 +261,7 @@ pub fn kill_child(pid: i32, sig: i32) -> io::Result<()> {
 /// Reap the child `pid`; `block` waits for it to exit. Returns true once
 /// reaped (or already gone).
 pub fn reap_child(pid: i32, block: bool) -> io::Result<bool> {
-    // SAFETY: zeroed siginfo is a valid out-parameter.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let flags = libc::WEXITED | if block { 0 } else { libc::WNOHANG };
-    loop {
-        // SAFETY: valid out-parameter.
-        let r = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
-        if r == 0 {
-            // With WNOHANG and no state change, si_pid stays 0.
-            // SAFETY: reading the pid field of a filled siginfo.
-            return Ok(block || unsafe { info.si_pid() } != 0);
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::ECHILD) => return Ok(true),
-            _ => return Err(e),
-        }
-    }
+    reap(libc::P_PID, pid as libc::id_t, block)
 }
 
 /// Start time of a process in clock ticks since boot (field 22 of
