@@ -692,7 +692,7 @@ fn unix_socket_bridge() -> TestResult {
         ..Default::default()
     };
     with_sandbox(spec, |sb| async move {
-        let py = "import socket\nc=socket.create_connection(('127.0.0.1',18080),timeout=5)\nc.sendall(b'hello')\nprint(c.recv(100).decode())";
+        let py = "import socket\nc=socket.create_connection(('127.0.0.1',18080),timeout=5)\nc.sendall(b'hello')\nout=b''\nwhile (chunk := c.recv(100)):\n    out+=chunk\nprint(out.decode())";
         let r = sb
             .exec(ExecRequest::new(["/usr/bin/python3", "-c", py]))
             .await
