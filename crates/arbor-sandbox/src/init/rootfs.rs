@@ -9,7 +9,14 @@
 //! root/             the merged root, later pivoted into
 //! binds/N/upper     upper layer of copy-on-write bind N
 //! binds/N/work
+//! dev/              bound on the sandbox's /dev
+//! shm/              bound on the sandbox's /dev/shm
 //! ```
+//!
+//! `/dev` and `/dev/shm` are directories of this tmpfs, not tmpfs mounts of
+//! their own: every superblock takes a shrinker slot that the kernel sizes into
+//! every memory cgroup, so kernel memory grows with live sandboxes times
+//! superblocks, and these two need nothing a directory cannot give.
 //!
 //! Everything below happens before `pivot_root`, with full privileges; the
 //! processes the sandbox later runs have none of them.
@@ -140,7 +147,7 @@ pub fn build(cfg: &InitConfig) -> Result<RawFd> {
         }
     }
 
-    build_dev(&root)?;
+    build_dev(&root, private)?;
     build_proc(&root)?;
     let tmp = root.join("tmp");
     mkdir_p(&tmp, 0o1777)?;
@@ -218,17 +225,10 @@ fn bind_readonly(source: &Path, target: &Path) -> Result<()> {
 }
 
 /// A minimal `/dev`: a few character devices, a private devpts and shm.
-fn build_dev(root: &Path) -> Result<()> {
+fn build_dev(root: &Path, private: &Path) -> Result<()> {
     let dev = root.join("dev");
     mkdir_p(&dev, 0o755)?;
-    mount(
-        Some("tmpfs"),
-        &dev,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=0755,size=64k"),
-    )
-    .map_err(ctx("mount /dev"))?;
+    bind_private_dir(&private.join("dev"), &dev, 0o755, MsFlags::MS_NOEXEC)?;
     for name in DEVICES {
         let host = Path::new("/dev").join(name);
         if !host.exists() {
@@ -257,14 +257,7 @@ fn build_dev(root: &Path) -> Result<()> {
     .map_err(ctx("mount /dev/pts"))?;
     let shm = dev.join("shm");
     mkdir_p(&shm, 0o1777)?;
-    mount(
-        Some("tmpfs"),
-        &shm,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777,size=64m"),
-    )
-    .map_err(ctx("mount /dev/shm"))?;
+    bind_private_dir(&private.join("shm"), &shm, 0o1777, MsFlags::empty())?;
     for (link, to) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -276,6 +269,31 @@ fn build_dev(root: &Path) -> Result<()> {
             .map_err(ctx(format_args!("link /dev/{link}")))?;
     }
     Ok(())
+}
+
+/// Bind a fresh directory of the private tmpfs on `target`, `nosuid` and
+/// `nodev` (the tmpfs's own flags) plus `extra`.
+fn bind_private_dir(source: &Path, target: &Path, mode: u32, extra: MsFlags) -> Result<()> {
+    mkdir_p(source, mode)?;
+    // The umask may have cut the mode (1777 for shm).
+    fs::set_permissions(source, fs::Permissions::from_mode(mode))
+        .map_err(ctx(format_args!("chmod {}", source.display())))?;
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(ctx(format_args!("bind {}", target.display())))?;
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | extra,
+        None::<&str>,
+    )
+    .map_err(ctx(format_args!("set flags of {}", target.display())))
 }
 
 /// A private `/proc` (this PID namespace only) with kernel-wide knobs read-only.
