@@ -82,7 +82,7 @@ impl Default for RlCheckConfig {
                 ..RolloutSpec::default()
             },
             demonstrations: 256,
-            demo_error_rate: 0.6,
+            demo_error_rate: 0.62,
             // Long enough that sampled replies are well formed (at 300 steps a third of the
             // samples at temperature 1 were garbled, and RL spent itself on the format): what
             // is left to learn is which command, the mapping RL must sharpen.
@@ -97,7 +97,7 @@ impl Default for RlCheckConfig {
                 ..SftConfig::default()
             },
             rl: RlSpec {
-                iterations: 16,
+                iterations: 24,
                 tasks_per_iteration: 16,
                 group_size: 8,
                 updates_per_iteration: 1,
